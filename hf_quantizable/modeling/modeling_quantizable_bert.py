@@ -1,0 +1,355 @@
+"""Quantization-friendly BERT: stock BERT weights and layout, attention from `attention.py`.
+
+Parameter names equal `transformers`' `BertModel`, so stock checkpoints load directly (the gate
+parameters are new). Every activation the W8A8 setting quantizes passes a `QuantPoint`.
+Self-contained: torch, transformers and relative imports only.
+"""
+
+import torch
+from torch import nn
+from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPoolingAndCrossAttentions,
+    MaskedLMOutput,
+    SequenceClassifierOutput,
+)
+from transformers.models.bert.modeling_bert import (
+    BertEmbeddings,
+    BertOnlyMLMHead,
+    BertPooler,
+    BertPreTrainedModel,
+)
+
+from .attention import AttentionCore, AttentionGate, padding_mask
+from .configuration_quantizable import QuantizableBertConfig
+from .int8 import QuantPoint, convert_to_int8
+
+
+class QuantizableBertEmbeddings(BertEmbeddings):
+    """Word + position + token-type embeddings, with the sum and the LayerNorm output quantized."""
+
+    def __init__(self, config: QuantizableBertConfig):
+        super().__init__(config)
+        self.sum_quant = QuantPoint()
+        self.output_quant = QuantPoint()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        input_shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1]
+        seq_length = input_shape[1]
+        if position_ids is None:
+            position_ids = self.position_ids[:, :seq_length]  # [1, T]
+        if token_type_ids is None:
+            token_type_ids = self.token_type_ids[:, :seq_length].expand(input_shape)  # [B, T]
+        if inputs_embeds is None:
+            inputs_embeds = self.word_embeddings(input_ids)  # [B, T, D]
+        embeddings = inputs_embeds + self.token_type_embeddings(token_type_ids) + self.position_embeddings(position_ids)
+        embeddings = self.output_quant(self.LayerNorm(self.sum_quant(embeddings)))
+        return self.dropout(embeddings)
+
+
+class QuantizableBertSelfAttention(nn.Module):
+    """Q/K/V projections and the attention core (softmax variant + gate)."""
+
+    def __init__(self, config: QuantizableBertConfig):
+        super().__init__()
+        if config.hidden_size % config.num_attention_heads != 0:
+            raise ValueError(
+                f"`hidden_size` ({config.hidden_size}) must be a multiple of `num_attention_heads` "
+                f"({config.num_attention_heads})"
+            )
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.query_quant = QuantPoint()
+        self.key_quant = QuantPoint()
+        self.value_quant = QuantPoint()
+        self.core = AttentionCore(config, self.num_heads, self.head_dim, config.attention_probs_dropout_prob)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        mask: torch.Tensor | None,
+        token_mask: torch.Tensor | None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch_size, seq_length, _ = hidden_states.shape
+        heads_shape = (batch_size, seq_length, self.num_heads, self.head_dim)
+        query = self.query_quant(self.query(hidden_states)).view(heads_shape).transpose(1, 2)  # [B, H, T, d_head]
+        key = self.key_quant(self.key(hidden_states)).view(heads_shape).transpose(1, 2)
+        value = self.value_quant(self.value(hidden_states)).view(heads_shape).transpose(1, 2)
+        return self.core(hidden_states, query, key, value, mask, token_mask, output_attentions)
+
+
+class QuantizableBertResidualOutput(nn.Module):
+    """dense -> dropout -> residual sum -> LayerNorm (post-LN BERT), each output quantized."""
+
+    def __init__(self, config: QuantizableBertConfig, in_features: int):
+        super().__init__()
+        self.dense = nn.Linear(in_features, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dense_quant = QuantPoint()
+        self.residual_quant = QuantPoint()
+        self.output_quant = QuantPoint()
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.dropout(self.dense_quant(self.dense(hidden_states)))
+        hidden_states = self.residual_quant(hidden_states + input_tensor)
+        return self.output_quant(self.LayerNorm(hidden_states))
+
+
+class QuantizableBertAttention(nn.Module):
+    def __init__(self, config: QuantizableBertConfig):
+        super().__init__()
+        self.self = QuantizableBertSelfAttention(config)
+        self.output = QuantizableBertResidualOutput(config, config.hidden_size)
+
+    def forward(self, hidden_states, mask, token_mask, output_attentions=False):
+        context, probs = self.self(hidden_states, mask, token_mask, output_attentions)
+        return self.output(context, hidden_states), probs
+
+
+class QuantizableBertIntermediate(nn.Module):
+    def __init__(self, config: QuantizableBertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.intermediate_act_fn = ACT2FN[config.hidden_act]
+        self.act_quant = QuantPoint()
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.act_quant(self.intermediate_act_fn(self.dense(hidden_states)))  # [B, T, d_ff]
+
+
+class QuantizableBertLayer(GradientCheckpointingLayer):
+    def __init__(self, config: QuantizableBertConfig):
+        super().__init__()
+        self.attention = QuantizableBertAttention(config)
+        self.intermediate = QuantizableBertIntermediate(config)
+        self.output = QuantizableBertResidualOutput(config, config.intermediate_size)
+
+    def forward(self, hidden_states, mask=None, token_mask=None, output_attentions=False):
+        attention_output, probs = self.attention(hidden_states, mask, token_mask, output_attentions)
+        return self.output(self.intermediate(attention_output), attention_output), probs
+
+
+class QuantizableBertEncoder(nn.Module):
+    def __init__(self, config: QuantizableBertConfig):
+        super().__init__()
+        self.layer = nn.ModuleList([QuantizableBertLayer(config) for _ in range(config.num_hidden_layers)])
+
+
+class QuantizableBertPreTrainedModel(BertPreTrainedModel):
+    config_class = QuantizableBertConfig
+    config: QuantizableBertConfig
+    base_model_prefix = "bert"
+    _no_split_modules = ["QuantizableBertEmbeddings", "QuantizableBertLayer"]
+    _can_record_outputs = None
+    auto_map = {
+        "AutoConfig": "configuration_quantizable.QuantizableBertConfig",
+        "AutoModel": "modeling_quantizable_bert.QuantizableBertModel",
+        "AutoModelForMaskedLM": "modeling_quantizable_bert.QuantizableBertForMaskedLM",
+        "AutoModelForSequenceClassification": "modeling_quantizable_bert.QuantizableBertForSequenceClassification",
+    }
+
+    def __init__(self, config: QuantizableBertConfig, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        config.auto_map = dict(self.auto_map)
+
+    def post_init(self):
+        super().post_init()
+        if self.config.w8a8_config:
+            convert_to_int8(self, self.config.w8a8_config)
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, AttentionGate):
+            module.init_gate(init, self.config.initializer_range)
+
+
+class QuantizableBertModel(QuantizableBertPreTrainedModel):
+    """BERT encoder with quantization-friendly attention."""
+
+    def __init__(self, config: QuantizableBertConfig, add_pooling_layer: bool = True):
+        super().__init__(config)
+        self.embeddings = QuantizableBertEmbeddings(config)
+        self.encoder = QuantizableBertEncoder(config)
+        self.pooler = BertPooler(config) if add_pooling_layer else None
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.embeddings.word_embeddings = value
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPoolingAndCrossAttentions | tuple:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+
+        hidden_states = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)  # [B, T, D]
+        mask = padding_mask(attention_mask, hidden_states.shape[1])  # [B, 1, T, T] or None
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for layer in self.encoder.layer:
+            hidden_states, probs = layer(hidden_states, mask, attention_mask, output_attentions)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            if output_attentions:
+                all_attentions += (probs,)
+        pooled_output = self.pooler(hidden_states) if self.pooler is not None else None
+
+        if not return_dict:
+            return tuple(v for v in (hidden_states, pooled_output, all_hidden_states, all_attentions) if v is not None)
+        return BaseModelOutputWithPoolingAndCrossAttentions(
+            last_hidden_state=hidden_states,
+            pooler_output=pooled_output,
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
+        )
+
+
+class QuantizableBertForMaskedLM(QuantizableBertPreTrainedModel):
+    _tied_weights_keys = {
+        "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+        "cls.predictions.decoder.bias": "cls.predictions.bias",
+    }
+
+    def __init__(self, config: QuantizableBertConfig):
+        super().__init__(config)
+        self.bert = QuantizableBertModel(config, add_pooling_layer=False)
+        self.cls = BertOnlyMLMHead(config)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.cls.predictions.decoder
+
+    def set_output_embeddings(self, new_embeddings):
+        self.cls.predictions.decoder = new_embeddings
+        self.cls.predictions.bias = new_embeddings.bias
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MaskedLMOutput | tuple:
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        outputs = self.bert(
+            input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        logits = self.cls(outputs.last_hidden_state)  # [B, T, vocab]
+        loss = None
+        if labels is not None:
+            loss = CrossEntropyLoss()(logits.view(-1, self.config.vocab_size), labels.view(-1))
+        if not return_dict:
+            output = (logits, outputs.hidden_states, outputs.attentions)
+            return tuple(v for v in ((loss,) + output if loss is not None else output) if v is not None)
+        return MaskedLMOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+class QuantizableBertForSequenceClassification(QuantizableBertPreTrainedModel):
+    def __init__(self, config: QuantizableBertConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = QuantizableBertModel(config)
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutput | tuple:
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        outputs = self.bert(
+            input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        logits = self.classifier(self.dropout(outputs.pooler_output))  # [B, num_labels]
+        loss = None
+        if labels is not None:
+            if self.config.problem_type is None:
+                if self.num_labels == 1:
+                    self.config.problem_type = "regression"
+                elif labels.dtype in (torch.long, torch.int):
+                    self.config.problem_type = "single_label_classification"
+                else:
+                    self.config.problem_type = "multi_label_classification"
+            if self.config.problem_type == "regression":
+                loss = MSELoss()(logits.squeeze(-1), labels.squeeze(-1).to(logits.dtype))
+            elif self.config.problem_type == "single_label_classification":
+                loss = CrossEntropyLoss()(logits.view(-1, self.num_labels), labels.view(-1))
+            else:
+                loss = BCEWithLogitsLoss()(logits, labels.to(logits.dtype))
+        if not return_dict:
+            output = (logits, outputs.hidden_states, outputs.attentions)
+            return tuple(v for v in ((loss,) + output if loss is not None else output) if v is not None)
+        return SequenceClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+QuantizableBertConfig.register_for_auto_class()
+QuantizableBertModel.register_for_auto_class("AutoModel")
+QuantizableBertForMaskedLM.register_for_auto_class("AutoModelForMaskedLM")
+QuantizableBertForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
