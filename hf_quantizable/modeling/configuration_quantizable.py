@@ -126,6 +126,12 @@ class QuantizableOPTConfig(OPTConfig, QuantizableAttentionConfig):
         self.validate_attention_fields()
         if not isinstance(self.wd_ln_gamma, bool):
             raise ValueError(f"`wd_ln_gamma` must be True or False, got {self.wd_ln_gamma!r}")
+        if self.attn_impl == "gated" and self.gate_type == "per_head":
+            causal_types = tuple(t for t in GATE_TYPES if t != "per_head")
+            raise ValueError(
+                f"`gate_type` 'per_head' pools over the whole sequence, which a causal model cannot see; "
+                f"use one of {causal_types}"
+            )
         super().__post_init__(**kwargs)
 
 
@@ -142,7 +148,5 @@ class QuantizableViTConfig(ViTConfig, QuantizableAttentionConfig):
     def __post_init__(self, **kwargs):
         self.validate_attention_fields()
         if not isinstance(self.patch_embed_layernorm, bool):
-            raise ValueError(
-                f"`patch_embed_layernorm` must be True or False, got {self.patch_embed_layernorm!r}"
-            )
+            raise ValueError(f"`patch_embed_layernorm` must be True or False, got {self.patch_embed_layernorm!r}")
         super().__post_init__(**kwargs)
