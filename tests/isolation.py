@@ -5,7 +5,7 @@ import sys
 import tempfile
 import textwrap
 
-_PRELUDE = '''
+_PRELUDE = """
 import importlib.abc, sys
 
 class _BlockHfQuantizable(importlib.abc.MetaPathFinder):
@@ -21,7 +21,7 @@ except ModuleNotFoundError:
     pass
 else:
     raise SystemExit("hf_quantizable is importable: the isolation failed")
-'''
+"""
 
 
 def run_without_package(code: str, timeout: float = 300) -> str:

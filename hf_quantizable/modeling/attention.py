@@ -93,7 +93,8 @@ class AttentionGate(nn.Module):
             self.weight = nn.Parameter(torch.empty(num_heads, n_hid))
             self.bias = nn.Parameter(torch.empty(num_heads))
         elif gate_type == "all_heads_linear":
-            self.proj = nn.Linear(num_heads * head_dim, num_heads)
+            self.weight = nn.Parameter(torch.empty(num_heads, num_heads * head_dim))
+            self.bias = nn.Parameter(torch.empty(num_heads))
         elif gate_type == "unconditional":
             self.bias = nn.Parameter(torch.empty(num_heads))
         else:
@@ -115,7 +116,7 @@ class AttentionGate(nn.Module):
             hidden = torch.relu(torch.einsum("bthd,hdn->bthn", heads, self.hidden_weight) + self.hidden_bias)
             logits = torch.einsum("bthn,hn->bht", hidden, self.weight) + self.bias[:, None]  # [B, H, T]
         elif self.gate_type == "all_heads_linear":
-            logits = self.proj(hidden_states).transpose(1, 2)  # [B, H, T]
+            logits = torch.einsum("btd,hd->bht", hidden_states, self.weight) + self.bias[:, None]  # [B, H, T]
         elif self.gate_type == "per_head":
             if token_mask is None:
                 pooled = heads.mean(dim=1)  # [B, H, d_head]
@@ -131,10 +132,6 @@ class AttentionGate(nn.Module):
     def init_gate(self, init, std: float) -> None:
         """Initialise with the transformers `init` helpers (which skip weights loaded from a checkpoint)."""
         bias = math.log(self.pi_init / (1.0 - self.pi_init))
-        if self.gate_type == "all_heads_linear":
-            init.zeros_(self.proj.weight)
-            init.constant_(self.proj.bias, bias)
-            return
         if self.gate_type == "mlp":
             init.normal_(self.hidden_weight, mean=0.0, std=std)
             init.zeros_(self.hidden_bias)
