@@ -1,0 +1,6 @@
+"""W8A8 post-training quantization: the papers' setting, Outlier Suppression, INT8 export."""
+
+from .calibration import quantize_model
+from .config import W8A8Config
+
+__all__ = ["W8A8Config", "quantize_model"]

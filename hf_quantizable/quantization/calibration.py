@@ -1,0 +1,143 @@
+"""`quantize_model`: insert fake-quantizers into a quantizable model and calibrate them."""
+
+from collections.abc import Iterable, Iterator
+from itertools import islice
+
+import torch
+from torch import nn
+
+from ..modeling.attention import AttentionGate
+from ..modeling.int8 import QuantPoint
+from .config import W8A8Config
+from .modules import ActivationQuantizer, QuantizedLinear
+from .ranges import ActivationRangeEstimator
+
+
+def is_kept_fp(name: str, config: W8A8Config) -> bool:
+    """Whether module `name` lies in one of the modules kept in floating point."""
+    return any(part in config.keep_fp_modules for part in name.split("."))
+
+
+def _gate_modules(model: nn.Module) -> set[str]:
+    return {name for name, module in model.named_modules() if isinstance(module, AttentionGate)}
+
+
+def insert_quantizers(model: nn.Module, config: W8A8Config) -> None:
+    """Replace every `QuantPoint` by an `ActivationQuantizer` and every `nn.Linear` outside the kept
+    floating-point modules (task head, gates) by a `QuantizedLinear` (in place)."""
+    points = [name for name, module in model.named_modules() if isinstance(module, QuantPoint)]
+    if not points:
+        raise ValueError(
+            f"{type(model).__name__} has no quantization points: only hf_quantizable models "
+            "(quantizable_bert, quantizable_opt, quantizable_vit) can be quantized"
+        )
+    gates = _gate_modules(model)
+    for name, module in list(model.named_modules()):
+        if is_kept_fp(name, config) or any(name.startswith(gate + ".") for gate in gates):
+            continue
+        if isinstance(module, QuantPoint):
+            estimator = ActivationRangeEstimator(
+                config.activation_estimator, config.activation_bits, config.momentum, config.percentile
+            )
+            replacement = ActivationQuantizer(config.activation_bits, estimator)
+        elif type(module) is nn.Linear:
+            replacement = QuantizedLinear(
+                module, config.weight_bits, config.weight_estimator, config.per_channel_weights
+            )
+        else:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, replacement)
+
+
+def activation_quantizers(model: nn.Module) -> dict[str, ActivationQuantizer]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, ActivationQuantizer)}
+
+
+def quantized_linears(model: nn.Module) -> dict[str, QuantizedLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+
+
+def set_mode(model: nn.Module, mode: str) -> None:
+    """Put every activation quantizer in `calibrate`, `quantize` or `fp` mode."""
+    for quantizer in activation_quantizers(model).values():
+        quantizer.mode = mode
+
+
+def run_batches(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> Iterator:
+    """Forward each batch (moved to the model's device); yield the outputs."""
+    device = next(model.parameters()).device
+    for batch in batches:
+        yield model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+
+
+def _find_linear_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> None:
+    """Record, for every QuantizedLinear, which activation quantizer produced its input."""
+    produced: dict[int, tuple[torch.Tensor, str]] = {}
+    handles = []
+    for name, quantizer in activation_quantizers(model).items():
+        handles.append(
+            quantizer.register_forward_hook(lambda m, args, out, name=name: produced.__setitem__(id(out), (out, name)))
+        )
+
+    def find_producer(module, args):
+        source = produced.get(id(args[0]))
+        module.input_quantizer = source[1] if source is not None and source[0] is args[0] else None
+
+    handles += [linear.register_forward_pre_hook(find_producer) for linear in quantized_linears(model).values()]
+    try:
+        for _ in run_batches(model, [batch]):
+            pass
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: list[dict[str, torch.Tensor]], progress=None) -> None:
+    """Estimate every activation range on `batches` (floating-point forward passes), then quantize."""
+    set_mode(model, "calibrate")
+    for _ in run_batches(model, batches):
+        if progress is not None:
+            progress.update(1)
+    for quantizer in activation_quantizers(model).values():
+        quantizer.finalize()
+
+
+def take_batches(calibration_batches: Iterable[dict[str, torch.Tensor]], config: W8A8Config) -> list[dict]:
+    batches = list(islice(iter(calibration_batches), config.num_calibration_batches))
+    if not batches:
+        raise ValueError("the calibration set is empty: pass at least one batch in `calibration_batches`")
+    return batches
+
+
+def quantize_model(
+    model: nn.Module,
+    config: W8A8Config | None = None,
+    calibration_batches: Iterable[dict[str, torch.Tensor]] = (),
+    progress=None,
+) -> nn.Module:
+    """Turn `model` into its simulated W8A8 version (in place) and return it.
+
+    Applies Outlier Suppression gamma migration if configured, inserts the fake-quantizers,
+    calibrates activation ranges on the first `config.num_calibration_batches` batches, and applies
+    token-wise clipping if configured. `progress` (e.g. a tqdm bar) is advanced once per batch.
+    """
+    from .outlier_suppression import migrate_gamma, token_wise_clipping
+
+    config = config or W8A8Config()
+    batches = take_batches(calibration_batches, config)
+    was_training = model.training
+    model.eval()
+    if config.gamma_migration:
+        migrate_gamma(model)
+    insert_quantizers(model, config)
+    set_mode(model, "calibrate")
+    with torch.no_grad():
+        _find_linear_inputs(model, batches[0])
+    calibrate(model, batches, progress)
+    if config.token_wise_clipping:
+        token_wise_clipping(model, batches, config)
+    model.w8a8_config = config
+    model.train(was_training)
+    return model

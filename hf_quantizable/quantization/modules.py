@@ -1,0 +1,106 @@
+"""Simulated (fake-quant) modules: an activation quantizer and a weight-quantized linear layer."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..modeling.int8 import activation_qparams, quantize_activation, quantize_weight, weight_scale
+from .ranges import ActivationRangeEstimator, weight_absmax
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round with a straight-through gradient."""
+    return x + (torch.round(x) - x).detach()
+
+
+class ActivationQuantizer(nn.Module):
+    """Asymmetric per-tensor fake-quantizer of one activation.
+
+    Modes: `calibrate` (identity; feeds the range estimator), `quantize` (round and clamp with
+    the calibrated scale and zero point), `fp` (identity), `observe` (identity; calls `observers`). With `learn_scale`, the scale gets a
+    learnable factor trained through a straight-through estimator (token-wise clipping).
+    """
+
+    def __init__(self, bits: int, estimator: ActivationRangeEstimator):
+        super().__init__()
+        self.bits = bits
+        self.estimator = estimator
+        self.mode = "calibrate"
+        self.register_buffer("scale", torch.ones(()))
+        self.register_buffer("zero_point", torch.zeros(()))
+        self.scale_factor: nn.Parameter | None = None
+        self.observers: list = []  # callables seeing the FP input in observe mode
+
+    def extra_repr(self) -> str:
+        return (
+            f"bits={self.bits}, mode={self.mode}, scale={self.scale.item():.4g}, zero_point={self.zero_point.item():g}"
+        )
+
+    def set_range(self, x_min: torch.Tensor, x_max: torch.Tensor) -> None:
+        scale, zero_point = activation_qparams(torch.as_tensor(x_min), torch.as_tensor(x_max), self.bits)
+        self.scale.copy_(scale)
+        self.zero_point.copy_(zero_point)
+
+    def finalize(self) -> None:
+        """Take the calibrated range and switch to `quantize`."""
+        self.set_range(*self.estimator.range())
+        self.mode = "quantize"
+
+    def quant_range(self) -> tuple[float, float]:
+        """The representable range `[min, max]` of the current grid."""
+        levels = 2**self.bits - 1
+        return (-self.zero_point * self.scale).item(), ((levels - self.zero_point) * self.scale).item()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "calibrate":
+            self.estimator.update(x)
+            return x
+        if self.mode == "observe":
+            for observer in self.observers:
+                observer(x)
+            return x
+        if self.mode == "fp":
+            return x
+        if self.scale_factor is None:
+            return (quantize_activation(x, self.scale, self.zero_point, self.bits) - self.zero_point) * self.scale
+        scale = self.scale * self.scale_factor
+        codes = torch.clamp(_round_ste(x / scale) + self.zero_point, 0, 2**self.bits - 1)
+        return (codes - self.zero_point) * scale
+
+
+class QuantizedLinear(nn.Linear):
+    """nn.Linear whose weight is fake-quantized on a symmetric grid (per tensor or per output channel).
+
+    `input_quantizer` names the activation quantizer that produces this layer's input (found during
+    calibration); the INT8 export runs an integer GEMM for such layers.
+    """
+
+    def __init__(self, linear: nn.Linear, bits: int, estimator: str, per_channel: bool):
+        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.bits = bits
+        self.per_channel = per_channel
+        self.estimator = estimator
+        self.input_quantizer: str | None = None
+        self.register_buffer("weight_scale", torch.ones(linear.out_features if per_channel else ()))
+        self.update_weight_scale()
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, bits={self.bits}, per_channel={self.per_channel}"
+
+    @torch.no_grad()
+    def update_weight_scale(self) -> None:
+        """(Re)compute the weight scale from the current weights."""
+        absmax = weight_absmax(self.weight.detach().float(), self.bits, self.estimator, self.per_channel)
+        self.weight_scale.copy_(weight_scale(absmax, self.bits))
+
+    def _scale(self) -> torch.Tensor:
+        return self.weight_scale[:, None] if self.per_channel else self.weight_scale
+
+    def weight_codes(self) -> torch.Tensor:
+        """Integer weight codes (as float) on the symmetric grid."""
+        return quantize_weight(self.weight, self._scale(), self.bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight_codes() * self._scale(), self.bias)
