@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     with tempfile.TemporaryDirectory(prefix="hf_quantizable_push_") as tmp:
-        for plan in plans:
-            folder = write_plan(plan, Path(tmp) / plan.name)
+        folders = [write_plan(plan, Path(tmp) / plan.name) for plan in plans]  # all written before any upload
+        for plan, folder in zip(plans, folders):
             print(_describe(plan, folder))
             if upload:
                 commit = upload_repo_folder(folder, plan.repo_id, token=token, private=args.private)
