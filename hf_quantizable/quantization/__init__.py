@@ -2,5 +2,6 @@
 
 from .calibration import quantize_model
 from .config import W8A8Config
+from .quantizer import W8A8Quantizer
 
-__all__ = ["W8A8Config", "quantize_model"]
+__all__ = ["W8A8Config", "W8A8Quantizer", "quantize_model"]

@@ -44,18 +44,16 @@ def _migration_plan(model: nn.Module) -> list[tuple[str, list[str], str | None]]
             plan.append((f"{layer}.self_attn_layer_norm", qkv, None))
             plan.append((f"{layer}.final_layer_norm", [f"{layer}.fc1"], None))
     elif model_type == "quantizable_vit":
-        vit = model.vit if hasattr(model, "vit") else model
-        prefix = "vit." if vit is not model else ""
-        for i, layer_module in enumerate(vit.layers):
-            layer = f"{prefix}layers.{i}"
+        for layer, module in model.named_modules():
+            if not hasattr(module, "layernorm_before"):
+                continue
+            linears = [n for n, m in module.named_modules() if type(m) is nn.Linear]
             qkv = [
-                f"{layer}.attention.{name}"
-                for name, m in layer_module.attention.named_children()
-                if type(m) is nn.Linear
+                f"{layer}.{n}" for n in linears if n.endswith(("query", "key", "value", "q_proj", "k_proj", "v_proj"))
             ]
-            qkv = [name for name in qkv if not name.endswith(("o_proj", "output"))]
+            fc1 = [f"{layer}.{n}" for n in linears if n.endswith(("intermediate.dense", "fc1"))]
             plan.append((f"{layer}.layernorm_before", qkv, None))
-            plan.append((f"{layer}.layernorm_after", [f"{layer}.intermediate.dense"], None))
+            plan.append((f"{layer}.layernorm_after", fc1, None))
     else:
         raise ValueError(f"gamma migration supports quantizable_bert/opt/vit models, got {model_type!r}")
     return plan

@@ -1,0 +1,76 @@
+"""Calibration batches from local text files or image folders."""
+
+from pathlib import Path
+
+import torch
+
+from ..paths import shared_data_dir
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def default_calibration_data() -> Path:
+    """WikiText-2 validation text from the shared offline data folder."""
+    return shared_data_dir() / "wikitext-2" / "valid.txt"
+
+
+def read_lines(path: str | Path, min_chars: int = 20) -> list[str]:
+    """Non-empty, non-heading lines of a text file (WikiText headings start with ' = ')."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if len(line.strip()) >= min_chars and not line.strip().startswith("=")]
+
+
+def text_batches(tokenizer, lines: list[str], batch_size: int, max_length: int, num_batches: int) -> list[dict]:
+    """Tokenized batches of consecutive lines (padded to the longest line, truncated to `max_length`)."""
+    batches = []
+    for start in range(0, min(len(lines), batch_size * num_batches), batch_size):
+        encoded = tokenizer(
+            lines[start : start + batch_size],
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
+        batches.append(dict(encoded))
+    return batches
+
+
+def image_batches(image_processor, folder: str | Path, batch_size: int, num_batches: int) -> list[dict]:
+    """Batches of `pixel_values` from the images found (recursively, sorted) under `folder`."""
+    from PIL import Image
+
+    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = files[: batch_size * num_batches]
+    batches = []
+    for start in range(0, len(files), batch_size):
+        images = [Image.open(f).convert("RGB") for f in files[start : start + batch_size]]
+        batches.append({"pixel_values": image_processor(images, return_tensors="pt")["pixel_values"]})
+    return batches
+
+
+def calibration_batches(
+    model_dir: str | Path, data: str | Path | None, batch_size: int, max_length: int, num_batches: int, model_type: str
+) -> tuple[list[dict[str, torch.Tensor]], object]:
+    """Calibration batches for the model in `model_dir` and its tokenizer / image processor.
+
+    Text models read a text file (one example per line; default WikiText-2 validation); ViT reads
+    an image folder.
+    """
+    if model_type == "quantizable_vit" or model_type == "vit":
+        from transformers import AutoImageProcessor
+
+        if data is None:
+            raise ValueError("`--calibration-data` must name an image folder for ViT models")
+        if not Path(data).is_dir():
+            raise FileNotFoundError(f"calibration image folder {data!s} does not exist")
+        processor = AutoImageProcessor.from_pretrained(model_dir)
+        return image_batches(processor, data, batch_size, num_batches), processor
+    from transformers import AutoTokenizer
+
+    data = Path(data) if data is not None else default_calibration_data()
+    if not data.is_file():
+        raise FileNotFoundError(f"calibration text file {data!s} does not exist")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return text_batches(tokenizer, read_lines(data), batch_size, max_length, num_batches), tokenizer

@@ -1,0 +1,127 @@
+"""`W8A8Quantizer`: the optimum quantizer interface for W8A8 post-training quantization."""
+
+import json
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from optimum.quantization_base import OptimumQuantizer
+from torch import nn
+from transformers import PreTrainedModel
+
+from .. import modeling  # noqa: F401  (the model classes below register with the Auto classes)
+from ..modeling.int8 import QuantPoint
+from .calibration import activation_quantizers, quantize_model, quantized_linears, take_batches
+from .config import W8A8Config
+from .export import build_int8_model, save_atomically, weight_bytes
+
+# Stock architectures whose checkpoints load into a quantizable class (Outlier Suppression targets).
+_STOCK_TO_QUANTIZABLE = {
+    "BertModel": "QuantizableBertModel",
+    "BertForMaskedLM": "QuantizableBertForMaskedLM",
+    "BertForSequenceClassification": "QuantizableBertForSequenceClassification",
+    "OPTModel": "QuantizableOPTModel",
+    "OPTForCausalLM": "QuantizableOPTForCausalLM",
+    "ViTModel": "QuantizableViTModel",
+    "ViTForImageClassification": "QuantizableViTForImageClassification",
+}
+
+
+def model_class_for(path: str | Path) -> type[PreTrainedModel]:
+    """The hf_quantizable class for the checkpoint at `path` (quantizable or stock BERT/OPT/ViT)."""
+    import hf_quantizable
+
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"no model at {path!s}: {config_file} does not exist")
+    config = json.loads(config_file.read_text())
+    if config.get("w8a8_config"):
+        raise ValueError(f"{path!s} is already an INT8 checkpoint (its config.json has `w8a8_config`)")
+    architectures = config.get("architectures") or []
+    for architecture in architectures:
+        name = _STOCK_TO_QUANTIZABLE.get(architecture, architecture)
+        if name in hf_quantizable.__all__ and name.startswith("Quantizable") and not name.endswith("Config"):
+            return getattr(hf_quantizable, name)
+    supported = sorted(set(_STOCK_TO_QUANTIZABLE) | set(_STOCK_TO_QUANTIZABLE.values()))
+    raise ValueError(
+        f"cannot quantize model type {config.get('model_type')!r} (architectures {architectures}); "
+        f"supported architectures: {supported}"
+    )
+
+
+class W8A8Quantizer(OptimumQuantizer):
+    """W8A8 post-training quantization (Bondarenko et al. setting, optional Outlier Suppression).
+
+    Example:
+        >>> quantizer = W8A8Quantizer.from_pretrained("runs/bert-gated")
+        >>> quantizer.quantize("runs/bert-gated-w8a8", W8A8Config(), calibration_dataset=batches)
+    """
+
+    def __init__(self, model: PreTrainedModel):
+        super().__init__()
+        if not any(isinstance(m, QuantPoint) for m in model.modules()):
+            raise ValueError(
+                f"{type(model).__name__} has no quantization points: only hf_quantizable models "
+                "(quantizable_bert, quantizable_opt, quantizable_vit) can be quantized"
+            )
+        self.model = model
+        self.report: dict = {}
+
+    @classmethod
+    def from_pretrained(cls, model_or_path: str | Path | PreTrainedModel, file_name: str | None = None):
+        """Load a quantizable (or stock BERT/OPT/ViT) checkpoint folder, or wrap a model object."""
+        if isinstance(model_or_path, nn.Module):
+            return cls(model_or_path)
+        model_class = model_class_for(model_or_path)
+        return cls(model_class.from_pretrained(model_or_path, dtype=torch.float32))
+
+    def quantize(
+        self,
+        save_dir: str | Path,
+        file_prefix: str | None = None,
+        quantization_config: W8A8Config | None = None,
+        calibration_dataset: Iterable[dict[str, torch.Tensor]] = (),
+        progress=None,
+        processor=None,
+    ) -> Path:
+        """Calibrate, then write an INT8 checkpoint to `save_dir` (atomically: temp folder, then rename).
+
+        Args:
+            save_dir: output folder (`save_pretrained` layout, reloads with `trust_remote_code=True`).
+            file_prefix: unused (kept for the optimum interface).
+            quantization_config: settings (default `W8A8Config()`).
+            calibration_dataset: batches (dicts of tensors the model's forward accepts).
+            progress: optional tqdm-like bar advanced once per calibration batch.
+            processor: optional tokenizer / image processor saved with the checkpoint.
+        Returns:
+            the checkpoint folder. `self.report` holds nodes, ranges, sizes and timings.
+        """
+        config = quantization_config or W8A8Config()
+        batches = take_batches(calibration_dataset, config)
+        start = time.perf_counter()
+        quantize_model(self.model, config, batches, progress=progress)
+        calibration_s = time.perf_counter() - start
+        int8_model = build_int8_model(self.model)
+        sizes = weight_bytes(self.model)
+
+        def save(tmp_dir: Path) -> None:
+            int8_model.save_pretrained(tmp_dir)
+            if processor is not None:
+                processor.save_pretrained(tmp_dir)
+
+        save_dir = save_atomically(save, save_dir)
+        self.int8_model = int8_model
+        self.report = {
+            "calibration_batches": len(batches),
+            "calibration_seconds": calibration_s,
+            "quantized_activations": {
+                name: quantizer.quant_range() for name, quantizer in activation_quantizers(self.model).items()
+            },
+            "quantized_linears": {
+                name: linear.input_quantizer for name, linear in quantized_linears(self.model).items()
+            },
+            **sizes,
+            "checkpoint_bytes": sum(f.stat().st_size for f in save_dir.glob("*.safetensors")),
+        }
+        return save_dir
