@@ -1,0 +1,120 @@
+"""GLUE: TSV reading, official metrics against scikit-learn/scipy, a short MiniLM fine-tune FP -> W8A8."""
+
+import json
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+from transformers import AutoTokenizer
+
+from hf_quantizable import QuantizableBertForSequenceClassification
+from hf_quantizable.evaluation.glue import (
+    GLUE_TASKS,
+    finetune_glue,
+    get_preset,
+    get_task,
+    glue_metrics,
+    load_glue_split,
+    predict,
+    read_glue_tsv,
+    tokenize_glue,
+)
+from hf_quantizable.evaluation.results import read_results
+from hf_quantizable.quantization import W8A8Config
+
+LOCAL_COUNTS = {
+    ("cola", "train"): 8551,
+    ("cola", "validation"): 1043,
+    ("sst2", "validation"): 872,
+    ("mrpc", "train"): 3668,
+    ("mrpc", "validation"): 408,
+    ("stsb", "validation"): 1500,
+    ("qnli", "validation"): 5463,
+    ("rte", "validation"): 277,
+    ("wnli", "train"): 635,
+}
+
+
+@pytest.mark.parametrize(("task", "split"), sorted(LOCAL_COUNTS))
+def test_local_tsvs_read_without_quote_processing(data_dir, task, split):
+    dataset = load_glue_split(get_task(task), split, data_dir / "glue")
+    assert len(dataset) == LOCAL_COUNTS[(task, split)]
+    assert list(dataset.features) == [*GLUE_TASKS[task].text_columns, "label"]
+
+
+def test_tsv_details(data_dir, tmp_path):
+    mrpc = load_glue_split(get_task("mrpc"), "validation", data_dir / "glue")
+    assert sum(mrpc["label"]) == 279  # 279 paraphrases / 129 not (header with BOM parsed)
+    cola = load_glue_split(get_task("cola"), "validation", data_dir / "glue")
+    assert sum(cola["label"]) == 721  # no header: every line is a row
+    # quotes stay as they are: a field that opens with a quote does not swallow the next lines
+    path = tmp_path / "RTE" / "dev.tsv"
+    path.parent.mkdir()
+    path.write_text('index\tsentence1\tsentence2\tlabel\n0\t"He said\tit rains.\tentailment\n1\tb\tc\tnot_entailment\n')
+    rte = read_glue_tsv(get_task("rte"), path)
+    assert rte["sentence1"] == ['"He said', "b"] and rte["label"] == [0, 1]
+    path.write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\tmaybe\n")
+    with pytest.raises(ValueError, match="label 'maybe' not in"):
+        read_glue_tsv(get_task("rte"), path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_glue_split(get_task("qqp"), "train", tmp_path)
+    with pytest.raises(ValueError, match="unknown GLUE task 'mnlx'"):
+        get_task("mnlx")
+    with pytest.raises(ValueError, match="unknown GLUE preset"):
+        get_preset("fast")
+
+
+def test_metrics_against_sklearn_and_scipy():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 50)
+    predictions = np.where(rng.random(50) < 0.7, labels, 1 - labels)
+    assert glue_metrics(get_task("cola"), predictions, labels) == {
+        "matthews_correlation": pytest.approx(matthews_corrcoef(labels, predictions))
+    }
+    mrpc = glue_metrics(get_task("mrpc"), predictions, labels)
+    assert mrpc == {
+        "accuracy": pytest.approx(accuracy_score(labels, predictions)),
+        "f1": pytest.approx(f1_score(labels, predictions)),
+    }
+    scores = rng.random(30) * 5
+    noisy = scores + rng.normal(0, 1, 30)
+    stsb = glue_metrics(get_task("stsb"), noisy, scores)
+    assert stsb["pearson"] == pytest.approx(scipy.stats.pearsonr(noisy, scores)[0])
+    assert stsb["spearmanr"] == pytest.approx(scipy.stats.spearmanr(noisy, scores)[0])
+    # hand-computed: 3 of 4 right, one false positive: precision 2/3, recall 1, F1 0.8
+    assert glue_metrics(get_task("qqp"), np.array([1, 1, 0, 1]), np.array([1, 1, 0, 0])) == {
+        "accuracy": 0.75,
+        "f1": pytest.approx(0.8),
+    }
+
+
+def test_short_minilm_finetune_fp_and_w8a8(data_dir, minilm_path, tmp_path):
+    output = tmp_path / "sst2"
+    records = finetune_glue(
+        minilm_path,
+        "sst2",
+        output,
+        preset="cpu-smoke",
+        data_dir=data_dir / "glue",
+        max_train_samples=48,
+        max_eval_samples=64,
+        max_steps=3,
+        w8a8_config=W8A8Config(num_calibration_batches=2),
+        progress=False,
+    )
+    assert [(r.precision, r.metric) for r in records] == [("fp32", "accuracy"), ("w8a8-sim", "accuracy")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sst2"]  # no temporary folder left
+    assert [r.to_dict() for r in read_results(output / "results.json")] == [r.to_dict() for r in records]
+    assert json.loads((output / "config.json").read_text())["model_type"] == "quantizable_bert"
+
+    # the saved fine-tuned model reproduces the FP record, with the metric computed by scikit-learn
+    task = get_task("sst2")
+    tokenizer = AutoTokenizer.from_pretrained(output)
+    model = QuantizableBertForSequenceClassification.from_pretrained(output).eval()
+    validation = load_glue_split(task, "validation", data_dir / "glue").select(range(64))
+    logits = predict(model, tokenize_glue(validation, task, tokenizer, 64), tokenizer)
+    assert records[0].value == pytest.approx(accuracy_score(validation["label"], logits.argmax(-1)))
+    assert records[0].n == 64 and records[0].dataset_config == "sst2"
+    assert torch.isfinite(torch.tensor(records[1].value))
