@@ -257,9 +257,13 @@ class OutlierStatsCollector:
             )
         return entries
 
-    def outlier_counts(self) -> dict[str, torch.Tensor]:
-        """Per hooked tensor (module name): outlier count per hidden dimension `[d]`."""
-        return {site.name: site.outlier_counts for site, _, _ in self.sites if site.outlier_counts is not None}
+    def outlier_counts(self, kinds: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+        """Per hooked tensor (module name) of `kinds` (None: all): outlier count per hidden dimension `[d]`."""
+        return {
+            site.name: site.outlier_counts
+            for site, _, _ in self.sites
+            if site.outlier_counts is not None and (kinds is None or site.kind in kinds)
+        }
 
     def summary(self) -> dict[str, Any]:
         """`max_inf_norm`, `avg_kurtosis`, `max_kurtosis`, `max_inf_norm_by_kind`, `per_layer`, `num_sequences`."""

@@ -55,7 +55,9 @@ def plot_layer_stats(stats: Mapping[str, Mapping[str, Any]], path: str | os.Path
         for axis, key in zip(axes, ("inf_norm", "kurtosis")):
             values = _per_layer(summary, key)
             axis.bar(np.arange(len(values)) + (i - (len(stats) - 1) / 2) * width, values, width, label=label)
+    num_layers = max(len(_per_layer(summary, "inf_norm")) for summary in stats.values())
     for axis, name in zip(axes, ("max inf norm", "kurtosis")):
+        axis.set_xticks(range(num_layers))
         axis.set_yscale("log")
         axis.set_xlabel("layer")
         axis.set_ylabel(name)

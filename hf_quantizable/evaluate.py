@@ -1,0 +1,199 @@
+"""Evaluate a model in floating point, simulated W8A8 and real INT8 on identical inputs.
+
+    python -m hf_quantizable.evaluate runs/bert-gated --int8 runs/bert-gated-w8a8 --task mlm \\
+        --dataset ../shared/data/wikitext-2
+    python -m hf_quantizable.evaluate runs/opt-gated --task clm --dataset wikitext --dataset-config wikitext-2-raw-v1
+    python -m hf_quantizable.evaluate runs/vit-gated --task image --dataset ../shared/data/mnist --calibration-split test
+    python -m hf_quantizable.evaluate MINILM_DIR --task embedding --dataset ../shared/data/wikitext-2 --outlier-suppression
+    python -m hf_quantizable.evaluate MINILM_DIR --task glue --glue-task sst2 --glue-data ../shared/data/glue
+
+Writes `OUTPUT/results.json` (the result records: task metric and outlier statistics per variant)
+and `OUTPUT/plots/*.png`; OUTPUT defaults to MODEL when it is a local folder. Prints a table.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from .evaluation.results import ResultRecord, write_results
+
+TASK_CHOICES = ("mlm", "clm", "image", "embedding", "glue")
+DEFAULT_DATASETS = {
+    "mlm": ("wikitext", "wikitext-2-raw-v1"),
+    "clm": ("wikitext", "wikitext-2-raw-v1"),
+    "embedding": ("wikitext", "wikitext-2-raw-v1"),
+    "image": ("mnist", None),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m hf_quantizable.evaluate",
+        description="FP vs simulated W8A8 vs INT8: perplexity / accuracy / GLUE plus outlier statistics.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n")[1],
+    )
+    parser.add_argument(
+        "model", help="FP model: local save_pretrained folder or Hub id (quantizable or stock BERT/OPT/ViT)"
+    )
+    parser.add_argument(
+        "--int8", metavar="QUANT_DIR", help="real INT8 checkpoint of MODEL (python -m hf_quantizable.quantize)"
+    )
+    parser.add_argument(
+        "--task",
+        required=True,
+        choices=TASK_CHOICES,
+        help="mlm (BERT), clm (OPT), image (ViT), embedding (BERT encoder), glue (BERT)",
+    )
+    parser.add_argument(
+        "--output", type=Path, help="folder for results.json and plots/ (default: MODEL if a local folder)"
+    )
+    parser.add_argument("--append", action="store_true", help="add to the records already in OUTPUT/results.json")
+    data = parser.add_argument_group("data (mlm, clm, image, embedding)")
+    data.add_argument(
+        "--dataset", help="Hub dataset name or local file/folder (default: wikitext / mnist from the Hub)"
+    )
+    data.add_argument("--dataset-config", help="Hub dataset configuration (default wikitext-2-raw-v1 for wikitext)")
+    data.add_argument("--data-files", help="files for a builder name given as --dataset (text, json, csv, imagefolder)")
+    data.add_argument("--split", default="test", help="evaluation split (default test)")
+    data.add_argument(
+        "--calibration-split",
+        help="W8A8 calibration split (default: validation for test, else the evaluation split minus the evaluated examples)",
+    )
+    data.add_argument("--text-column", default="text")
+    data.add_argument("--image-column", default="image")
+    data.add_argument("--label-column", default="label")
+    data.add_argument("--max-sequences", type=int, default=128, help="sequences / images evaluated (default 128)")
+    data.add_argument(
+        "--max-length", type=int, default=128, help="tokens per sequence (default 128; the papers: BERT 128, OPT 512)"
+    )
+    data.add_argument("--batch-size", type=int, default=8)
+    data.add_argument("--mlm-probability", type=float, default=0.15)
+    data.add_argument("--seed", type=int, default=0, help="masking seed (mlm) and GLUE training seed")
+    quant = parser.add_argument_group("quantization")
+    quant.add_argument("--no-w8a8", action="store_true", help="skip the simulated W8A8 variant")
+    quant.add_argument("--outlier-suppression", action="store_true", help="also evaluate W8A8 with Outlier Suppression")
+    quant.add_argument("--num-calibration-batches", type=int, help="calibration batches (default 16)")
+    plots = parser.add_argument_group("plots")
+    plots.add_argument("--no-plots", action="store_true", help="do not write plots/")
+    plots.add_argument("--attention-layer", type=int, help="layer of the attention heatmap (default: last)")
+    plots.add_argument("--attention-head", type=int, help="head of the attention heatmap (default 0)")
+    glue = parser.add_argument_group("glue")
+    glue.add_argument("--glue-task", help="cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte or wnli")
+    glue.add_argument("--glue-data", help="folder of the original GLUE TSVs (<folder>/<Task>/*.tsv); default: Hub glue")
+    glue.add_argument("--preset", default="bondarenko", help="fine-tuning preset: bondarenko or cpu-smoke")
+    glue.add_argument("--max-train-samples", type=int)
+    glue.add_argument("--max-eval-samples", type=int)
+    glue.add_argument("--max-steps", type=int, default=-1)
+    return parser
+
+
+def format_table(records: list[ResultRecord]) -> str:
+    """Variants as rows, metrics as columns."""
+    rows: dict[str, dict[str, float | None]] = {}
+    metrics: list[str] = []
+    for record in records:
+        row = record.extra.get("variant", record.precision)
+        rows.setdefault(row, {})[record.metric] = record.value
+        if record.metric not in metrics:
+            metrics.append(record.metric)
+    width = max(len("variant"), *(len(r) for r in rows))
+    lines = ["  ".join(["variant".ljust(width), *(m.rjust(14) for m in metrics)])]
+    for row, values in rows.items():
+        cells = [("-" if values.get(m) is None else f"{values[m]:.4g}").rjust(14) for m in metrics]
+        lines.append("  ".join([row.ljust(width), *cells]))
+    return "\n".join(lines)
+
+
+def _output_dir(args: argparse.Namespace) -> Path:
+    if args.output is not None:
+        return args.output
+    if Path(args.model).is_dir():
+        return Path(args.model)
+    return Path("eval-results") / args.model.replace("/", "--")
+
+
+def run(args: argparse.Namespace) -> tuple[list[ResultRecord], Path]:
+    from .evaluation.harness import EvalSettings, check_model_for_task, evaluate_model
+
+    check_model_for_task(args.model, args.task)
+    output = _output_dir(args)
+    if args.task == "glue":
+        from .evaluation.glue import finetune_glue, get_preset, get_task
+
+        if not args.glue_task:
+            raise ValueError("--task glue needs --glue-task (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli)")
+        if args.int8:
+            raise ValueError(
+                "--int8 does not apply to --task glue: the fine-tuned model is quantized (W8A8) after training"
+            )
+        get_task(args.glue_task), get_preset(args.preset)  # fail fast on bad names
+        if args.glue_data and not Path(args.glue_data).is_dir():
+            raise FileNotFoundError(f"--glue-data folder {args.glue_data!r} does not exist")
+        w8a8 = False if args.no_w8a8 else None
+        if w8a8 is None and args.num_calibration_batches:
+            from .quantization import W8A8Config
+
+            w8a8 = W8A8Config(num_calibration_batches=args.num_calibration_batches)
+        target = args.output or Path("glue-runs") / f"{Path(args.model).name}-{args.glue_task}"
+        records = finetune_glue(
+            args.model,
+            args.glue_task,
+            target,
+            args.preset,
+            args.glue_data,
+            args.max_train_samples,
+            args.max_eval_samples,
+            args.max_steps,
+            args.seed,
+            w8a8,
+        )
+        return records, target / "results.json"
+    dataset, dataset_config = args.dataset, args.dataset_config
+    if dataset is None:
+        dataset, default_config = DEFAULT_DATASETS[args.task]
+        dataset_config = dataset_config or default_config
+    settings = EvalSettings(
+        task=args.task,
+        dataset=dataset,
+        dataset_config=dataset_config,
+        split=args.split,
+        calibration_split=args.calibration_split,
+        data_files=args.data_files,
+        text_column=args.text_column,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        max_sequences=args.max_sequences,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        mlm_probability=args.mlm_probability,
+        seed=args.seed,
+        w8a8=not args.no_w8a8,
+        outlier_suppression=args.outlier_suppression,
+        w8a8_config={"num_calibration_batches": args.num_calibration_batches} if args.num_calibration_batches else None,
+    )
+    records, _ = evaluate_model(
+        args.model,
+        settings,
+        int8=args.int8,
+        plots_dir=None if args.no_plots else output / "plots",
+        attention_layer=args.attention_layer,
+        attention_head=args.attention_head,
+    )
+    return records, write_results(records, output / "results.json", append=args.append)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        records, path = run(args)
+    except (ValueError, OSError) as error:  # bad input, missing files, unreachable Hub
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(format_table(records))
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,377 @@
+"""FP vs simulated W8A8 vs real INT8 on identical inputs: one call, result records and plots.
+
+`evaluate_model` loads the floating-point model (a quantizable checkpoint, or a stock BERT/OPT/ViT
+one loaded into its quantizable class), builds the evaluation batches once (fixed masking seed),
+evaluates the FP model, its simulated W8A8 version (calibrated on separate data), optionally its
+W8A8 version with Outlier Suppression, and the real INT8 checkpoint given with `int8`. Every variant
+records its task metric and its outlier statistics.
+"""
+
+import copy
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+
+from .. import (
+    QuantizableBertForMaskedLM,
+    QuantizableBertModel,
+    QuantizableOPTForCausalLM,
+    QuantizableViTForImageClassification,
+)
+from .attention_view import attention_mass, attention_probabilities, delimiter_token_ids
+from .data import load_split
+from .outliers import OutlierStatsCollector
+from .quality import (
+    clm_batches,
+    embedding_cosine_similarity,
+    evaluate_batches,
+    image_batches,
+    mlm_batches,
+    sentence_embeddings,
+)
+from .results import ResultRecord
+
+# task -> (model family, quantizable class, metric task name of the records)
+TASKS = {
+    "mlm": ("bert", QuantizableBertForMaskedLM, "mlm"),
+    "clm": ("opt", QuantizableOPTForCausalLM, "clm"),
+    "image": ("vit", QuantizableViTForImageClassification, "image-classification"),
+    "embedding": ("bert", QuantizableBertModel, "embedding-fidelity"),
+}
+FAMILY_TASKS = {"bert": "mlm, embedding or glue", "opt": "clm", "vit": "image"}
+PRECISIONS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+OUTLIER_METRICS = ("max_inf_norm", "avg_kurtosis", "max_kurtosis")
+
+
+@dataclasses.dataclass
+class EvalSettings:
+    """What to evaluate and on which data (see `python -m hf_quantizable.evaluate --help`)."""
+
+    task: str
+    dataset: str
+    dataset_config: str | None = None
+    split: str = "test"
+    calibration_split: str | None = None
+    data_files: str | None = None
+    text_column: str = "text"
+    image_column: str = "image"
+    label_column: str = "label"
+    max_sequences: int = 128
+    max_length: int = 128
+    batch_size: int = 8
+    mlm_probability: float = 0.15
+    seed: int = 0
+    w8a8: bool = True
+    outlier_suppression: bool = False
+    w8a8_config: dict | None = None
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"`task` must be one of {sorted(TASKS)} (or glue), got {self.task!r}")
+        for name in ("max_sequences", "max_length", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass
+class Variant:
+    """One evaluated model variant."""
+
+    name: str  # fp32, w8a8-sim, w8a8-sim+os, int8
+    precision: str
+    result: dict[str, Any]
+
+
+def _family(config) -> str:
+    return config.model_type.removeprefix("quantizable_")
+
+
+def check_model_for_task(model_name_or_path: str, task: str) -> Any:
+    """Fail fast when `model_name_or_path` cannot run `task` (wrong family, or an INT8 checkpoint)."""
+    config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=True)
+    family = _family(config)
+    if task not in TASKS and task != "glue":
+        raise ValueError(f"unknown task {task!r}; choose one of {sorted([*TASKS, 'glue'])}")
+    expected = "bert" if task == "glue" else TASKS[task][0]
+    if family != expected:
+        supported = FAMILY_TASKS.get(family, "none (supported model types: bert, opt, vit and quantizable_*)")
+        raise ValueError(
+            f"task {task!r} needs a {expected.upper()} model, but {model_name_or_path} is model_type "
+            f"{config.model_type!r}; tasks for this model: {supported}"
+        )
+    if getattr(config, "w8a8_config", None):
+        raise ValueError(f"{model_name_or_path} is an INT8 checkpoint: give its FP model as MODEL and it as --int8")
+    return config
+
+
+def load_fp_model(model_name_or_path: str, task: str) -> nn.Module:
+    """The FP model in its quantizable class; fails when the task head is missing from the checkpoint."""
+    check_model_for_task(model_name_or_path, task)
+    model_class = TASKS[task][1]
+    model, info = model_class.from_pretrained(model_name_or_path, output_loading_info=True)
+    missing = [k for k in info["missing_keys"] if "gate" not in k]  # gates are new in stock checkpoints
+    if missing:
+        raise ValueError(
+            f"{model_name_or_path} lacks weights that task {task!r} needs ({missing[:3]}...): "
+            "it has no such head (use --task embedding for an encoder without a head)"
+        )
+    return model.eval()
+
+
+def load_int8_model(path: str, task: str) -> nn.Module:
+    """The real INT8 checkpoint (reloaded through `trust_remote_code`)."""
+    config = AutoConfig.from_pretrained(path, trust_remote_code=True)
+    if not getattr(config, "w8a8_config", None):
+        raise ValueError(f"--int8 {path} is not an INT8 checkpoint: its config.json has no `w8a8_config`")
+    expected = TASKS[task][0]
+    if _family(config) != expected:
+        raise ValueError(f"--int8 {path} is model_type {config.model_type!r}; task {task!r} needs {expected.upper()}")
+    return TASKS[task][1].from_pretrained(path).eval()
+
+
+def w8a8_config_from(int8_config: dict | None, outlier_suppression: bool):
+    """The W8A8Config of an INT8 checkpoint's `w8a8_config` (quantizer fields only), or the default."""
+    from ..quantization import W8A8Config
+
+    fields = {f.name for f in dataclasses.fields(W8A8Config)}
+    settings = {k: v for k, v in (int8_config or {}).items() if k in fields}
+    if outlier_suppression:
+        settings.update(gamma_migration=True, token_wise_clipping=True)
+    return W8A8Config(**settings)
+
+
+def _processor(model_name_or_path: str, task: str):
+    loader = AutoImageProcessor if task == "image" else AutoTokenizer
+    try:
+        return loader.from_pretrained(model_name_or_path)
+    except (OSError, ValueError) as error:
+        kind = "image processor" if task == "image" else "tokenizer"
+        raise ValueError(f"{model_name_or_path} has no {kind} (save one with save_pretrained): {error}") from error
+
+
+def build_batches(settings: EvalSettings, processor, split: str, skip: int = 0) -> list[dict]:
+    """Evaluation (or calibration) batches of `split`; `skip` drops the first sequences/images."""
+    limit = settings.max_sequences + skip
+    if settings.task == "image":
+        dataset = load_split(settings.dataset, settings.dataset_config, split, settings.data_files, limit=limit)
+        dataset = dataset.select(range(min(skip, len(dataset)), len(dataset)))
+        return image_batches(processor, dataset, settings.batch_size, settings.image_column, settings.label_column)
+    dataset = load_split(settings.dataset, settings.dataset_config, split, settings.data_files)
+    if settings.text_column not in dataset.column_names:
+        raise ValueError(f"dataset has no text column {settings.text_column!r}; columns: {dataset.column_names}")
+    texts = dataset[settings.text_column]
+    if settings.task == "clm":
+        batches = clm_batches(processor, texts, settings.max_length, settings.batch_size, limit)
+    elif settings.task == "mlm":
+        batches = mlm_batches(
+            processor, texts, settings.max_length, settings.batch_size, settings.mlm_probability, settings.seed, limit
+        )
+    else:  # embedding: one padded sentence per non-empty line
+        lines = [t.strip() for t in texts if t.strip()][:limit]
+        batches = [
+            dict(
+                processor(
+                    lines[i : i + settings.batch_size],
+                    padding=True,
+                    truncation=True,
+                    max_length=settings.max_length,
+                    return_tensors="pt",
+                )
+            )
+            for i in range(0, len(lines), settings.batch_size)
+        ]
+    return _skip_sequences(batches, skip)
+
+
+def _skip_sequences(batches: list[dict], skip: int) -> list[dict]:
+    kept, seen = [], 0
+    for batch in batches:
+        size = next(iter(batch.values())).shape[0]
+        if seen >= skip:
+            kept.append(batch)
+        elif seen + size > skip:
+            kept.append({k: v[skip - seen :] for k, v in batch.items()})
+        seen += size
+    return kept
+
+
+def _calibration(settings: EvalSettings, processor, count: int) -> tuple[list[dict], str, int]:
+    """Calibration batches: `calibration_split` (default: validation when evaluating test, else the
+    evaluation split) without the evaluated sequences."""
+    split = settings.calibration_split or ("validation" if settings.split == "test" else settings.split)
+    skip = settings.max_sequences if split == settings.split else 0
+    calibration = dataclasses.replace(settings, max_sequences=count * settings.batch_size)
+    batches = build_batches(calibration, processor, split, skip=skip)
+    if not batches:
+        raise ValueError(f"no calibration data in split {split!r} (after the {skip} evaluated sequences)")
+    return batches, split, skip
+
+
+def _precision(model: nn.Module) -> str:
+    return PRECISIONS.get(next(model.parameters()).dtype, "fp32")
+
+
+def _evaluate_variant(
+    model: nn.Module, settings: EvalSettings, batches: list[dict], reference: nn.Module | None, name: str
+):
+    if settings.task == "embedding":
+        with OutlierStatsCollector(model) as collector:
+            embeddings = sentence_embeddings(model, batches)
+        result = {
+            "metric": "cosine_similarity",
+            "value": None,
+            "n": embeddings.shape[0],
+            "outliers": collector.summary(),
+        }
+        if reference is not None:
+            similarity = embedding_cosine_similarity(reference, model, batches)
+            result.update(value=similarity.mean().item(), min_cosine_similarity=similarity.min().item())
+        return result
+    return evaluate_batches(model, TASKS[settings.task][2], batches, desc=name)
+
+
+def _records(
+    model_name: str, attn_impl: str, settings: EvalSettings, variant: Variant, extra: dict
+) -> list[ResultRecord]:
+    common = dict(
+        model=model_name,
+        attn_impl=attn_impl,
+        precision=variant.precision,
+        dataset=settings.dataset,
+        dataset_config=settings.dataset_config,
+        split=settings.split,
+        n=variant.result["n"],
+        seed=settings.seed if settings.task == "mlm" else None,
+    )
+    extra = {**extra, "variant": variant.name}
+    records = []
+    if variant.result["value"] is not None:
+        quality_extra = {
+            k: variant.result[k] for k in ("tokens", "min_cosine_similarity") if variant.result.get(k) is not None
+        }
+        records.append(
+            ResultRecord(
+                task=TASKS[settings.task][2],
+                metric=variant.result["metric"],
+                value=variant.result["value"],
+                extra={**extra, **quality_extra},
+                **common,
+            )
+        )
+    outliers = variant.result["outliers"]
+    for metric in OUTLIER_METRICS:
+        detail = (
+            {"max_inf_norm_by_kind": outliers["max_inf_norm_by_kind"], "per_layer": outliers["per_layer"]}
+            if metric == "max_inf_norm"
+            else {}
+        )
+        records.append(
+            ResultRecord(task="outliers", metric=metric, value=outliers[metric], extra={**extra, **detail}, **common)
+        )
+    return records
+
+
+def evaluate_model(
+    model_name_or_path: str,
+    settings: EvalSettings,
+    int8: str | None = None,
+    plots_dir: str | Path | None = None,
+    attention_layer: int | None = None,
+    attention_head: int | None = None,
+) -> tuple[list[ResultRecord], list[Variant]]:
+    """Evaluate FP, simulated W8A8 (optionally + Outlier Suppression) and the INT8 checkpoint `int8`.
+
+    Returns the result records and the evaluated variants. With `plots_dir`, writes
+    `layers.png`, `outlier_dims.png`, `head_mass.png` and (for text or images) `attention.png`.
+    """
+    fp_model = load_fp_model(model_name_or_path, settings.task)
+    int8_model = load_int8_model(int8, settings.task) if int8 else None
+    processor = _processor(model_name_or_path, settings.task)
+    if settings.task in ("clm", "embedding") and getattr(processor, "pad_token", "x") is None:
+        processor.pad_token = processor.eos_token
+    batches = build_batches(settings, processor, settings.split)
+    if not batches:
+        raise ValueError(f"no evaluation data in split {settings.split!r} of {settings.dataset}")
+    attn_impl = getattr(fp_model.config, "attn_impl", "softmax")
+    extra: dict[str, Any] = {"max_length": settings.max_length, "batch_size": settings.batch_size}
+    if settings.task == "mlm":
+        extra["mlm_probability"] = settings.mlm_probability
+
+    variants = [
+        Variant(_precision(fp_model), _precision(fp_model), _evaluate_variant(fp_model, settings, batches, None, "fp"))
+    ]
+    if settings.task == "embedding":
+        variants[0].result.update(value=1.0, min_cosine_similarity=1.0)
+    if settings.w8a8:
+        from ..quantization import quantize_model
+
+        base = int8_model.config.w8a8_config if int8_model is not None else {}
+        int8_settings = {**base, **(settings.w8a8_config or {})}
+        options = [False, True] if settings.outlier_suppression else [False]
+        for suppress in options:
+            config = w8a8_config_from(int8_settings, suppress)
+            calibration, split, skip = _calibration(settings, processor, config.num_calibration_batches)
+            simulated = quantize_model(copy.deepcopy(fp_model), config, calibration)
+            name = "w8a8-sim+os" if suppress else "w8a8-sim"
+            result = _evaluate_variant(simulated, settings, batches, fp_model, name)
+            result["w8a8"] = {"config": config.to_dict(), "calibration_split": split, "calibration_skip": skip}
+            variants.append(Variant(name, "w8a8-sim", result))
+    if int8_model is not None:
+        variants.append(Variant("int8", "int8", _evaluate_variant(int8_model, settings, batches, fp_model, "int8")))
+
+    records = []
+    for variant in variants:
+        variant_extra = {**extra, **({"w8a8": variant.result["w8a8"]} if "w8a8" in variant.result else {})}
+        if variant.name == "int8":
+            variant_extra["int8_checkpoint"] = str(int8)
+        records += _records(str(model_name_or_path), attn_impl, settings, variant, variant_extra)
+    if plots_dir is not None:
+        write_plots(fp_model, variants, batches, processor, settings, Path(plots_dir), attention_layer, attention_head)
+    return records, variants
+
+
+def write_plots(
+    model, variants, batches, processor, settings, plots_dir: Path, layer: int | None, head: int | None
+) -> list[Path]:
+    """The evaluation's figures (see `evaluate_model`)."""
+    from .plots import plot_attention_heatmap, plot_head_mass, plot_layer_stats, plot_outlier_dims
+
+    written = [
+        plot_layer_stats(
+            {v.name: v.result["outliers"] for v in variants},
+            plots_dir / "layers.png",
+            title=f"{settings.task}: outliers per layer",
+        )
+    ]
+    with OutlierStatsCollector(model) as collector, torch.no_grad():
+        for batch in batches[:4]:
+            model(**{k: v for k, v in batch.items() if k not in ("labels", "special_tokens_mask")})
+    layer_outputs = collector.outlier_counts(kinds=("layernorm_output", "layer_output"))
+    written.append(
+        plot_outlier_dims(
+            layer_outputs, plots_dir / "outlier_dims.png", title="FP outliers per hidden dimension (layer outputs)"
+        )
+    )
+    inputs = {k: v for k, v in batches[0].items() if k not in ("labels", "special_tokens_mask")}
+    delimiters = delimiter_token_ids(processor) if settings.task != "image" else None
+    view = attention_mass(model, batches[:4], delimiter_ids=delimiters)
+    written.append(plot_head_mass(view["mass"], plots_dir / "head_mass.png", title="FP attention mass per head"))
+    layer = model.config.num_hidden_layers - 1 if layer is None else layer
+    head = 0 if head is None else head
+    probs = attention_probabilities(model, inputs, layer, head)
+    tokens = None
+    if settings.task != "image":
+        ids = (
+            inputs["input_ids"][0][inputs["attention_mask"][0].bool()]
+            if "attention_mask" in inputs
+            else inputs["input_ids"][0]
+        )
+        tokens = processor.convert_ids_to_tokens(ids.tolist())
+    written.append(
+        plot_attention_heatmap(probs, plots_dir / "attention.png", tokens=tokens, title=f"layer {layer}, head {head}")
+    )
+    return written
