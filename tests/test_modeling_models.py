@@ -247,3 +247,22 @@ def test_trust_remote_code_load_in_a_process_without_the_package(tmp_path):
     assert "bert QuantizableBertForMaskedLM" in stdout and "vit QuantizableViTForImageClassification" in stdout
     for family, logits in expected.items():
         assert torch.allclose(torch.load(tmp_path / f"{family}_logits.pt"), logits, atol=1e-6), family
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradient_checkpointing_gives_the_same_gradients(family):
+    no_dropout = (
+        {"dropout": 0.0, "attention_dropout": 0.0}
+        if family == "opt"
+        else {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    )
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model(family, attn_impl="gated", **no_dropout).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model(**tiny_inputs(family)).logits.pow(2).mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        assert torch.allclose(grad, grads[1][name], atol=1e-6), name

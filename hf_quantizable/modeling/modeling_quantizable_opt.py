@@ -199,7 +199,10 @@ class QuantizableOPTDecoder(nn.Module):
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
         for layer in self.layers:
-            hidden_states, probs = layer(hidden_states, mask, past_key_values, output_attentions)
+            # keyword arguments: gradient checkpointing drops the cache (recomputation would extend it twice)
+            hidden_states, probs = layer(
+                hidden_states, mask, past_key_values=past_key_values, output_attentions=output_attentions
+            )
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             if output_attentions:
