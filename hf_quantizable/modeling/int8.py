@@ -76,12 +76,56 @@ class Int8ActivationQuantizer(nn.Module):
         return out
 
 
+def rescale_accumulator(
+    acc: torch.Tensor, input_scale: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Output of a quantized linear layer from its integer accumulator `sum_k (x_k - z) * w_k`.
+
+    Shared by the simulation and the INT8 runtime (same float operations, so the same result).
+    """
+    out = acc * (input_scale * weight_scale)
+    return out if bias is None else out + bias
+
+
+def integer_matmul_reference(x_codes: torch.Tensor, zero_point: torch.Tensor, w_codes: torch.Tensor) -> torch.Tensor:
+    """Exact `(x_codes - zero_point) @ w_codes.T` as float32.
+
+    Runs in float32 when no partial sum can reach 2^24 (then every sum is exact), else in float64.
+    """
+    x = x_codes.float() - zero_point
+    bound = x.abs().max() * w_codes.abs().max().float() * x.shape[-1]
+    if bound < 2**24:
+        return torch.matmul(x, w_codes.float().t())
+    return torch.matmul(x.double(), w_codes.double().t()).float()
+
+
+def split_saturating_pairs(weight: torch.Tensor, max_code: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split int8 `weight` `[N, K]` into a part the CPU int8 kernel computes exactly, plus a sparse rest.
+
+    Without VNNI, x86 int8 kernels add the products of input pairs `(2i, 2i+1)` in int16
+    (`vpmaddubsw`), which saturates when `max_code * (|w_2i| + |w_2i+1|) > 32767` for same-sign
+    weights. For such pairs the second weight is shrunk to the limit; the removed part comes back as
+    `(columns, residual)`: `residual [N, len(columns)]` are the weights on input `columns`.
+    """
+    limit = 32767 // max_code
+    n, k = weight.shape
+    w = weight.to(torch.int32)
+    pairs = w[:, : k - k % 2].reshape(n, k // 2, 2)
+    same_sign = pairs[..., 0] * pairs[..., 1] > 0
+    excess = torch.clamp(pairs[..., 0].abs() + pairs[..., 1].abs() - limit, min=0) * same_sign
+    safe = w.clone()
+    safe[:, 1 : k - k % 2 : 2] -= excess * pairs[..., 1].sign()
+    rest = w - safe
+    columns = torch.nonzero(rest.any(dim=0)).flatten()
+    return safe.to(torch.int8), columns, rest[:, columns].to(torch.int8)
+
+
 class Int8Linear(nn.Module):
     """Linear layer with int8 weights.
 
     With a calibrated input grid (`has_input_quant`), the input is taken as uint8 codes and the
-    product runs as an integer GEMM (oneDNN `qlinear`: uint8 x int8 -> int32, rescaled and biased in
-    the kernel). Without one, the weights are dequantized and the product runs in floating point.
+    product runs as an integer GEMM (oneDNN `qlinear`: uint8 x int8 with int32 accumulation), then
+    `rescale_accumulator`. Without one, the weights are dequantized and the product runs in float.
     """
 
     def __init__(
@@ -98,46 +142,48 @@ class Int8Linear(nn.Module):
         if has_input_quant:
             self.register_buffer("input_scale", torch.ones(()))
             self.register_buffer("input_zero_point", torch.zeros(()))
-        self._packed = None  # (weight version key, prepacked weight, per-channel scales, zero points)
+        self._packed = None  # (weight version key, prepacked weight, unit scales, zero points)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8_gemm={self.has_input_quant}"
-
-    def _packed_weight(self, x_shape: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        key = (self.weight.data_ptr(), self.weight._version)
-        if self._packed is None or self._packed[0] != key:
-            packed = torch.ops.onednn.qlinear_prepack(self.weight, x_shape)
-            scales = self.weight_scale.float().expand(self.out_features).contiguous()
-            zero_points = torch.zeros(self.out_features, dtype=torch.long)
-            self._packed = (key, packed, scales, zero_points)
-        return self._packed[1:]
-
-    def _input_codes(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 codes of `x` on the input grid (reused from the producing quantizer when possible)."""
-        codes, producer = getattr(x, _CODES, (None, None))
-        if codes is None or producer.scale.item() != self.input_scale.item():
-            codes = quantize_activation(x, self.input_scale, self.input_zero_point, self.input_bits)
-        return codes.to(torch.uint8)
 
     def dequantized_weight(self) -> torch.Tensor:
         scale = self.weight_scale.reshape(-1, 1) if self.weight_scale.dim() else self.weight_scale
         return self.weight.float() * scale
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.has_input_quant or x.device.type != "cpu":
-            bias = None if self.bias is None else self.bias.to(x.dtype)
-            return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
-        leading = x.shape[:-1]
-        codes = self._input_codes(x).reshape(-1, self.in_features)
-        packed, scales, zero_points = self._packed_weight(list(codes.shape))
-        out = torch.ops.onednn.qlinear_pointwise(
-            codes,
-            self.input_scale.item(),
-            int(self.input_zero_point.item()),
+    def _packed_weight(self, x_shape: list[int]) -> tuple:
+        """Prepacked weight for oneDNN, split so the kernel cannot saturate (see `split_saturating_pairs`)."""
+        key = (self.weight.data_ptr(), self.weight._version)
+        if self._packed is None or self._packed[0] != key:
+            safe, columns, residual = split_saturating_pairs(self.weight, 2**self.input_bits - 1)
+            packed = torch.ops.onednn.qlinear_prepack(safe, x_shape)
+            unit_scales = torch.ones(self.out_features)
+            zero_points = torch.zeros(self.out_features, dtype=torch.long)
+            self._packed = (key, packed, unit_scales, zero_points, columns, residual)
+        return self._packed[1:]
+
+    def _input_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Codes of `x` on the input grid (reused from the producing quantizer when it is the same grid)."""
+        codes, producer = getattr(x, _CODES, (None, None))
+        same_grid = producer is not None and bool(
+            producer.scale == self.input_scale and producer.zero_point == self.input_zero_point
+        )
+        return codes if same_grid else quantize_activation(x, self.input_scale, self.input_zero_point, self.input_bits)
+
+    def accumulator(self, codes: torch.Tensor) -> torch.Tensor:
+        """`(codes - z) @ weight.T` as float32: an int8 GEMM on CPU, the exact reference elsewhere."""
+        if codes.device.type != "cpu":
+            return integer_matmul_reference(codes, self.input_zero_point, self.weight)
+        packed, unit_scales, zero_points, columns, residual = self._packed_weight([codes.shape[0], self.in_features])
+        zero_point = int(self.input_zero_point.item())
+        acc = torch.ops.onednn.qlinear_pointwise(
+            codes.to(torch.uint8),
+            1.0,
+            zero_point,
             packed,
-            scales,
+            unit_scales,
             zero_points,
-            self.bias,
+            None,
             1.0,
             0,
             torch.float32,
@@ -145,6 +191,17 @@ class Int8Linear(nn.Module):
             [None],
             "",
         )
+        if columns.numel():
+            acc = acc + integer_matmul_reference(codes[:, columns], self.input_zero_point, residual)
+        return acc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.has_input_quant:
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
+        leading = x.shape[:-1]
+        acc = self.accumulator(self._input_codes(x).reshape(-1, self.in_features))
+        out = rescale_accumulator(acc, self.input_scale, self.weight_scale, self.bias)
         return out.reshape(*leading, self.out_features).to(x.dtype)
 
 

@@ -75,14 +75,16 @@ def _find_linear_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> Non
     """Record, for every QuantizedLinear, which activation quantizer produced its input."""
     produced: dict[int, tuple[torch.Tensor, str]] = {}
     handles = []
-    for name, quantizer in activation_quantizers(model).items():
+    quantizers = activation_quantizers(model)
+    for name, quantizer in quantizers.items():
         handles.append(
             quantizer.register_forward_hook(lambda m, args, out, name=name: produced.__setitem__(id(out), (out, name)))
         )
 
     def find_producer(module, args):
         source = produced.get(id(args[0]))
-        module.input_quantizer = source[1] if source is not None and source[0] is args[0] else None
+        name = source[1] if source is not None and source[0] is args[0] else None
+        module.set_input_quantizer(name, quantizers.get(name))
 
     handles += [linear.register_forward_pre_hook(find_producer) for linear in quantized_linears(model).values()]
     try:

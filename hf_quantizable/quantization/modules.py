@@ -4,7 +4,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..modeling.int8 import activation_qparams, quantize_activation, quantize_weight, weight_scale
+from ..modeling.int8 import (
+    activation_qparams,
+    integer_matmul_reference,
+    quantize_activation,
+    quantize_weight,
+    rescale_accumulator,
+    weight_scale,
+)
 from .ranges import ActivationRangeEstimator, weight_absmax
 
 
@@ -72,7 +79,9 @@ class QuantizedLinear(nn.Linear):
     """nn.Linear whose weight is fake-quantized on a symmetric grid (per tensor or per output channel).
 
     `input_quantizer` names the activation quantizer that produces this layer's input (found during
-    calibration); the INT8 export runs an integer GEMM for such layers.
+    calibration); the INT8 export runs an integer GEMM for such layers. Once that quantizer is
+    calibrated, the simulation computes the integer accumulator exactly and rescales it with the
+    same float operations as the INT8 runtime, so both give the same outputs.
     """
 
     def __init__(self, linear: nn.Linear, bits: int, estimator: str, per_channel: bool):
@@ -83,6 +92,7 @@ class QuantizedLinear(nn.Linear):
         self.per_channel = per_channel
         self.estimator = estimator
         self.input_quantizer: str | None = None
+        self._source: list[ActivationQuantizer] = []  # the input quantizer (not a submodule)
         self.register_buffer("weight_scale", torch.ones(linear.out_features if per_channel else ()))
         self.update_weight_scale()
 
@@ -102,5 +112,14 @@ class QuantizedLinear(nn.Linear):
         """Integer weight codes (as float) on the symmetric grid."""
         return quantize_weight(self.weight, self._scale(), self.bits)
 
+    def set_input_quantizer(self, name: str | None, quantizer: "ActivationQuantizer | None") -> None:
+        self.input_quantizer = name
+        self._source = [quantizer] if quantizer is not None else []
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight_codes() * self._scale(), self.bias)
+        source = self._source[0] if self._source else None
+        if source is None or source.mode != "quantize" or source.scale_factor is not None:
+            return F.linear(x, self.weight_codes() * self._scale(), self.bias)
+        codes = quantize_activation(x, source.scale, source.zero_point, source.bits)
+        acc = integer_matmul_reference(codes, source.zero_point, self.weight_codes())
+        return rescale_accumulator(acc, source.scale, self.weight_scale, self.bias)
