@@ -35,9 +35,16 @@ def upload_repo_folder(
     token: str,
     private: bool = False,
     endpoint: str | None = None,
+    allow_patterns: list[str] | None = None,
     commit_message: str = "Upload model, card and results with hf_quantizable",
 ) -> CommitInfo:
-    """Create `repo_id` (if needed) and upload `folder` as one commit."""
+    """Create `repo_id` (if needed) and upload `folder` (the files matching `allow_patterns`) as one commit."""
     api = HfApi(endpoint=endpoint, token=token)
     api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    return api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", commit_message=commit_message)
+    return api.upload_folder(
+        folder_path=str(folder),
+        repo_id=repo_id,
+        repo_type="model",
+        commit_message=commit_message,
+        allow_patterns=allow_patterns,
+    )

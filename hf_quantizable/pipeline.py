@@ -1,0 +1,165 @@
+"""The main job, end to end and offline: train, quantize, evaluate and package tiny quantizable BERTs.
+
+    python -m hf_quantizable.pipeline --local-dir out/
+
+For each attention variant (default: vanilla softmax, gated, clipped softmax) it trains a tiny BERT
+on the embedded corpus (`python -m hf_quantizable.train --preset bert-tiny-VARIANT`), quantizes it to
+a W8A8 INT8 checkpoint (`python -m hf_quantizable.quantize`), evaluates FP (fp32) vs INT8 on the same
+held-out batches with outlier statistics, and writes the Hub-ready FP and INT8 repo folders with
+their model cards into `--local-dir` (nothing is uploaded; `python -m hf_quantizable.push` does that).
+It ends with the FP-vs-INT8 table.
+"""
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from . import quantize, train
+from .evaluation.results import read_results
+from .hub.evaluate import evaluate_pair
+from .hub.folder import PLOTS_DIR
+from .hub.publish import plan_push, write_plan
+from .hub.upload import check_repo_id
+from .training import embedded
+
+VARIANTS = ("vanilla", "gated", "clipped")
+TRAIN_SEED_LINES = 1000  # calibration lines drawn from the training corpus generator
+EVAL_SEED = 12345  # held-out evaluation text: the embedded generator with a seed training does not use
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m hf_quantizable.pipeline",
+        description="Main job: train tiny vanilla / gated / clipped BERTs on the embedded corpus, quantize "
+        "them to W8A8 INT8, evaluate FP vs INT8 with outlier statistics, write Hub-ready folders with cards.",
+    )
+    parser.add_argument("--local-dir", type=Path, required=True, help="where the Hub-ready repo folders go")
+    parser.add_argument("--work-dir", type=Path, default=Path("runs/main-job"), help="training runs and results")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"any of {', '.join(VARIANTS)}")
+    parser.add_argument("--namespace", default="hf-quantizable", help="Hub user or organization named in the cards")
+    parser.add_argument("--max-steps", type=int, default=300, help="training steps per model")
+    parser.add_argument("--corpus-size", type=int, default=20000, help="lines of the embedded training corpus")
+    parser.add_argument("--eval-sequences", type=int, default=64, help="held-out sequences for FP vs INT8")
+    parser.add_argument("--calibration-batches", type=int, default=16, help="W8A8 calibration batches")
+    parser.add_argument("--no-progress", action="store_true", help="disable the training progress bars")
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    unknown = sorted(set(args.variants) - set(VARIANTS))
+    if unknown:
+        raise ValueError(f"--variants: unknown {unknown}; allowed: {', '.join(VARIANTS)}")
+    for name in ("max_steps", "corpus_size", "eval_sequences", "calibration_batches"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    check_repo_id(f"{args.namespace}/bert-tiny-gated", "--namespace")
+    if args.local_dir.exists() and not args.local_dir.is_dir():
+        raise ValueError(f"--local-dir {args.local_dir} exists and is not a folder")
+
+
+def write_texts(path: Path, lines: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def _run(step: str, code: int) -> None:
+    if code != 0:
+        raise RuntimeError(f"{step} failed (exit status {code}); see the messages above")
+
+
+def run_variant(variant: str, args: argparse.Namespace, calibration: Path, evaluation: Path) -> list[Path]:
+    """Train, quantize, evaluate and package one variant; return its repo folders."""
+    name = f"bert-tiny-{variant}"
+    run_dir, int8_dir = args.work_dir / name, args.work_dir / f"{name}-w8a8"
+    train_args = ["--preset", name, "--output", str(run_dir), "--max-steps", str(args.max_steps)]
+    train_args += [f"data.embedded_size={args.corpus_size}"]
+    if (run_dir / "training_recipe.json").exists():
+        train_args.append("--resume")
+    if args.no_progress:
+        train_args.append("--no-progress")
+    _run(f"training {name}", train.main(train_args))
+    shutil.rmtree(int8_dir, ignore_errors=True)
+    quantize_args = [str(run_dir), "--output", str(int8_dir), "--calibration-data", str(calibration)]
+    quantize_args += ["--num-batches", str(args.calibration_batches), "--max-length", "64"]
+    _run(f"quantizing {name}", quantize.main(quantize_args))
+    shutil.rmtree(run_dir / PLOTS_DIR, ignore_errors=True)
+    results = evaluate_pair(
+        run_dir,
+        int8_dir,
+        run_dir,
+        dataset=str(evaluation),
+        split="validation",
+        max_sequences=args.eval_sequences,
+        model_name=name,
+    )
+    plans = plan_push(
+        run_dir,
+        f"{args.namespace}/{name}",
+        int8_repo_id=f"{args.namespace}/{name}-w8a8",
+        int8_dir=int8_dir,
+        results_path=results,
+    )
+    return [write_plan(plan, args.local_dir / plan.name) for plan in plans]
+
+
+def summary_table(results: dict[str, Path]) -> str:
+    """FP-vs-INT8 table over the variants, from their results files."""
+    header = ["variant", "FP32 ppl", "INT8 ppl", "INT8/FP", "max inf norm", "avg kurtosis", "INT8 max inf norm"]
+    rows = []
+    for variant, path in results.items():
+        values = {(r.precision, r.metric): r.value for r in read_results(path)}
+        fp, int8 = values.get(("fp32", "perplexity")), values.get(("int8", "perplexity"))
+        ratio = f"{int8 / fp:.3f}" if fp and int8 else "–"
+        cells = [fp, int8, None, values.get(("fp32", "max_inf_norm")), values.get(("fp32", "avg_kurtosis"))]
+        cells.append(values.get(("int8", "max_inf_norm")))
+        text = [variant] + ["–" if v is None else f"{v:.4g}" for v in cells]
+        text[3] = ratio
+        rows.append(text)
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        check_args(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    data_dir = args.work_dir / "data"
+    # Calibration from the training distribution (the papers calibrate on training data); evaluation on
+    # text the training corpus does not contain (another seed of the same generator).
+    calibration = write_texts(data_dir / "calibration.txt", embedded.generate_corpus(TRAIN_SEED_LINES, seed=0))
+    evaluation = write_texts(
+        data_dir / "embedded-heldout" / "validation.txt",
+        embedded.generate_corpus(4 * args.eval_sequences * 8, EVAL_SEED),
+    )
+    results, folders = {}, []
+    for variant in tqdm(args.variants, desc="main job", unit="model"):
+        try:
+            folders += run_variant(variant, args, calibration, evaluation)
+        except (RuntimeError, ValueError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        results[variant] = args.work_dir / f"bert-tiny-{variant}" / "results.json"
+    print("\nHub-ready repo folders (upload with python -m hf_quantizable.push):")
+    for folder in folders:
+        print(f"  {folder}")
+    print(f"\nFP vs INT8 (W8A8), held-out embedded text, {args.eval_sequences} sequences:\n")
+    print(summary_table(results))
+    print(f"\ndone in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
