@@ -16,7 +16,7 @@ from pathlib import Path
 
 from huggingface_hub import snapshot_download
 
-from .hub.evaluate import evaluate_pair
+from .hub.evaluate import evaluate_for_card
 from .hub.folder import PLOTS_DIR, RESULTS_FILE
 from .hub.publish import plan_push, write_plan
 from .hub.upload import check_repo_id, resolve_token, upload_repo_folder
@@ -33,7 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--models-dir", type=Path, help="read each repo from MODELS_DIR/NAME instead of the Hub")
     parser.add_argument("--output", type=Path, default=Path("hub-eval"), help="results, plots and refreshed folders")
     parser.add_argument("--max-sequences", type=int, default=256, help="evaluation sequences per dataset")
-    parser.add_argument("--dataset", help="evaluation text file (default: WikiText-2 validation)")
+    parser.add_argument(
+        "--dataset", help="evaluation data: Hub name or local file/folder (default: WikiText-2 / MNIST)"
+    )
+    parser.add_argument("--split", help="evaluation split (default: test)")
     parser.add_argument("--push", action="store_true", help="upload the refreshed card, results and plots")
     return parser
 
@@ -69,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     for fp_repo, int8_repo in pairs:
         work = args.output / fp_repo.split("/")[-1]
         int8_dir = folders[int8_repo] if int8_repo else None
-        results = evaluate_pair(
-            folders[fp_repo], int8_dir, work, max_sequences=args.max_sequences, dataset=args.dataset
+        results = evaluate_for_card(
+            folders[fp_repo], int8_dir, work, max_sequences=args.max_sequences, dataset=args.dataset, split=args.split
         )
         plans = plan_push(
             folders[fp_repo],

@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from . import quantize, train
 from .evaluation.results import read_results
-from .hub.evaluate import evaluate_pair
+from .hub.card import variant_of
+from .hub.evaluate import evaluate_for_card
 from .hub.folder import PLOTS_DIR
 from .hub.publish import plan_push, write_plan
 from .hub.upload import check_repo_id
@@ -90,14 +91,8 @@ def run_variant(variant: str, args: argparse.Namespace, calibration: Path, evalu
     quantize_args += ["--num-batches", str(args.calibration_batches), "--max-length", "64"]
     _run(f"quantizing {name}", quantize.main(quantize_args))
     shutil.rmtree(run_dir / PLOTS_DIR, ignore_errors=True)
-    results = evaluate_pair(
-        run_dir,
-        int8_dir,
-        run_dir,
-        dataset=str(evaluation),
-        split="validation",
-        max_sequences=args.eval_sequences,
-        model_name=name,
+    results = evaluate_for_card(
+        run_dir, int8_dir, run_dir, dataset=str(evaluation), split="validation", max_sequences=args.eval_sequences
     )
     plans = plan_push(
         run_dir,
@@ -111,17 +106,14 @@ def run_variant(variant: str, args: argparse.Namespace, calibration: Path, evalu
 
 def summary_table(results: dict[str, Path]) -> str:
     """FP-vs-INT8 table over the variants, from their results files."""
-    header = ["variant", "FP32 ppl", "INT8 ppl", "INT8/FP", "max inf norm", "avg kurtosis", "INT8 max inf norm"]
+    header = ["attention", "FP32 ppl", "W8A8-sim ppl", "INT8 ppl", "INT8/FP32", "max inf norm", "avg kurtosis"]
     rows = []
     for variant, path in results.items():
-        values = {(r.precision, r.metric): r.value for r in read_results(path)}
+        values = {(variant_of(r), r.metric): r.value for r in read_results(path)}
         fp, int8 = values.get(("fp32", "perplexity")), values.get(("int8", "perplexity"))
-        ratio = f"{int8 / fp:.3f}" if fp and int8 else "–"
-        cells = [fp, int8, None, values.get(("fp32", "max_inf_norm")), values.get(("fp32", "avg_kurtosis"))]
-        cells.append(values.get(("int8", "max_inf_norm")))
-        text = [variant] + ["–" if v is None else f"{v:.4g}" for v in cells]
-        text[3] = ratio
-        rows.append(text)
+        cells = [fp, values.get(("w8a8-sim", "perplexity")), int8, int8 / fp if fp and int8 else None]
+        cells += [values.get(("fp32", "max_inf_norm")), values.get(("fp32", "avg_kurtosis"))]
+        rows.append([variant] + ["–" if v is None else f"{v:.4g}" for v in cells])
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in [header, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -95,6 +95,7 @@ def test_metadata_is_valid_for_the_hub(tmp_path, records):
     assert metadata["library_name"] == "transformers"
     assert metadata["pipeline_tag"] == "fill-mask"
     assert metadata["license"] == "apache-2.0"
+    assert metadata["datasets"] == ["glue", "wikitext"]
     results = metadata["model-index"][0]["results"]
     assert metadata["model-index"][0]["name"] == "bert-gated"
     for result in results:
@@ -122,14 +123,24 @@ def test_validation_rejects_broken_metadata(records):
 def test_body_numbers_come_from_the_records(records):
     body = render(records).text
     table = body.split("## Results: floating point vs INT8")[1].split("##")[0]
+    header = next(line for line in table.splitlines() if line.startswith("| task"))
+    assert "| FP32 | W8A8 simulated | INT8 checkpoint |" in header
     mlm_row = next(line for line in table.splitlines() if line.startswith("| mlm") and "| validation |" in line)
-    assert "17.31" in mlm_row and "FP32" in mlm_row
-    assert "19.06" in mlm_row or "19.12" in mlm_row
-    assert "Matthews corr." in table and "0.1875" in table and "0.1562" in table
+    assert "| 17.31 | 19.06 (1.101x) | 19.12 (1.105x) | 128 |" in mlm_row
+    assert "Matthews corr." in table and "| 0.1875 | 0.1562 (0.833x) |" in table
     assert "| inf |" in table  # the overflowing perplexity is reported, not dropped
     # Changing a record changes the card: nothing is typed by hand.
     changed = [record("fp32", "mlm", "perplexity", 99.5)] + records[1:]
     assert "99.5" in render(changed).text
+
+
+def test_outlier_suppression_variant_is_its_own_column(records):
+    suppressed = record("w8a8-sim", "mlm", "perplexity", 18.0)
+    suppressed.extra = {"variant": "w8a8-sim+os"}
+    card = render([*records, suppressed])
+    assert "W8A8 simulated + Outlier Suppression" in card.text
+    configs = {r.metric_config for r in card.data.eval_results if r.metric_type == "perplexity"}
+    assert configs == {"fp32", "w8a8-sim", "w8a8-sim+os", "int8"}
 
 
 def test_precision_labels_only_what_was_measured(records):
@@ -178,6 +189,16 @@ def test_unknown_architecture_is_a_clear_error(records):
         render(records, config={**CONFIG, "architectures": ["Mystery"]})
     with pytest.raises(ValueError, match="architectures"):
         render(records, config={k: v for k, v in CONFIG.items() if k != "architectures"})
+
+
+def test_local_data_is_named_but_not_listed_as_hub_dataset(records, tmp_path):
+    data = tmp_path / "embedded-heldout" / "validation.txt"
+    data.parent.mkdir()
+    data.write_text("some text\n")
+    card = render([record("fp32", "mlm", "perplexity", 12.5, dataset=str(data), dataset_config=None)])
+    assert card.data.datasets is None
+    assert card.data.eval_results[0].dataset_type == "embedded-heldout"
+    assert str(tmp_path) not in str(card).split("---")[1]  # no local path in the metadata
 
 
 def test_front_matter_is_plain_yaml(records):

@@ -31,6 +31,7 @@ PRECISION_LABELS = {
     "w8a8-sim": "W8A8 simulated",
     "int8": "INT8 checkpoint",
 }
+VARIANT_LABELS = {**PRECISION_LABELS, "w8a8-sim+os": "W8A8 simulated + Outlier Suppression"}
 FAMILIES = {"quantizable_bert": "bert", "quantizable_opt": "opt", "quantizable_vit": "vit"}
 HEAD_AUTO_CLASSES = {  # architecture suffix -> (Auto class, pipeline tag)
     "ForMaskedLM": ("AutoModelForMaskedLM", "fill-mask"),
@@ -107,9 +108,13 @@ def head_of(config: dict[str, Any]) -> tuple[str, str]:
     raise ValueError(f"unknown architecture {architectures[0]!r}; expected a name ending in {list(HEAD_AUTO_CLASSES)}")
 
 
+def _is_hub_dataset(dataset: str) -> bool:
+    return bool(_HUB_ID.match(dataset)) and not Path(dataset).exists()
+
+
 def _dataset_type(dataset: str) -> str:
     """A Hub-style dataset id: the id itself, or the folder/file name of a local dataset path."""
-    if _HUB_ID.match(dataset) and not Path(dataset).exists():
+    if _is_hub_dataset(dataset):
         return dataset
     path = Path(dataset)
     name = path.parent.name if path.suffix else path.name
@@ -126,7 +131,7 @@ def precision_label(precision: str) -> str:
 
 
 def eval_result_from_record(record: ResultRecord, pipeline_tag: str) -> EvalResult:
-    """The model-index entry of one record; the precision goes in the metric name and config."""
+    """The model-index entry of one record; the variant (precision) goes in the metric name and config."""
     task_type = TASK_TYPES[record.task] or pipeline_tag
     dataset_type = _dataset_type(record.dataset)
     args = {"n_examples": record.n}
@@ -141,8 +146,8 @@ def eval_result_from_record(record: ResultRecord, pipeline_tag: str) -> EvalResu
         dataset_split=record.split,
         metric_type=record.metric,
         metric_value=record.value,
-        metric_name=f"{METRIC_NAMES.get(record.metric, record.metric)} ({precision_label(record.precision)})",
-        metric_config=record.precision,
+        metric_name=f"{METRIC_NAMES.get(record.metric, record.metric)} ({variant_label(variant_of(record))})",
+        metric_config=variant_of(record),
         metric_args=args,
     )
 
@@ -171,40 +176,65 @@ def format_value(record: ResultRecord | None) -> str:
     return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3e}"
 
 
-def comparison_rows(records: Sequence[ResultRecord]) -> list[dict[str, str]]:
-    """One row per (task, dataset, split, metric): the floating-point and the INT8 value side by side."""
+def variant_of(record: ResultRecord) -> str:
+    """The evaluated variant: `extra["variant"]` (fp32, w8a8-sim, w8a8-sim+os, int8, ...) or the precision."""
+    return record.extra.get("variant", record.precision)
+
+
+def variant_label(variant: str) -> str:
+    return VARIANT_LABELS.get(variant, variant)
+
+
+def _variant_order(variant: str) -> tuple[int, str]:
+    order = [*FP_PRECISIONS, "w8a8-sim", "w8a8-sim+os", "int8"]
+    return (order.index(variant) if variant in order else len(order), variant)
+
+
+def comparison_table(records: Sequence[ResultRecord]) -> dict[str, Any]:
+    """One row per (task, dataset, split, metric), one column per evaluated variant (FP first).
+
+    Quantized cells also give the ratio to the first floating-point column.
+    """
+    variants = sorted({variant_of(r) for r in records}, key=_variant_order)
     groups: dict[tuple, dict[str, ResultRecord]] = {}
     for record in _sorted(records):
         key = (record.task, record.dataset, record.dataset_config, record.split, record.metric)
-        kind = "fp" if record.precision in FP_PRECISIONS else "int8"
-        groups.setdefault(key, {})[kind] = record
+        groups.setdefault(key, {})[variant_of(record)] = record
+    fp_variants = [v for v in variants if v in FP_PRECISIONS]
     rows = []
-    for (task, dataset, dataset_config, split, metric), pair in groups.items():
-        fp, int8 = pair.get("fp"), pair.get("int8")
-        change = "–"
-        if fp is not None and int8 is not None and fp.value is not None and int8.value is not None and fp.value:
-            change = f"{int8.value / fp.value:.3g}x"
+    for (task, dataset, dataset_config, split, metric), cells in groups.items():
+        reference = cells.get(fp_variants[0]) if fp_variants else None
+        texts = []
+        for variant in variants:
+            record = cells.get(variant)
+            text = format_value(record)
+            if record is not None and variant not in FP_PRECISIONS and _finite(reference) and _finite(record):
+                if reference.value:
+                    text += f" ({record.value / reference.value:.3f}x)"
+            texts.append(text)
         rows.append(
             {
                 "task": task,
                 "dataset": _dataset_name(_dataset_type(dataset), dataset_config),
                 "split": split,
                 "metric": METRIC_NAMES.get(metric, metric),
-                "fp_precision": precision_label(fp.precision) if fp else "–",
-                "fp": format_value(fp),
-                "int8_precision": precision_label(int8.precision) if int8 else "–",
-                "int8": format_value(int8),
-                "ratio": change,
-                "n": str((fp or int8).n),
+                "cells": texts,
+                "n": str(next(iter(cells.values())).n),
             }
         )
-    return rows
+    return {"columns": [variant_label(v) for v in variants], "rows": rows}
 
 
-def _first(records: Sequence[ResultRecord], precisions: Sequence[str], tasks: Sequence[str], metric: str):
-    for record in _sorted(records):
-        if record.precision in precisions and record.task in tasks and record.metric == metric:
-            return record
+def _finite(record: ResultRecord | None) -> bool:
+    return record is not None and record.value is not None
+
+
+def _first(records: Sequence[ResultRecord], variants: Sequence[str], tasks: Sequence[str], metric: str):
+    """The record of the first of `variants` (in that order of preference) with this task and metric."""
+    for variant in variants:
+        for record in _sorted(records):
+            if variant_of(record) == variant and record.task in tasks and record.metric == metric:
+                return record
     return None
 
 
@@ -219,7 +249,7 @@ def reference_rows(family: str, attn_impl: str, records: Sequence[ResultRecord])
         "fp_quality": format_value(_first(records, FP_PRECISIONS, tasks, quality)),
         "max_inf_norm": format_value(_first(records, FP_PRECISIONS, ("outliers",), "max_inf_norm")),
         "avg_kurtosis": format_value(_first(records, FP_PRECISIONS, ("outliers",), "avg_kurtosis")),
-        "int8_quality": format_value(_first(records, INT8_PRECISIONS, tasks, quality)),
+        "int8_quality": format_value(_first(records, ("int8", "w8a8-sim"), tasks, quality)),
         "matches": True,
     }
     rows = [ours]
@@ -272,7 +302,7 @@ def build_card_data(inputs: CardInputs) -> ModelCardData:
     family = FAMILIES.get(inputs.config.get("model_type"), inputs.config.get("model_type", "transformer"))
     tags = ["hf_quantizable", "quantization", "w8a8", family, inputs.config.get("attn_impl", "softmax")]
     tags.append("int8" if inputs.is_int8 else "outlier-free")
-    datasets = sorted({r.dataset_type for r in eval_results if "/" not in r.dataset_type})
+    datasets = sorted({r.dataset for r in inputs.records if _is_hub_dataset(r.dataset)})
     base_model = inputs.fp_repo_id if inputs.is_int8 else None
     return ModelCardData(
         model_name=inputs.repo_id.split("/")[-1],
@@ -312,7 +342,7 @@ def render_model_card(inputs: CardInputs, template_path: str | Path = CARD_TEMPL
         method_yaml=_yaml_block(method_parameters(inputs.config)),
         w8a8_yaml=_yaml_block((inputs.int8_config or inputs.config).get("w8a8_config")),
         recipe_yaml=_yaml_block(inputs.recipe),
-        rows=comparison_rows(inputs.records),
+        table=comparison_table(inputs.records),
         precisions=[precision_label(p) for p in precisions],
         fp_measured=[precision_label(p) for p in precisions if p in FP_PRECISIONS],
         reference_rows=reference_rows(family, attn_impl, inputs.records),
