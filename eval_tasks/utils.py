@@ -1,0 +1,49 @@
+"""Local data for the lm-eval tasks of this folder (`TaskManager(include_path="eval_tasks")`).
+
+The data comes from the offline data folder (`$HF_QUANTIZABLE_DATA`, default `../shared/data`,
+see `hf_quantizable.paths.shared_data_dir`); nothing is copied into the repository.
+"""
+
+import re
+
+from datasets import Dataset, DatasetDict
+from lm_eval.tasks.wikitext.preprocess_wikitext import process_results, wikitext_detokenizer
+
+from hf_quantizable.evaluation.glue import get_task, read_glue_tsv
+from hf_quantizable.paths import shared_data_dir
+
+__all__ = ["load_glue", "load_wikitext2", "process_results", "wikitext_detokenizer"]
+
+ARTICLE_TITLE = re.compile(r"^ = [^=].* = $")  # " = Title = ": a new article (" = = Section = = " is not)
+
+
+def _articles(path) -> list[str]:
+    articles: list[list[str]] = []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        if ARTICLE_TITLE.match(line.rstrip("\n")) or not articles:
+            articles.append([])
+        articles[-1].append(line)
+    return ["".join(lines) for lines in articles]
+
+
+def load_wikitext2(**kwargs) -> DatasetDict:
+    """WikiText-2 validation and test, one document (`page`) per article, as the Hub's document-level set."""
+    folder = shared_data_dir() / "wikitext-2"
+    return DatasetDict(
+        {
+            split: Dataset.from_dict({"page": _articles(folder / f"{name}.txt")})
+            for split, name in (("validation", "valid"), ("test", "test"))
+        }
+    )
+
+
+def load_glue(task: str, **kwargs) -> DatasetDict:
+    """A GLUE dev set from the original TSV files, with the Hub `glue` columns and label ids."""
+    glue_task = get_task(task)
+    return DatasetDict(
+        {
+            "validation": read_glue_tsv(
+                glue_task, shared_data_dir() / "glue" / glue_task.folder / glue_task.validation_file
+            )
+        }
+    )

@@ -1,0 +1,12 @@
+"""The lm-eval command line with the `hf-quantizable` model registered.
+
+    python -m hf_quantizable.evaluation.lm_eval run --model hf-quantizable \\
+        --model_args pretrained=runs/opt-gated --tasks wikitext2_local,sst2_local --include_path eval_tasks
+"""
+
+from lm_eval.__main__ import cli_evaluate
+
+from . import lm_eval_model  # noqa: F401  (registers "hf-quantizable")
+
+if __name__ == "__main__":
+    cli_evaluate()
