@@ -1,0 +1,118 @@
+"""The main job, short: train tiny vanilla + gated BERTs, quantize, evaluate, write Hub-ready folders;
+then refresh their cards with hub_eval, offline."""
+
+import contextlib
+import io
+import json
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+
+from hf_quantizable.evaluation.results import read_results
+from hf_quantizable.hub.card import variant_of
+from hf_quantizable.hub_eval import main as hub_eval_main
+from hf_quantizable.pipeline import main as pipeline_main
+from hf_quantizable.pipeline import summary_table
+from tests.isolation import run_without_package
+
+QUICK = ["--max-steps", "4", "--corpus-size", "1000", "--eval-sequences", "4", "--calibration-batches", "1"]
+
+
+@pytest.fixture(scope="module")
+def main_job(tmp_path_factory):
+    root = tmp_path_factory.mktemp("main-job")
+    args = ["--local-dir", str(root / "out"), "--work-dir", str(root / "runs"), "--variants", "vanilla", "gated"]
+    args += ["--namespace", "test-org", "--no-progress", *QUICK]
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = pipeline_main(args)
+    return root, code, stdout.getvalue()
+
+
+def test_main_job_writes_both_sibling_folders_with_cards(main_job):
+    root, code, _ = main_job
+    assert code == 0
+    out = root / "out"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "bert-tiny-gated",
+        "bert-tiny-gated-w8a8",
+        "bert-tiny-vanilla",
+        "bert-tiny-vanilla-w8a8",
+    ]
+    for variant, attn_impl in (("vanilla", "softmax"), ("gated", "gated")):
+        fp, int8 = out / f"bert-tiny-{variant}", out / f"bert-tiny-{variant}-w8a8"
+        assert json.loads((fp / "config.json").read_text())["attn_impl"] == attn_impl
+        assert json.loads((int8 / "config.json").read_text())["w8a8_config"]
+        records = read_results(fp / "results.json")
+        assert {variant_of(r) for r in records} == {"fp32", "w8a8-sim", "int8"}
+        measured = {(variant_of(r), r.metric): r.value for r in records if r.value is not None}
+        card = ModelCard.load(fp / "README.md", ignore_metadata_errors=False)
+        in_card = {(r.metric_config, r.metric_type): r.metric_value for r in card.data.eval_results}
+        assert in_card == measured  # the card holds exactly the measured numbers
+        assert f"test-org/bert-tiny-{variant}-w8a8" in card.text
+        assert ModelCard.load(int8 / "README.md").data.base_model == f"test-org/bert-tiny-{variant}"
+        assert (fp / "plots" / "layers.png").stat().st_size > 0 and "(plots/layers.png)" in card.text
+        assert ("fp32", "perplexity") in measured and ("int8", "perplexity") in measured
+        assert ("fp32", "max_inf_norm") in measured and ("fp32", "avg_kurtosis") in measured
+
+
+def test_main_job_prints_the_fp_vs_int8_table(main_job):
+    root, _, stdout = main_job
+    table = summary_table({v: root / "runs" / f"bert-tiny-{v}" / "results.json" for v in ("vanilla", "gated")})
+    assert table in stdout  # printed at the end, from the results files
+    lines = table.splitlines()
+    assert lines[0].split()[:4] == ["attention", "FP32", "ppl", "W8A8-sim"]
+    assert lines[2].startswith("vanilla") and lines[3].startswith("gated")
+    records = read_results(root / "runs" / "bert-tiny-gated" / "results.json")
+    fp_ppl = next(r.value for r in records if variant_of(r) == "fp32" and r.metric == "perplexity")
+    assert f"{fp_ppl:.4g}" in lines[3]
+    for folder in ("bert-tiny-vanilla", "bert-tiny-vanilla-w8a8", "bert-tiny-gated", "bert-tiny-gated-w8a8"):
+        assert str(root / "out" / folder) in stdout
+
+
+def test_int8_folder_loads_without_the_package(main_job):
+    root, _, _ = main_job
+    int8 = root / "out" / "bert-tiny-gated-w8a8"
+    from transformers import AutoModelForMaskedLM
+
+    ids = [[2, 10, 11, 12, 13, 3]]
+    expected = AutoModelForMaskedLM.from_pretrained(int8).eval()(input_ids=torch.tensor(ids)).logits[0, :, :4]
+    out = run_without_package(
+        f"""
+        import json, torch
+        from transformers import AutoModelForMaskedLM
+        model = AutoModelForMaskedLM.from_pretrained({str(int8)!r}, trust_remote_code=True).eval()
+        assert model.config.w8a8_config
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor({ids})).logits[0, :, :4]
+        print("RESULT", json.dumps(logits.tolist()))
+        """
+    )
+    loaded = torch.tensor(json.loads(out.split("RESULT ", 1)[1]))
+    assert torch.allclose(loaded, expected.detach(), atol=1e-5)
+
+
+def test_hub_eval_refreshes_cards_offline(main_job, capsys):
+    root, _, _ = main_job
+    out = root / "eval"
+    heldout = root / "runs" / "data" / "embedded-heldout" / "validation.txt"
+    args = ["--repos", "test-org/bert-tiny-gated=test-org/bert-tiny-gated-w8a8", "--models-dir", str(root / "out")]
+    args += ["--output", str(out), "--dataset", str(heldout), "--split", "validation", "--max-sequences", "4"]
+    assert hub_eval_main(args) == 0
+    refreshed = out / "bert-tiny-gated" / "repos"
+    assert {p.name for p in refreshed.iterdir()} == {"bert-tiny-gated", "bert-tiny-gated-w8a8"}
+    card = ModelCard.load(refreshed / "bert-tiny-gated" / "README.md")
+    records = read_results(out / "bert-tiny-gated" / "results.json")
+    assert {r.metric_config for r in card.data.eval_results} == {variant_of(r) for r in records}
+    assert "refreshed test-org/bert-tiny-gated-w8a8" in capsys.readouterr().out
+
+
+def test_bad_arguments_fail_fast(tmp_path, capsys):
+    assert pipeline_main(["--local-dir", str(tmp_path / "o"), "--variants", "vanilla", "sparse"]) == 2
+    assert "--variants: unknown ['sparse']; allowed: vanilla, gated, clipped" in capsys.readouterr().err
+    assert pipeline_main(["--local-dir", str(tmp_path / "o"), "--max-steps", "0"]) == 2
+    assert "--max-steps must be a positive integer" in capsys.readouterr().err
+    assert hub_eval_main(["--repos", "not-a-repo-id", "--models-dir", str(tmp_path)]) == 2
+    assert "ORG/NAME" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
