@@ -1,0 +1,434 @@
+"""Named training recipes: the papers' settings and small presets for CPU runs.
+
+A preset holds three groups of fields: `model` (config kwargs of the family's config class),
+`training` (`transformers.TrainingArguments` kwargs) and `data` (a [`DataSpec`]). Every field can be
+overridden by name from the command line (`learning_rate=3e-4`, `model.num_hidden_layers=2`).
+
+Sources: Bondarenko et al. 2023 and the official scripts (github.com/qualcomm-ai-research/
+outlier-free-transformers: `scripts/*.sh`, `model_configs/*.yaml`), Liao & Monz 2024.
+"""
+
+import copy
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import TrainingArguments
+
+from ..modeling.configuration_quantizable import (
+    QuantizableBertConfig,
+    QuantizableOPTConfig,
+    QuantizableViTConfig,
+)
+
+FAMILIES = ("bert", "opt", "vit")
+CONFIG_CLASSES = {"bert": QuantizableBertConfig, "opt": QuantizableOPTConfig, "vit": QuantizableViTConfig}
+VARIANTS = ("vanilla", "clipped", "gated")
+
+
+@dataclass
+class DataSpec:
+    """Where the training data comes from and how it is prepared.
+
+    Args:
+        dataset: `embedded` (generated offline, see `hf_quantizable.training.embedded`; text models
+            also accept `embedded-noop`, the synthetic outlier-effect corpus), a Hub dataset
+            name (`bookcorpus+wikipedia`, `wikitext-103`, `imagenet-1k`, or any `load_dataset` name),
+            or a local file / folder (`.txt`, `.json`/`.jsonl`, an image folder).
+        dataset_config: Hub dataset configuration name.
+        streaming: stream the training split instead of downloading it first.
+        text_column / image_column / label_column: column names (auto-detected when None).
+        tokenizer: `train` (train a tokenizer on the training text with `tokenizers`, offline) or a
+            tokenizer name/path for `AutoTokenizer`.
+        vocab_size: vocabulary size of a trained tokenizer.
+        seq_length: MLM sequence length / CLM block size (group-texts packing).
+        mlm_probability: masking probability of the MLM collator.
+        image_size: square input size of image models.
+        augmentation: `timm` (the paper's pipeline, needs the `timm` extra), `basic` (built-in random
+            resized crop + flip) or `none`.
+        eval_fraction: share of a training set held out for evaluation when there is no eval split.
+        max_train_samples: cap the number of training examples (before packing); None = all.
+        num_proc: worker processes for `datasets.map`.
+        embedded_size: number of examples the embedded generator writes (lines / images).
+    """
+
+    dataset: str = "embedded"
+    dataset_config: str | None = None
+    streaming: bool = False
+    text_column: str | None = None
+    image_column: str | None = None
+    label_column: str | None = None
+    tokenizer: str = "train"
+    vocab_size: int = 2000
+    seq_length: int = 128
+    mlm_probability: float = 0.15
+    image_size: int = 224
+    augmentation: str = "basic"
+    eval_fraction: float = 0.05
+    max_train_samples: int | None = None
+    num_proc: int | None = None
+    embedded_size: int = 20000
+
+
+@dataclass
+class TrackingSpec:
+    """Outlier tracking during training (see `OutlierTrackingCallback`).
+
+    Args:
+        outlier_every_n_steps: log gate probabilities, outlier statistics and the probe loss every N
+            optimizer steps (0 = off).
+        w8a8_every_n_steps: also evaluate a simulated-W8A8 copy every N steps (0 = off).
+        probe_batches: number of fixed evaluation batches (fixed masking) the statistics use.
+        calibration_batches: training batches used to calibrate the W8A8 copy (the papers use 16).
+    """
+
+    outlier_every_n_steps: int = 0
+    w8a8_every_n_steps: int = 0
+    probe_batches: int = 2
+    calibration_batches: int = 16
+
+
+@dataclass
+class TrainingPreset:
+    """One named recipe."""
+
+    name: str
+    family: str
+    description: str
+    model: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    data: DataSpec = field(default_factory=DataSpec)
+    tracking: TrackingSpec = field(default_factory=TrackingSpec)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainingPreset":
+        return cls(**{**d, "data": DataSpec(**d["data"]), "tracking": TrackingSpec(**d["tracking"])})
+
+
+# --- attention variants (Bondarenko et al. Tables 2-4 and the official scripts) ---
+_ATTN = {
+    "bert": {
+        "vanilla": {"attn_impl": "softmax"},
+        "clipped": {"attn_impl": "clipped_softmax", "clip_gamma": -0.025, "clip_zeta": 1.0},
+        "gated": {"attn_impl": "gated", "gate_type": "mlp", "gate_n_hid": 4, "pi_init": 0.5},
+    },
+    "opt": {
+        "vanilla": {"attn_impl": "softmax"},
+        "clipped": {"attn_impl": "clipped_softmax", "clip_alpha": 12.0, "clip_zeta": 1.0},
+        "gated": {"attn_impl": "gated", "gate_type": "linear", "pi_init": 0.25},
+    },
+    "vit": {
+        "vanilla": {"attn_impl": "softmax"},
+        "clipped": {"attn_impl": "clipped_softmax", "clip_gamma": -0.003, "clip_zeta": 1.0},
+        "gated": {"attn_impl": "gated", "gate_type": "linear", "pi_init": 0.25},
+    },
+}
+
+_COMMON_TRAINING = {"lr_scheduler_type": "linear", "max_grad_norm": 1.0, "seed": 1000, "save_total_limit": 2}
+
+_BERT_BASE_MODEL = {
+    "vocab_size": 30522,
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "max_position_embeddings": 512,
+    "hidden_dropout_prob": 0.1,
+    "attention_probs_dropout_prob": 0.1,
+}
+_BERT_PAPER_TRAINING = {
+    **_COMMON_TRAINING,
+    "learning_rate": 1e-4,
+    "warmup_steps": 10_000,
+    "max_steps": 1_000_000,
+    "per_device_train_batch_size": 256,
+    "per_device_eval_batch_size": 256,
+    "weight_decay": 0.01,
+    "fp16": True,
+    "save_steps": 100_000,
+    "logging_steps": 2000,
+}
+_BERT_PAPER_DATA = {"dataset": "bookcorpus+wikipedia", "tokenizer": "bert-base-uncased", "seq_length": 128}
+
+_OPT_125M_MODEL = {
+    "vocab_size": 50272,
+    "hidden_size": 768,
+    "word_embed_proj_dim": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "ffn_dim": 3072,
+    "max_position_embeddings": 512,
+    "dropout": 0.1,
+    "init_std": 0.006,
+    "wd_ln_gamma": True,
+}
+_OPT_PAPER_TRAINING = {
+    **_COMMON_TRAINING,
+    "learning_rate": 4e-4,
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.95,
+    "warmup_steps": 2000,
+    "max_steps": 125_000,
+    "per_device_train_batch_size": 48,
+    "per_device_eval_batch_size": 48,
+    "gradient_accumulation_steps": 4,  # effective batch 192 on one device
+    "weight_decay": 0.1,
+    "fp16": True,
+    "save_steps": 10_000,
+    "logging_steps": 2000,
+}
+_OPT_PAPER_DATA = {"dataset": "bookcorpus+wikipedia", "tokenizer": "facebook/opt-350m", "seq_length": 512}
+
+_VIT_S16_MODEL = {
+    "hidden_size": 384,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 6,
+    "intermediate_size": 1536,
+    "image_size": 224,
+    "patch_size": 16,
+    "num_labels": 1000,
+    "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0,
+}
+# DeiT / timm ViT-S/16 ImageNet recipe (300 epochs, AdamW, cosine, label smoothing 0.1).
+_VIT_PAPER_TRAINING = {
+    **_COMMON_TRAINING,
+    "learning_rate": 1e-3,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 6250,  # 5 epochs at batch 1024
+    "num_train_epochs": 300,
+    "max_steps": -1,
+    "per_device_train_batch_size": 1024,
+    "per_device_eval_batch_size": 256,
+    "weight_decay": 0.05,
+    "label_smoothing_factor": 0.1,
+    "fp16": True,
+    "save_strategy": "epoch",
+    "logging_steps": 500,
+}
+_VIT_PAPER_DATA = {"dataset": "imagenet-1k", "image_size": 224, "augmentation": "timm"}
+
+# --- small CPU presets: 2 cores, minutes ---
+_BERT_TINY_MODEL = {
+    "hidden_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 512,
+    "max_position_embeddings": 128,
+    "hidden_dropout_prob": 0.1,
+    "attention_probs_dropout_prob": 0.1,
+}
+_TINY_TRAINING = {
+    **_COMMON_TRAINING,
+    "learning_rate": 1e-3,
+    "warmup_steps": 50,
+    "max_steps": 500,
+    "per_device_train_batch_size": 32,
+    "per_device_eval_batch_size": 32,
+    "weight_decay": 0.01,
+    "save_steps": 100,
+    "logging_steps": 25,
+}
+_OPT_TINY_MODEL = {
+    "hidden_size": 128,
+    "word_embed_proj_dim": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "ffn_dim": 512,
+    "max_position_embeddings": 128,
+    "dropout": 0.1,
+    "init_std": 0.02,
+    "wd_ln_gamma": True,
+}
+_VIT_TINY_MODEL = {
+    "hidden_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 512,
+    "image_size": 32,
+    "patch_size": 4,
+    "num_channels": 3,
+    "num_labels": 10,
+    "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0,
+}
+
+_BASES: dict[str, tuple[str, str, dict, dict, dict]] = {  # family, description, model, training, data
+    "bert-base": (
+        "bert",
+        "BERT-base MLM on BookCorpus + Wikipedia (Bondarenko et al. Table 2; 1M steps, batch 256).",
+        _BERT_BASE_MODEL,
+        _BERT_PAPER_TRAINING,
+        _BERT_PAPER_DATA,
+    ),
+    "bert-6l": (
+        "bert",
+        "Official 6-layer BERT (model_configs/bert-6L12H.yaml) with the BERT-base recipe.",
+        {**_BERT_BASE_MODEL, "num_hidden_layers": 6, "max_position_embeddings": 256},
+        _BERT_PAPER_TRAINING,
+        _BERT_PAPER_DATA,
+    ),
+    "bert-tiny": (
+        "bert",
+        "2-layer hidden-128 BERT MLM on the embedded corpus; minutes on 2 CPU cores.",
+        _BERT_TINY_MODEL,
+        _TINY_TRAINING,
+        {"seq_length": 64},
+    ),
+    "opt-125m": (
+        "opt",
+        "OPT-125m CLM on BookCorpus + Wikipedia (Bondarenko et al. Table 3; 125k steps, batch 192).",
+        _OPT_125M_MODEL,
+        _OPT_PAPER_TRAINING,
+        _OPT_PAPER_DATA,
+    ),
+    "opt-6l": (
+        "opt",
+        "Official 6-layer OPT (model_configs/opt-6L12H.yaml) with the OPT-125m recipe.",
+        {**_OPT_125M_MODEL, "num_hidden_layers": 6},
+        _OPT_PAPER_TRAINING,
+        _OPT_PAPER_DATA,
+    ),
+    "opt-tiny": (
+        "opt",
+        "2-layer hidden-128 OPT CLM on the embedded corpus; minutes on 2 CPU cores.",
+        _OPT_TINY_MODEL,
+        {**_TINY_TRAINING, "adam_beta1": 0.9, "adam_beta2": 0.95, "weight_decay": 0.1},
+        {"seq_length": 64},
+    ),
+    "vit-s16": (
+        "vit",
+        "ViT-S/16 on ImageNet-1k (Bondarenko et al. Table 4; timm/DeiT pipeline when timm is installed).",
+        _VIT_S16_MODEL,
+        _VIT_PAPER_TRAINING,
+        _VIT_PAPER_DATA,
+    ),
+    "vit-tiny": (
+        "vit",
+        "2-layer hidden-128 ViT (patch 4, 32x32) on embedded synthetic shapes; minutes on 2 CPU cores.",
+        _VIT_TINY_MODEL,
+        {**_TINY_TRAINING, "weight_decay": 0.05},
+        {"image_size": 32, "embedded_size": 4000},
+    ),
+}
+
+
+def _build_presets() -> dict[str, TrainingPreset]:
+    presets = {}
+    for base, (family, description, model, training, data) in _BASES.items():
+        for variant in VARIANTS:
+            name = f"{base}-{variant}"
+            presets[name] = TrainingPreset(
+                name=name,
+                family=family,
+                description=f"{description} Attention: {variant}.",
+                model={**model, **_ATTN[family][variant]},
+                training=dict(training),
+                data=DataSpec(**data),
+                tracking=TrackingSpec(outlier_every_n_steps=training["logging_steps"]),
+            )
+    return presets
+
+
+PRESETS: dict[str, TrainingPreset] = _build_presets()
+
+
+def list_presets() -> list[str]:
+    return sorted(PRESETS)
+
+
+def get_preset(name: str) -> TrainingPreset:
+    """A fresh copy of the preset `name`; raises ValueError listing the allowed names."""
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, PRESETS, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown preset {name!r}.{hint} Allowed presets: {', '.join(list_presets())}")
+    return copy.deepcopy(PRESETS[name])
+
+
+def _field_names(family: str) -> dict[str, set[str]]:
+    config_fields = {f.name for f in dataclasses.fields(CONFIG_CLASSES[family])}
+    return {
+        "data": {f.name for f in dataclasses.fields(DataSpec)},
+        "tracking": {f.name for f in dataclasses.fields(TrackingSpec)},
+        "model": config_fields,
+        "training": {f.name for f in dataclasses.fields(TrainingArguments)} - {"output_dir"},
+    }
+
+
+def parse_value(text: str) -> Any:
+    """`3e-4` -> 0.0003, `true` -> True, `null` -> None, `[0.9, 0.95]` -> list, otherwise the string."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_overrides(preset: TrainingPreset, overrides: list[str] | dict[str, Any]) -> TrainingPreset:
+    """Apply `field=value` overrides (or a dict) to a copy of `preset`.
+
+    A field is `group.name` (group in `data`, `tracking`, `model`, `training`) or a bare name found in exactly
+    one group. Unknown or ambiguous names raise ValueError naming the allowed fields.
+    """
+    if isinstance(overrides, list):
+        parsed = {}
+        for item in overrides:
+            if "=" not in item:
+                raise ValueError(f"override {item!r} must look like field=value (e.g. learning_rate=3e-4)")
+            key, value = item.split("=", 1)
+            parsed[key.strip()] = parse_value(value)
+        overrides = parsed
+    preset = copy.deepcopy(preset)
+    groups = _field_names(preset.family)
+    for key, value in overrides.items():
+        group, _, name = key.rpartition(".")
+        if group:
+            if group not in groups:
+                raise ValueError(f"unknown override group {group!r} in {key!r}; allowed: {', '.join(groups)}")
+            if name not in groups[group]:
+                raise ValueError(_unknown_field_message(key, name, {group: groups[group]}))
+        else:
+            owners = [g for g, names in groups.items() if name in names]
+            if not owners:
+                raise ValueError(_unknown_field_message(key, name, groups))
+            if len(owners) > 1:
+                raise ValueError(
+                    f"override {key!r} is ambiguous: prefix it with one of {owners} (e.g. {owners[0]}.{name})"
+                )
+            group = owners[0]
+        if group in ("data", "tracking"):
+            setattr(getattr(preset, group), name, value)
+        else:
+            getattr(preset, group)[name] = value
+    return preset
+
+
+def _unknown_field_message(key: str, name: str, groups: dict[str, set[str]]) -> str:
+    every = sorted({f"{g}.{n}" for g, names in groups.items() for n in names})
+    close = difflib.get_close_matches(name, sorted({n for names in groups.values() for n in names}), n=5)
+    lines = [f"unknown override field {key!r}."]
+    if close:
+        lines.append(f"Did you mean: {', '.join(close)}?")
+    for group in ("data", "tracking"):
+        if group in groups:
+            lines.append(f"{group.capitalize()} fields: {', '.join(sorted(groups[group]))}.")
+    lines.append(
+        "Model fields are those of the family's config class and training fields those of "
+        f"transformers.TrainingArguments ({len(every)} allowed names; `--list-fields` prints them all)."
+    )
+    return " ".join(lines)
+
+
+def allowed_fields(family: str) -> list[str]:
+    """Every `group.name` override accepted for `family`."""
+    return sorted(f"{g}.{n}" for g, names in _field_names(family).items() for n in names)

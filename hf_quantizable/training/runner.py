@@ -1,0 +1,239 @@
+"""Assemble a training run from a preset: data, model, TrainingArguments, Trainer, callbacks.
+
+Output layout (`output_dir`):
+    training_recipe.json   the preset after overrides (the run's identity, written first)
+    checkpoints/           Trainer checkpoints (resumable; `save_total_limit` newest kept)
+    outlier_tracking.jsonl one record per tracking step
+    config.json, model.safetensors, tokenizer / image processor files, modeling code (auto_map),
+    training_args.bin, train_results.json, eval_results.json   written when training finishes
+"""
+
+import itertools
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoImageProcessor,
+    AutoTokenizer,
+    DataCollatorForLanguageModeling,
+    PreTrainedModel,
+    Trainer,
+    TrainingArguments,
+    default_data_collator,
+    set_seed,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+from ..modeling.modeling_quantizable_bert import QuantizableBertForMaskedLM
+from ..modeling.modeling_quantizable_opt import QuantizableOPTForCausalLM
+from ..modeling.modeling_quantizable_vit import QuantizableViTForImageClassification
+from .callbacks import TRACKING_FILE, OutlierTrackingCallback
+from .data import load_image_datasets, load_text_datasets
+from .presets import CONFIG_CLASSES, TrainingPreset
+from .trainer import TRAINERS
+
+logger = logging.getLogger(__name__)
+
+RECIPE_FILE = "training_recipe.json"
+CHECKPOINT_DIR = "checkpoints"
+MODEL_CLASSES = {
+    "bert": QuantizableBertForMaskedLM,
+    "opt": QuantizableOPTForCausalLM,
+    "vit": QuantizableViTForImageClassification,
+}
+
+
+class RunDirectoryError(ValueError):
+    """The output directory cannot hold this run."""
+
+
+def check_output_dir(output_dir: Path, recipe: dict[str, Any], resume: bool) -> str | None:
+    """Validate `output_dir` for `recipe`; return the checkpoint to resume from (or None).
+
+    Raises RunDirectoryError when the folder holds another run or unrelated files, or holds this
+    run without `resume`. A run may be resumed with a different `max_steps` (to extend it).
+    """
+    if not output_dir.exists() or not any(output_dir.iterdir()):
+        return None
+    recipe_path = output_dir / RECIPE_FILE
+    if not recipe_path.exists():
+        raise RunDirectoryError(f"{output_dir} is not empty and holds no {RECIPE_FILE}: choose a new or empty --output")
+    previous = json.loads(recipe_path.read_text())
+
+    def identity(r: dict) -> dict:
+        return {**r, "training": {k: v for k, v in r["training"].items() if k != "max_steps"}}
+
+    if identity(previous) != identity(recipe):
+        diff = sorted(
+            f"{group}.{k}"
+            for group in ("model", "training", "data", "tracking")
+            for k in set(previous.get(group, {})) | set(recipe.get(group, {}))
+            if previous.get(group, {}).get(k) != recipe.get(group, {}).get(k) and k != "max_steps"
+        )
+        raise RunDirectoryError(
+            f"{output_dir} holds another run (preset {previous.get('name')!r}; differing fields: "
+            f"{', '.join(diff) or 'name'}): choose another --output"
+        )
+    if not resume:
+        raise RunDirectoryError(
+            f"{output_dir} already holds this run: pass --resume to continue it, or choose another --output"
+        )
+    checkpoint_root = output_dir / CHECKPOINT_DIR
+    return get_last_checkpoint(str(checkpoint_root)) if checkpoint_root.exists() else None
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def build_model(preset: TrainingPreset, processing: Any, labels: list[str] | None = None) -> PreTrainedModel:
+    """A freshly initialised model of the preset's family sized to the tokenizer / label set."""
+    kwargs = dict(preset.model)
+    if preset.family in ("bert", "opt"):
+        kwargs["vocab_size"] = len(processing)
+        kwargs["pad_token_id"] = processing.pad_token_id
+        if preset.family == "opt":
+            kwargs["bos_token_id"] = processing.bos_token_id
+            kwargs["eos_token_id"] = processing.eos_token_id
+        limit = kwargs.get("max_position_embeddings", 512)
+        if preset.data.seq_length > limit:
+            raise ValueError(f"data.seq_length={preset.data.seq_length} exceeds model.max_position_embeddings={limit}")
+    else:
+        kwargs.update(
+            num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)}
+        )
+        kwargs["image_size"] = preset.data.image_size
+    config = CONFIG_CLASSES[preset.family](**kwargs)
+    return MODEL_CLASSES[preset.family](config)
+
+
+def _take(dataset, n: int) -> list[dict]:
+    if hasattr(dataset, "__len__"):
+        return [dataset[i] for i in range(min(n, len(dataset)))]
+    return list(itertools.islice(iter(dataset), n))
+
+
+def fixed_batches(dataset, collator, batch_size: int, num_batches: int, keep_labels: bool = True) -> list[dict]:
+    """`num_batches` batches from the head of `dataset`, collated once (MLM masking fixed by seed 0)."""
+    examples = _take(dataset, batch_size * num_batches)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    try:
+        batches = [collator(examples[i : i + batch_size]) for i in range(0, len(examples), batch_size)]
+    finally:
+        torch.random.set_rng_state(state)
+    batches = [{k: v for k, v in dict(b).items() if k != "special_tokens_mask"} for b in batches]
+    if not keep_labels:
+        batches = [{k: v for k, v in b.items() if k != "labels"} for b in batches]
+    return batches
+
+
+@dataclass
+class TrainingRun:
+    trainer: Trainer
+    tracker: OutlierTrackingCallback | None
+    output_dir: Path
+    resume_from: str | None
+
+
+def build_run(
+    preset: TrainingPreset,
+    output_dir: str | os.PathLike,
+    resume: bool = False,
+    training_overrides: dict[str, Any] | None = None,
+) -> TrainingRun:
+    """Check the output folder, load data, build model, TrainingArguments, Trainer and tracker.
+
+    `training_overrides` are extra TrainingArguments kwargs that are not part of the run's
+    identity (e.g. `disable_tqdm`, `report_to`).
+    """
+    output_dir = Path(output_dir)
+    recipe = preset.to_dict()
+    resume_from = check_output_dir(output_dir, recipe, resume)
+    training = {
+        "report_to": "none",
+        "save_strategy": "steps",
+        "dataloader_pin_memory": torch.cuda.is_available(),
+        "remove_unused_columns": preset.family != "vit",  # images are decoded from raw columns on the fly
+        **preset.training,
+        **(training_overrides or {}),
+    }
+    if training.get("fp16") and not torch.cuda.is_available():
+        raise ValueError(
+            f"preset {preset.name!r} trains in fp16, which needs a CUDA GPU: add the override fp16=false to run on CPU"
+        )
+    args = TrainingArguments(output_dir=str(output_dir / CHECKPOINT_DIR), **training)
+    if args.process_index == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(output_dir / RECIPE_FILE, recipe)
+    set_seed(args.seed)
+    family = preset.family
+    with args.main_process_first(desc="dataset preparation"):
+        if family == "vit":
+            data = load_image_datasets(preset.data, seed=args.seed)
+            processing = AutoImageProcessor.from_pretrained(resume_from) if resume_from else data.image_processor
+            model = build_model(preset, processing, data.labels)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(resume_from) if resume_from else None
+            data = load_text_datasets(preset.data, family, seed=args.seed, tokenizer=tokenizer)
+            processing = data.tokenizer
+            model = build_model(preset, processing)
+    trainer_kwargs: dict[str, Any] = {"processing_class": processing}
+    if family == "bert":
+        trainer_kwargs["mlm_probability"] = preset.data.mlm_probability
+    trainer = TRAINERS[family](
+        model=model, args=args, train_dataset=data.train, eval_dataset=data.validation, **trainer_kwargs
+    )
+    tracker = None
+    tracking = preset.tracking
+    if tracking.outlier_every_n_steps:
+        if family == "bert":
+            probe_collator = DataCollatorForLanguageModeling(processing, mlm_probability=preset.data.mlm_probability)
+        elif family == "opt":
+            probe_collator = DataCollatorForLanguageModeling(processing, mlm=False)
+        else:
+            probe_collator = default_data_collator
+        batch_size = args.per_device_eval_batch_size
+        probes = fixed_batches(data.validation, probe_collator, batch_size, tracking.probe_batches)
+        calibration = (
+            fixed_batches(data.train, probe_collator, batch_size, tracking.calibration_batches, keep_labels=False)
+            if tracking.w8a8_every_n_steps
+            else None
+        )
+        tracker = OutlierTrackingCallback(
+            probes,
+            tracking.outlier_every_n_steps,
+            tracking.w8a8_every_n_steps,
+            calibration_batches=calibration,
+            log_file=output_dir / TRACKING_FILE,
+        )
+        trainer.add_callback(tracker)
+    return TrainingRun(trainer=trainer, tracker=tracker, output_dir=output_dir, resume_from=resume_from)
+
+
+def finish_run(run: TrainingRun, train_metrics: dict[str, float]) -> dict[str, float]:
+    """Evaluate, then write the Hub-ready model folder into `output_dir` (via a temporary folder)."""
+    trainer = run.trainer
+    eval_metrics = trainer.evaluate()
+    if not trainer.is_world_process_zero():
+        return eval_metrics
+    tmp = run.output_dir / f".final.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.save_model(str(tmp))  # model (with auto_map and modeling code), processor, training_args.bin
+    write_json_atomic(tmp / "train_results.json", train_metrics)
+    write_json_atomic(tmp / "eval_results.json", eval_metrics)
+    for item in tmp.iterdir():
+        target = run.output_dir / item.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        item.replace(target)
+    tmp.rmdir()
+    return eval_metrics

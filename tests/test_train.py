@@ -1,0 +1,308 @@
+"""Training: presets, Trainer subclasses, LN-gamma decay, outlier tracking, resume, Hub-ready output."""
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from hf_quantizable.modeling.attention import AttentionGate
+from hf_quantizable.train import main
+from hf_quantizable.training import (
+    apply_overrides,
+    build_model,
+    build_run,
+    get_preset,
+    list_presets,
+)
+from hf_quantizable.training.callbacks import TRACKING_FILE, probe_quality
+from hf_quantizable.training.presets import CONFIG_CLASSES, PRESETS
+from tests.isolation import run_without_package
+
+# Small enough for 2 shared CPU cores: one layer of width 32, a few hundred lines of embedded data.
+TINY = [
+    "hidden_size=32",
+    "num_attention_heads=2",
+    "per_device_train_batch_size=8",
+    "per_device_eval_batch_size=8",
+    "learning_rate=3e-3",
+    "warmup_steps=0",
+    "logging_steps=5",
+    "data.embedded_size=600",
+    "data.vocab_size=400",
+    "data.seq_length=32",
+    "tracking.outlier_every_n_steps=0",
+]
+TINY_FAMILY = {
+    "bert": ["model.num_hidden_layers=1", "intermediate_size=64"],
+    "opt": ["model.num_hidden_layers=1", "ffn_dim=64", "word_embed_proj_dim=32"],
+    "vit": [
+        "model.num_hidden_layers=1",
+        "hidden_size=64",
+        "num_attention_heads=4",
+        "intermediate_size=64",
+        "learning_rate=2e-3",
+        "per_device_train_batch_size=16",
+        "data.image_size=16",
+        "data.embedded_size=400",
+        "data.eval_fraction=0.1",
+        "data.augmentation=none",
+    ],
+}
+STEPS = {"bert": 15, "opt": 15, "vit": 40}
+NO_PROGRESS = {"disable_tqdm": True}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are far too small for intra-op parallelism; one thread avoids oversubscription."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(name: str, *extra: str):
+    family = get_preset(name).family
+    return apply_overrides(get_preset(name), TINY + TINY_FAMILY[family] + list(extra))
+
+
+def test_every_preset_builds_a_valid_config():
+    assert {"bert-base-gated", "opt-125m-vanilla", "vit-s16-clipped", "bert-6l-gated", "opt-6l-gated"} <= set(PRESETS)
+    assert {"bert-tiny-vanilla", "bert-tiny-clipped", "bert-tiny-gated", "opt-tiny-gated", "vit-tiny-gated"} <= set(
+        PRESETS
+    )
+    for name in list_presets():
+        preset = get_preset(name)
+        config = CONFIG_CLASSES[preset.family](**preset.model)
+        assert (
+            config.attn_impl
+            == {"vanilla": "softmax", "clipped": "clipped_softmax", "gated": "gated"}[name.rsplit("-", 1)[1]]
+        )
+
+
+def test_paper_recipes():
+    bert = get_preset("bert-base-clipped")
+    expected = {
+        "learning_rate": 1e-4, "warmup_steps": 10_000, "max_steps": 1_000_000, "per_device_train_batch_size": 256,
+        "weight_decay": 0.01, "max_grad_norm": 1.0, "fp16": True,
+    }  # fmt: skip
+    assert {k: bert.training[k] for k in expected} == expected
+    assert (bert.data.seq_length, bert.data.mlm_probability, bert.model["hidden_dropout_prob"]) == (128, 0.15, 0.1)
+    assert bert.model["clip_gamma"] == -0.025
+    opt = get_preset("opt-125m-gated")
+    assert (opt.training["adam_beta1"], opt.training["adam_beta2"], opt.training["learning_rate"]) == (0.9, 0.95, 4e-4)
+    effective = opt.training["per_device_train_batch_size"] * opt.training["gradient_accumulation_steps"]
+    assert (effective, opt.training["max_steps"], opt.training["warmup_steps"], opt.training["weight_decay"]) == (
+        192,
+        125_000,
+        2000,
+        0.1,
+    )
+    assert (opt.model["init_std"], opt.model["wd_ln_gamma"], opt.data.seq_length, opt.model["pi_init"]) == (
+        0.006,
+        True,
+        512,
+        0.25,
+    )
+    assert get_preset("bert-6l-vanilla").model["num_hidden_layers"] == 6
+
+
+def test_bad_presets_and_overrides_get_clear_errors():
+    with pytest.raises(
+        ValueError, match="unknown preset 'bert-tiny-gatd'.*Did you mean bert-tiny-gated.*Allowed presets:"
+    ):
+        get_preset("bert-tiny-gatd")
+    with pytest.raises(ValueError, match="unknown override field 'learning_rat'.*Did you mean: learning_rate"):
+        apply_overrides(get_preset("bert-tiny-gated"), ["learning_rat=1e-3"])
+    with pytest.raises(ValueError, match="unknown override group 'modle'"):
+        apply_overrides(get_preset("bert-tiny-gated"), ["modle.hidden_size=3"])
+    with pytest.raises(ValueError, match="field=value"):
+        apply_overrides(get_preset("bert-tiny-gated"), ["learning_rate"])
+    preset = apply_overrides(
+        get_preset("opt-tiny-gated"), ["learning_rate=3e-4", "model.num_hidden_layers=3", "fp16=true"]
+    )
+    assert preset.training["learning_rate"] == 3e-4 and preset.training["fp16"] is True
+    assert preset.model["num_hidden_layers"] == 3
+    assert get_preset("opt-tiny-gated").model["num_hidden_layers"] == 2  # the registry is untouched
+
+
+def test_cli_errors(tmp_path, capsys):
+    assert main(["--preset", "nope", "--output", str(tmp_path / "a")]) == 2
+    assert "unknown preset 'nope'" in capsys.readouterr().err
+    assert main(["--preset", "bert-tiny-gated", "--output", str(tmp_path / "a"), "hiden_size=3"]) == 2
+    assert "unknown override field 'hiden_size'" in capsys.readouterr().err
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("not a run")
+    assert main(["--preset", "bert-tiny-gated", "--output", str(tmp_path / "other")]) == 2
+    assert "holds no training_recipe.json" in capsys.readouterr().err
+    assert (
+        main(["--preset", "bert-base-gated", "--output", str(tmp_path / "gpu"), "--max-steps", "1"]) == 2
+        or torch.cuda.is_available()
+    )
+    assert "fp16=false" in capsys.readouterr().err or torch.cuda.is_available()
+
+
+def test_wd_ln_gamma_moves_layernorm_weights_into_the_decay_group(tmp_path):
+    preset = tiny("opt-tiny-gated")
+    groups = {}
+    for flag in (False, True):
+        run = build_run(
+            apply_overrides(preset, [f"model.wd_ln_gamma={str(flag).lower()}"]),
+            tmp_path / str(flag),
+            training_overrides=NO_PROGRESS,
+        )
+        trainer = run.trainer
+        assert trainer.wd_ln_gamma is flag  # read from the model config
+        optimizer = trainer.create_optimizer()
+        names = {id(p): n for n, p in trainer.model.named_parameters()}
+        groups[flag] = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in optimizer.param_groups}
+    ln_weights = {
+        n for n, m in trainer.model.named_modules() if isinstance(m, torch.nn.LayerNorm) for n in [f"{n}.weight"]
+    }
+    ln_biases = {w[: -len("weight")] + "bias" for w in ln_weights}
+    assert ln_weights and ln_weights <= groups[False][0.0] and not ln_weights & groups[False][0.1]
+    assert ln_weights <= groups[True][0.1] and not ln_weights & groups[True][0.0]
+    assert ln_biases <= groups[True][0.0]
+    assert groups[True][0.1] - groups[False][0.1] == ln_weights
+
+
+@pytest.mark.parametrize("family", ["bert", "opt", "vit"])
+@pytest.mark.parametrize("variant", ["vanilla", "clipped", "gated"])
+def test_a_few_steps_decrease_the_loss(tmp_path, family, variant):
+    preset = tiny(f"{family}-tiny-{variant}", f"max_steps={STEPS[family]}", "save_steps=100")
+    run = build_run(preset, tmp_path / "run", training_overrides=NO_PROGRESS)
+    trainer = run.trainer
+    assert (
+        type(trainer).__name__
+        == {"bert": "MaskedLMTrainer", "opt": "CausalLMTrainer", "vit": "ImageClassificationTrainer"}[family]
+    )
+    before = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    after = trainer.evaluate()
+    assert after["eval_loss"] < before - 0.02, (before, after)
+    if family != "vit":
+        assert after["eval_perplexity"] == pytest.approx(math.exp(after["eval_loss"]))
+
+
+def _gates_by_hand(model, batches):
+    means = []
+    handles = [
+        m.register_forward_hook(lambda _m, _i, out: means.append(out.mean(dim=(0, 2, 3))))
+        for m in model.modules()
+        if isinstance(m, AttentionGate)
+    ]
+    with torch.no_grad():
+        for batch in batches:
+            model(**batch)
+    for h in handles:
+        h.remove()
+    n_layers = len(handles)
+    per_layer = [torch.stack(means[i::n_layers]).mean(0) for i in range(n_layers)]
+    return torch.cat(per_layer)
+
+
+def test_outlier_callback_logs_the_right_values(tmp_path):
+    from hf_quantizable.evaluation import compute_outlier_stats
+
+    preset = tiny(
+        "bert-tiny-gated", "max_steps=10", "save_steps=100", "tracking.outlier_every_n_steps=5", "gate_type=linear"
+    )
+    run = build_run(preset, tmp_path / "run", training_overrides=NO_PROGRESS)
+    run.trainer.train()
+    tracker = run.tracker
+    assert [r["step"] for r in tracker.history] == [5, 10]
+    logged = [json.loads(line) for line in (tmp_path / "run" / TRACKING_FILE).read_text().splitlines()]
+    assert logged == json.loads(json.dumps(tracker.history))
+    assert [h for h in run.trainer.state.log_history if "outliers/max_inf_norm" in h] == tracker.history
+    record = tracker.history[-1]
+    model = run.trainer.model.eval()
+    heads = _gates_by_hand(model, [{k: v for k, v in b.items() if k != "labels"} for b in tracker.probe_batches])
+    assert record["gates/mean"] == pytest.approx(float(heads.mean()), rel=1e-5)
+    assert record["gates/min"] == pytest.approx(float(heads.min()), rel=1e-5)
+    assert record["gates/mean"] != pytest.approx(0.5, abs=1e-4)  # the gates trained away from pi_init
+    losses = []
+    with torch.no_grad():
+        for batch in tracker.probe_batches:
+            losses.append(float(model(**batch).loss))
+    assert record["probe/loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
+    stats = compute_outlier_stats(model, [{k: v for k, v in b.items() if k != "labels"} for b in tracker.probe_batches])
+    assert record["outliers/max_inf_norm"] == pytest.approx(stats["max_inf_norm"], rel=1e-5)
+    assert record["outliers/avg_kurtosis"] == pytest.approx(stats["avg_kurtosis"], rel=1e-5)
+    # Probe batches keep their masking: the same numbers again.
+    assert probe_quality(model, tracker.probe_batches)["loss"] == pytest.approx(record["probe/loss"], rel=1e-6)
+
+
+class _Interrupt(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 5:
+            raise KeyboardInterrupt
+
+
+def test_interrupted_run_resumes_without_losing_steps(tmp_path, capsys):
+    out = tmp_path / "run"
+    cli = [
+        "--preset",
+        "bert-tiny-vanilla",
+        "--output",
+        str(out),
+        "--no-progress",
+        *TINY,
+        *TINY_FAMILY["bert"],
+        "save_steps=2",
+        "logging_steps=2",
+    ]
+    preset = apply_overrides(get_preset("bert-tiny-vanilla"), cli[5:] + ["max_steps=8"])
+    run = build_run(preset, out, training_overrides=NO_PROGRESS)
+    run.trainer.add_callback(_Interrupt())
+    with pytest.raises(KeyboardInterrupt):
+        run.trainer.train()
+    first_losses = {h["step"]: h["loss"] for h in run.trainer.state.log_history if "loss" in h}
+    assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+    assert main([*cli, "--max-steps", "8"]) == 2  # same run, no --resume
+    assert "pass --resume" in capsys.readouterr().err
+    assert main(["--preset", "bert-tiny-gated", "--output", str(out), "--resume"]) == 2
+    assert "holds another run" in capsys.readouterr().err
+
+    assert main([*cli, "--max-steps", "8", "--resume"]) == 0
+    captured = capsys.readouterr()
+    assert "resuming from" in captured.err and "checkpoint-4" in captured.err
+    state = json.loads((out / "checkpoints" / "checkpoint-8" / "trainer_state.json").read_text())
+    assert state["global_step"] == 8
+    resumed_losses = {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
+    assert sorted(first_losses) == [2, 4] and sorted(resumed_losses) == [2, 4, 6, 8]
+    assert all(resumed_losses[s] == first_losses[s] for s in (2, 4))  # steps 1-4 came from checkpoint-4
+    # The final folder is Hub-ready: config with auto_map, weights, tokenizer, modeling code, recipe.
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForMaskedLM"].endswith("QuantizableBertForMaskedLM")
+    for name in (
+        "model.safetensors",
+        "tokenizer.json",
+        "training_recipe.json",
+        "modeling_quantizable_bert.py",
+        "eval_results.json",
+    ):
+        assert (out / name).exists(), name
+    assert json.loads((out / "training_recipe.json").read_text())["training"]["max_steps"] == 8
+    printed = run_without_package(
+        f"""
+        from transformers import AutoModelForMaskedLM, AutoTokenizer
+        m = AutoModelForMaskedLM.from_pretrained({str(out)!r}, trust_remote_code=True)
+        t = AutoTokenizer.from_pretrained({str(out)!r})
+        print(type(m).__name__, t("the old farmer .", return_tensors="pt")["input_ids"].shape[0])
+        """
+    )
+    assert printed.strip().splitlines()[-1].split() == ["QuantizableBertForMaskedLM", "1"]
+
+
+def test_build_model_sizes_to_the_tokenizer():
+    from hf_quantizable.training.data import train_tokenizer
+    from hf_quantizable.training.embedded import generate_corpus
+
+    tokenizer = train_tokenizer("bert", iter(generate_corpus(200)), vocab_size=300)
+    model = build_model(tiny("bert-tiny-gated"), tokenizer)
+    assert model.config.vocab_size == len(tokenizer) and model.config.pad_token_id == tokenizer.pad_token_id
+    with pytest.raises(ValueError, match="seq_length=4096 exceeds model.max_position_embeddings"):
+        build_model(tiny("bert-tiny-gated", "data.seq_length=4096"), tokenizer)
