@@ -342,3 +342,16 @@ def test_push_cli_uploads_through_hf_endpoint(run_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "uploaded org/cli-model" in result.stdout
     assert hub.files("org/cli-model") == EXPECTED_FP_FILES
+
+
+def test_refresh_uploads_only_card_results_and_plots(run_dir, tmp_path, monkeypatch):
+    """hub_eval --push sends README.md, results.json and plots/ only (the weights stay as they are)."""
+    from hf_quantizable.hub_eval import REFRESHED_FILES
+
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    (plan,) = plan_push(run_dir, "org/bert-gated")
+    folder = write_plan(plan, tmp_path / "folder")
+    with LocalHub(tmp_path / "hub") as hub:
+        upload_repo_folder(folder, plan.repo_id, token=TOKEN, endpoint=hub.url, allow_patterns=REFRESHED_FILES)
+    assert hub.files("org/bert-gated") == {"README.md", "results.json", "plots/outliers.png"}
+    assert not any(path.startswith("/lfs-upload/") for _, path in hub.calls)
