@@ -55,7 +55,9 @@ def build_int8_model(model: nn.Module) -> nn.Module:
     """An INT8 model (same class, `config.w8a8_config` set) holding the calibrated quantization of `model`."""
     config = copy.deepcopy(model.config)
     config.w8a8_config = int8_config_dict(model)
-    int8_model = type(model)(config)
+    # A BERT base model built without its pooler is rebuilt the same way.
+    kwargs = {"add_pooling_layer": False} if getattr(model, "pooler", True) is None else {}
+    int8_model = type(model)(config, **kwargs)
     state = int8_state_dict(model)
     expected = int8_model.state_dict()
     missing = sorted(set(expected) - set(state))

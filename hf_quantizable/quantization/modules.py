@@ -6,8 +6,9 @@ from torch import nn
 
 from ..modeling.int8 import (
     activation_qparams,
+    fake_quantize_activation,
+    grid_codes,
     integer_matmul_reference,
-    quantize_activation,
     quantize_weight,
     rescale_accumulator,
     weight_scale,
@@ -69,7 +70,7 @@ class ActivationQuantizer(nn.Module):
         if self.mode == "fp":
             return x
         if self.scale_factor is None:
-            return (quantize_activation(x, self.scale, self.zero_point, self.bits) - self.zero_point) * self.scale
+            return fake_quantize_activation(x, self.scale, self.zero_point, self.bits)
         scale = self.scale * self.scale_factor
         codes = torch.clamp(_round_ste(x / scale) + self.zero_point, 0, 2**self.bits - 1)
         return (codes - self.zero_point) * scale
@@ -120,6 +121,6 @@ class QuantizedLinear(nn.Linear):
         source = self._source[0] if self._source else None
         if source is None or source.mode != "quantize" or source.scale_factor is not None:
             return F.linear(x, self.weight_codes() * self._scale(), self.bias)
-        codes = quantize_activation(x, source.scale, source.zero_point, source.bits)
+        codes = grid_codes(x, source.scale, source.zero_point, source.bits)
         acc = integer_matmul_reference(codes, source.zero_point, self.weight_codes())
         return rescale_accumulator(acc, source.scale, self.weight_scale, self.bias)
