@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--work-dir", type=Path, default=Path("runs/main-job"), help="training runs and results")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"any of {', '.join(VARIANTS)}")
     parser.add_argument("--namespace", default="hf-quantizable", help="Hub user or organization named in the cards")
-    parser.add_argument("--max-steps", type=int, default=300, help="training steps per model")
+    parser.add_argument("--max-steps", type=int, default=150, help="training steps per model")
     parser.add_argument("--corpus-size", type=int, default=20000, help="lines of the embedded training corpus")
     parser.add_argument("--eval-sequences", type=int, default=64, help="held-out sequences for FP vs INT8")
     parser.add_argument("--calibration-batches", type=int, default=16, help="W8A8 calibration batches")

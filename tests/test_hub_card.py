@@ -201,6 +201,15 @@ def test_local_data_is_named_but_not_listed_as_hub_dataset(records, tmp_path):
     assert str(tmp_path) not in str(card).split("---")[1]  # no local path in the metadata
 
 
+def test_lm_eval_records_get_their_task_type(records):
+    lm_eval = [
+        record("fp32", "lm-eval", "word_perplexity", 40.5, dataset="wikitext2_local", dataset_config=None),
+        record("fp32", "lm-eval", "acc", 0.5625, dataset="sst2_local", dataset_config=None),
+    ]
+    types = {r.metric_type: r.task_type for r in render(lm_eval).data.eval_results}
+    assert types == {"word_perplexity": "text-generation", "acc": "text-classification"}
+
+
 def test_front_matter_is_plain_yaml(records):
     text = str(render(records))
     front = text.split("---")[1]

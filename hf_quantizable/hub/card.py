@@ -23,7 +23,6 @@ CARD_TEMPLATE = TEMPLATES_DIR / "quantizable_model_card.md.jinja"
 REFERENCES_PATH = TEMPLATES_DIR / "paper_references.json"
 
 FP_PRECISIONS = ("fp32", "fp16", "bf16")
-INT8_PRECISIONS = ("w8a8-sim", "int8")
 PRECISION_LABELS = {
     "fp32": "FP32",
     "fp16": "FP16",
@@ -40,12 +39,12 @@ HEAD_AUTO_CLASSES = {  # architecture suffix -> (Auto class, pipeline tag)
     "ForImageClassification": ("AutoModelForImageClassification", "image-classification"),
     "Model": ("AutoModel", "feature-extraction"),
 }
-TASK_TYPES = {  # record task -> Hub task type (None: the model's own pipeline tag)
+TASK_TYPES = {  # record task -> Hub task type (None: decided per record, see `_task_type`)
     "mlm": "fill-mask",
     "clm": "text-generation",
     "image-classification": "image-classification",
     "glue": "text-classification",
-    "lm-eval": "text-classification",
+    "lm-eval": None,  # by metric: perplexities are text generation, the rest classification
     "embedding-fidelity": "feature-extraction",
     "outliers": None,
 }
@@ -130,9 +129,16 @@ def precision_label(precision: str) -> str:
     return PRECISION_LABELS[precision]
 
 
+def _task_type(record: ResultRecord, pipeline_tag: str) -> str:
+    if record.task == "lm-eval":
+        generative = "perplexity" in record.metric or record.metric in ("bits_per_byte", "byte_perplexity")
+        return "text-generation" if generative else "text-classification"
+    return TASK_TYPES[record.task] or pipeline_tag
+
+
 def eval_result_from_record(record: ResultRecord, pipeline_tag: str) -> EvalResult:
     """The model-index entry of one record; the variant (precision) goes in the metric name and config."""
-    task_type = TASK_TYPES[record.task] or pipeline_tag
+    task_type = _task_type(record, pipeline_tag)
     dataset_type = _dataset_type(record.dataset)
     args = {"n_examples": record.n}
     if record.seed is not None:
