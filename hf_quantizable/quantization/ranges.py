@@ -5,7 +5,7 @@ import torch
 from ..modeling.int8 import activation_qparams, fake_quantize_activation, quantize_weight, weight_scale
 
 _MSE_GRID = torch.linspace(0.01, 1.0, 100)
-_MSE_MAX_SAMPLES = 1 << 20
+_MSE_MAX_SAMPLES = 1 << 16
 
 
 def weight_absmax(weight: torch.Tensor, bits: int, estimator: str, per_channel: bool) -> torch.Tensor:
@@ -38,18 +38,19 @@ def _flat_sample(x: torch.Tensor) -> torch.Tensor:
     return flat
 
 
+def _quant_error(flat: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int) -> float:
+    scale, zero_point = activation_qparams(lo, hi, bits)
+    return (fake_quantize_activation(flat, scale, zero_point, bits) - flat).pow(2).mean().item()
+
+
 def mse_range(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Range `[f * min, f * max]` minimising the fake-quantization MSE of `x` over a grid of f."""
+    """Range minimising the fake-quantization MSE of `x`: a grid over fractions of the max (with the
+    min fixed), then over fractions of the min (with the chosen max)."""
     flat = _flat_sample(x)
-    x_min, x_max = flat.min(), flat.max()
-    best, best_err = (x_min, x_max), float("inf")
-    for fraction in _MSE_GRID:
-        lo, hi = x_min * fraction, x_max * fraction
-        scale, zero_point = activation_qparams(lo, hi, bits)
-        err = (fake_quantize_activation(flat, scale, zero_point, bits) - flat).pow(2).mean().item()
-        if err < best_err:
-            best, best_err = (lo, hi), err
-    return best
+    lo, hi = flat.min(), flat.max()
+    hi = min((hi * f for f in _MSE_GRID), key=lambda c: _quant_error(flat, lo, c, bits))
+    lo = min((lo * f for f in _MSE_GRID), key=lambda c: _quant_error(flat, c, hi, bits))
+    return lo, hi
 
 
 class ActivationRangeEstimator:

@@ -1,0 +1,249 @@
+"""W8A8Config, range estimators, fake-quant bounds and quantization-node coverage."""
+
+import json
+
+import pytest
+import torch
+
+from hf_quantizable import (
+    QuantizableBertConfig,
+    QuantizableBertForMaskedLM,
+    QuantizableOPTConfig,
+    QuantizableOPTForCausalLM,
+    QuantizableViTConfig,
+    QuantizableViTForImageClassification,
+)
+from hf_quantizable.modeling.int8 import activation_qparams, fake_quantize_activation, quantize_weight, weight_scale
+from hf_quantizable.quantization import W8A8Config, quantize_model
+from hf_quantizable.quantization.calibration import activation_quantizers, quantized_linears
+from hf_quantizable.quantization.ranges import ActivationRangeEstimator, weight_absmax
+
+
+def test_config_json_round_trip(tmp_path):
+    config = W8A8Config(weight_bits=6, activation_estimator="percentile", percentile=99.999, per_channel_weights=True)
+    config.to_json_file(tmp_path / "q.json")
+    assert W8A8Config.from_json_file(tmp_path / "q.json") == config
+    assert W8A8Config.from_dict(json.loads(config.to_json_string())) == config
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "allowed"),
+    [
+        ("weight_bits", 9, "[2, 8]"),
+        ("activation_bits", 1, "[2, 8]"),
+        ("activation_estimator", "max", "running_minmax"),
+        ("weight_estimator", "percentile", "minmax"),
+        ("momentum", 1.0, "[0, 1)"),
+        ("num_calibration_batches", 0, ">= 1"),
+        ("percentile", 40.0, "(50, 100]"),
+    ],
+)
+def test_config_errors_name_field_and_allowed_values(field, value, allowed):
+    with pytest.raises(ValueError) as error:
+        W8A8Config(**{field: value})
+    assert f"`{field}`" in str(error.value) and allowed in str(error.value)
+
+
+def test_config_rejects_unknown_field():
+    with pytest.raises(ValueError, match="bitz"):
+        W8A8Config.from_dict({"bitz": 8})
+
+
+def test_running_minmax_matches_hand_computation():
+    estimator = ActivationRangeEstimator("running_minmax", 8, momentum=0.9)
+    for lo, hi in [(-1.0, 2.0), (-3.0, 1.0), (0.0, 5.0)]:
+        estimator.update(torch.tensor([lo, 0.5, hi]))
+    x_min, x_max = estimator.range()
+    expected_min = 0.9 * (0.9 * -1.0 + 0.1 * -3.0) + 0.1 * 0.0
+    expected_max = 0.9 * (0.9 * 2.0 + 0.1 * 1.0) + 0.1 * 5.0
+    assert x_min.item() == pytest.approx(expected_min) and x_max.item() == pytest.approx(expected_max)
+
+
+def test_percentile_matches_hand_computation():
+    estimator = ActivationRangeEstimator("percentile", 8, percentile=99.0)
+    estimator.update(torch.arange(1, 101, dtype=torch.float32))  # 1..100: 99th from each end -> 2, 99
+    estimator.update(torch.arange(1, 101, dtype=torch.float32) * 2)  # -> 4, 198
+    x_min, x_max = estimator.range()  # averaged over the batches
+    assert x_min.item() == pytest.approx(3.0) and x_max.item() == pytest.approx(148.5)
+
+
+def test_mse_range_clips_gaussian_tails_at_low_bits():
+    torch.manual_seed(0)
+    x = torch.randn(20_000)
+    estimator = ActivationRangeEstimator("mse", 4)
+    estimator.update(x)
+    x_min, x_max = estimator.range()
+    assert x.min() < x_min < -1.5 and 1.5 < x_max < x.max()  # 4-bit optimum for N(0, 1) is ~2.5 sigma
+    scale, zp = activation_qparams(x_min, x_max, 4)
+    clipped_err = (fake_quantize_activation(x, scale, zp, 4) - x).pow(2).mean()
+    scale, zp = activation_qparams(x.min(), x.max(), 4)
+    assert clipped_err < (fake_quantize_activation(x, scale, zp, 4) - x).pow(2).mean()
+
+
+def test_weight_estimators():
+    w = torch.tensor([[0.5, -2.0, 1.0], [0.1, 0.2, -0.4]])
+    assert weight_absmax(w, 8, "minmax", False).item() == 2.0
+    assert weight_absmax(w, 8, "minmax", True).tolist() == pytest.approx([2.0, 0.4])
+    torch.manual_seed(0)
+    w = torch.randn(2, 20_000)
+    absmax = weight_absmax(w, 4, "mse", True)
+    assert (absmax < w.abs().amax(dim=1)).all() and (absmax > 1.5).all()
+
+    def err(a):
+        s = weight_scale(a, 4)[:, None]
+        return (quantize_weight(w, s, 4) * s - w).pow(2).sum(dim=1)
+
+    assert (err(absmax) < err(w.abs().amax(dim=1))).all()
+
+
+@pytest.mark.parametrize("bits", [8, 6, 4])
+def test_fake_quant_round_trip_bounds(bits):
+    x = torch.randn(10_000) * 3
+    scale, zero_point = activation_qparams(x.min(), x.max(), bits)
+    q = fake_quantize_activation(x, scale, zero_point, bits)
+    assert (q - x).abs().max() <= scale / 2 + 1e-6  # inside the range: at most half a step
+    assert torch.unique(q).numel() <= 2**bits
+    codes = q / scale + zero_point
+    assert (
+        torch.allclose(codes, codes.round(), atol=1e-3) and codes.min() >= -1e-3 and codes.max() <= 2**bits - 1 + 1e-3
+    )
+    outside = fake_quantize_activation(torch.tensor([1e6, -1e6]), scale, zero_point, bits)
+    assert outside[0] <= x.max() + scale and outside[1] >= x.min() - scale  # clamped
+    w = torch.randn(64, 32)
+    s = weight_scale(w.abs().max(), bits)
+    wq = quantize_weight(w, s, bits)
+    assert wq.abs().max() <= 2 ** (bits - 1) - 1 and (wq * s - w).abs().max() <= s / 2 + 1e-6
+
+
+# ARCHITECTURE §4: every quantized activation per family (suffixes per layer + model-level ones).
+EXPECTED_NODES = {
+    "bert": (
+        {"embeddings.sum_quant", "embeddings.output_quant"},
+        {
+            "attention.self.query_quant",
+            "attention.self.key_quant",
+            "attention.self.value_quant",
+            "attention.self.core.scores_quant",
+            "attention.self.core.probs_quant",
+            "attention.self.core.context_quant",
+            "attention.output.dense_quant",
+            "attention.output.residual_quant",
+            "attention.output.output_quant",
+            "intermediate.act_quant",
+            "output.dense_quant",
+            "output.residual_quant",
+            "output.output_quant",
+        },
+        {"attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"}
+        | {"intermediate.dense", "output.dense"},
+    ),
+    "opt": (
+        {"embed_quant", "final_ln_quant"},
+        {
+            "attn_ln_quant",
+            "self_attn.q_quant",
+            "self_attn.k_quant",
+            "self_attn.v_quant",
+            "self_attn.core.scores_quant",
+            "self_attn.core.probs_quant",
+            "self_attn.core.context_quant",
+            "self_attn.out_quant",
+            "attn_residual_quant",
+            "ffn_ln_quant",
+            "act_quant",
+            "fc2_quant",
+            "ffn_residual_quant",
+        },
+        {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"},
+    ),
+    "vit": (
+        {"embed_quant", "final_ln_quant"},
+        {
+            "attn_ln_quant",
+            "q_quant",
+            "k_quant",
+            "v_quant",
+            "core.scores_quant",
+            "core.probs_quant",
+            "core.context_quant",
+            "attention.output.dense_quant",
+            "attn_residual_quant",
+            "ffn_ln_quant",
+            "act_quant",
+            "output.dense_quant",
+            "ffn_residual_quant",
+        },
+        {"query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"},
+    ),
+}
+
+
+def tiny_model(family: str, attn_impl: str = "gated"):
+    torch.manual_seed(0)
+    common = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "attn_impl": attn_impl}
+    if family == "bert":
+        model = QuantizableBertForMaskedLM(QuantizableBertConfig(vocab_size=50, intermediate_size=64, **common))
+        batches = [{"input_ids": torch.randint(0, 50, (2, 12))} for _ in range(3)]
+    elif family == "opt":
+        config = QuantizableOPTConfig(
+            vocab_size=50, ffn_dim=64, word_embed_proj_dim=32, max_position_embeddings=32, **common
+        )
+        model = QuantizableOPTForCausalLM(config)
+        batches = [{"input_ids": torch.randint(0, 50, (2, 12))} for _ in range(3)]
+    else:
+        config = QuantizableViTConfig(image_size=16, patch_size=4, intermediate_size=64, num_labels=3, **common)
+        model = QuantizableViTForImageClassification(config)
+        batches = [{"pixel_values": torch.randn(2, 3, 16, 16)} for _ in range(3)]
+    return model.eval(), batches
+
+
+def _layer_suffix(name: str) -> str | None:
+    """`...layer(s).N.rest` -> `rest`."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part in ("layer", "layers") and parts[i + 1].isdigit():
+            return ".".join(parts[i + 2 :])
+    return None
+
+
+@pytest.mark.parametrize("family", ["bert", "opt", "vit"])
+def test_quantized_nodes_cover_the_paper_setting(family):
+    model, batches = tiny_model(family)
+    quantize_model(model, W8A8Config(num_calibration_batches=2), batches)
+    model_level, per_layer, linears = EXPECTED_NODES[family]
+    nodes = activation_quantizers(model)
+    for layer in range(2):
+        found = {s for n in nodes if (s := _layer_suffix(n)) is not None and f".{layer}." in f".{n}."}
+        missing = {e for e in per_layer if not any(f.endswith(e) for f in found)}
+        assert not missing, f"{family} layer {layer}: quantization nodes missing {sorted(missing)}"
+    top = {n for n in nodes if _layer_suffix(n) is None}
+    missing = {e for e in model_level if not any(n.endswith(e) for n in top)}
+    assert not missing, f"{family}: model-level nodes missing {sorted(missing)}"
+    quantized = quantized_linears(model)
+    for suffix in linears:
+        hits = [n for n in quantized if n.endswith(suffix)]
+        assert len(hits) >= 2, f"{family}: linear {suffix} not quantized in every layer"
+        assert all(quantized[n].input_quantizer is not None for n in hits), f"{family}: {suffix} input not quantized"
+    # Task heads and gates stay in floating point.
+    assert not any(part in n.split(".") for n in quantized for part in ("cls", "lm_head", "classifier", "gate"))
+    assert all(m.mode == "quantize" for m in nodes.values())
+
+
+def test_quantize_model_errors():
+    model, batches = tiny_model("bert")
+    with pytest.raises(ValueError, match="calibration set is empty"):
+        quantize_model(model, W8A8Config(), [])
+    with pytest.raises(ValueError, match="quantization points"):
+        quantize_model(torch.nn.Sequential(torch.nn.Linear(2, 2)), W8A8Config(), [{"x": torch.ones(1)}])
+
+
+@pytest.mark.parametrize("bits", [8, 6, 4])
+def test_simulated_model_degrades_gracefully_with_bits(bits):
+    model, batches = tiny_model("bert", attn_impl="softmax")
+    with torch.no_grad():
+        reference = model(**batches[0]).logits
+    quantize_model(model, W8A8Config(weight_bits=bits, activation_bits=bits, num_calibration_batches=3), batches)
+    with torch.no_grad():
+        quantized = model(**batches[0]).logits
+    error = (quantized - reference).norm() / reference.norm()
+    assert 0 < error < {8: 0.05, 6: 0.2, 4: 1.0}[bits]
