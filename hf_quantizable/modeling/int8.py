@@ -12,9 +12,15 @@ checkpoint whose config holds `w8a8_config` is rebuilt by `convert_to_int8` with
 Self-contained: torch and relative imports only (this file is copied into checkpoints).
 """
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# `grid_codes` uses torch.quantize_per_tensor only to read uint8 codes (the fastest CPU route); its
+# deprecation notice says nothing actionable to users of a checkpoint.
+warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel")
 
 # Attribute under which the first Int8Linear reading an activation leaves its uint8 codes.
 _CODES = "_w8a8_codes"

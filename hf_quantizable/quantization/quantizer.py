@@ -79,9 +79,10 @@ class W8A8Quantizer(OptimumQuantizer):
     def quantize(
         self,
         save_dir: str | Path,
-        file_prefix: str | None = None,
         quantization_config: W8A8Config | None = None,
         calibration_dataset: Iterable[dict[str, torch.Tensor]] = (),
+        *,
+        file_prefix: str | None = None,
         progress=None,
         processor=None,
     ) -> Path:

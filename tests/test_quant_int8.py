@@ -1,0 +1,112 @@
+"""INT8 checkpoints: export, size, fresh-process reload, bit-exact agreement with the simulation."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hf_quantizable.modeling.int8 import Int8Linear, split_saturating_pairs
+from hf_quantizable.quantization import W8A8Config, W8A8Quantizer
+from tests.isolation import run_without_package
+from tests.test_quant_core import tiny_model
+
+
+def test_split_saturating_pairs_is_exact_and_safe():
+    torch.manual_seed(0)
+    weight = torch.randint(-127, 128, (16, 33), dtype=torch.int8)
+    safe, rows, columns, values = split_saturating_pairs(weight, 255)
+    rebuilt = safe.int()
+    rebuilt[rows, columns] += values.int()
+    assert torch.equal(rebuilt, weight.int())
+    pairs = safe.int()[:, :32].reshape(16, 16, 2)
+    same_sign = pairs[..., 0] * pairs[..., 1] > 0
+    assert (255 * (pairs.abs().sum(-1)) * same_sign <= 32767).all()
+
+
+def test_int8_linear_matches_exact_integer_product():
+    torch.manual_seed(0)
+    layer = Int8Linear(64, 48, bias=True, per_channel=True, has_input_quant=True, input_bits=8)
+    layer.weight.copy_(torch.randint(-127, 128, (48, 64), dtype=torch.int8))  # many saturating pairs
+    layer.weight_scale.copy_(torch.rand(48) * 0.01)
+    layer.bias.copy_(torch.randn(48))
+    layer.input_scale.fill_(0.05)
+    layer.input_zero_point.fill_(37)
+    codes = torch.randint(0, 256, (40, 64)).float()
+    x = (codes - 37) * 0.05
+    expected = ((codes - 37).double() @ layer.weight.double().t()).float() * (0.05 * layer.weight_scale) + layer.bias
+    assert torch.allclose(layer(x), expected, rtol=1e-6, atol=1e-5)
+
+
+def _quantize(family, tmp_path, config):
+    model, batches = tiny_model(family)
+    quantizer = W8A8Quantizer.from_pretrained(model)
+    out = quantizer.quantize(tmp_path / "int8", quantization_config=config, calibration_dataset=batches)
+    return quantizer, batches, out
+
+
+@pytest.mark.parametrize(
+    ("family", "config"),
+    [
+        ("bert", W8A8Config(num_calibration_batches=3)),
+        ("opt", W8A8Config(weight_estimator="mse", per_channel_weights=True)),
+        ("vit", W8A8Config(weight_bits=6, activation_bits=6, activation_estimator="percentile")),
+    ],
+)
+def test_int8_model_equals_simulation(family, config, tmp_path):
+    quantizer, batches, _ = _quantize(family, tmp_path, config)
+    for batch in batches:
+        with torch.no_grad():
+            simulated = quantizer.model(**batch)[0]
+            int8 = quantizer.int8_model(**batch)[0]
+        assert torch.equal(simulated, int8), (simulated - int8).abs().max()
+
+
+def test_checkpoint_layout_and_size(tmp_path):
+    quantizer, _, out = _quantize("bert", tmp_path, W8A8Config(num_calibration_batches=2))
+    config = json.loads((out / "config.json").read_text())
+    settings = config["w8a8_config"]
+    assert settings["weight_bits"] == 8 and settings["activation_estimator"] == "running_minmax"
+    assert len(settings["quantized_activations"]) == 2 + 2 * 13
+    tensors = load_file(out / "model.safetensors")
+    query = "bert.encoder.layer.0.attention.self.query"
+    assert tensors[f"{query}.weight"].dtype == torch.int8
+    for name in ("weight_scale", "input_scale", "input_zero_point"):
+        assert f"{query}.{name}" in tensors
+    assert "bert.encoder.layer.0.attention.self.core.probs_quant.scale" in tensors
+    assert tensors["cls.predictions.transform.dense.weight"].dtype == torch.float32  # head kept FP
+    report = quantizer.report
+    assert report["linear_weights_fp32"] / report["linear_weights_int8"] > 3.9
+    assert {p.name for p in out.iterdir()} >= {"int8.py", "modeling_quantizable_bert.py", "config.json"}
+    assert not list(tmp_path.glob(".int8*"))  # no temporary folder left behind
+
+
+def test_fresh_process_reload_agrees_with_simulation(tmp_path):
+    quantizer, batches, out = _quantize("bert", tmp_path, W8A8Config(num_calibration_batches=2, gamma_migration=False))
+    batch = batches[0]
+    with torch.no_grad():
+        expected = quantizer.model(**batch).logits
+    torch.save(batch, tmp_path / "batch.pt")
+    code = f"""
+        import torch
+        from transformers import AutoModelForMaskedLM
+        model = AutoModelForMaskedLM.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
+        linear = model.bert.encoder.layer[0].attention.self.query
+        assert type(linear).__name__ == "Int8Linear" and linear.weight.dtype == torch.int8, linear
+        with torch.no_grad():
+            logits = model(**torch.load({str(tmp_path / "batch.pt")!r})).logits
+        torch.save(logits, {str(tmp_path / "logits.pt")!r})
+    """
+    run_without_package(code)
+    assert torch.equal(torch.load(tmp_path / "logits.pt"), expected)
+
+
+def test_gamma_migrated_checkpoint_reloads(tmp_path):
+    model, batches = tiny_model("bert", attn_impl="softmax")
+    quantizer = W8A8Quantizer.from_pretrained(model)
+    out = quantizer.quantize(tmp_path / "os", W8A8Config(num_calibration_batches=2, gamma_migration=True), batches)
+    from transformers import AutoModelForMaskedLM
+
+    reloaded = AutoModelForMaskedLM.from_pretrained(out, trust_remote_code=True).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(**batches[1]).logits, quantizer.model(**batches[1]).logits)
