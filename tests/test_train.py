@@ -2,6 +2,9 @@
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -290,7 +293,7 @@ def test_interrupted_run_resumes_without_losing_steps(tmp_path, capsys):
         f"""
         from transformers import AutoModelForMaskedLM, AutoTokenizer
         m = AutoModelForMaskedLM.from_pretrained({str(out)!r}, trust_remote_code=True)
-        t = AutoTokenizer.from_pretrained({str(out)!r})
+        t = AutoTokenizer.from_pretrained({str(out)!r}, trust_remote_code=True)
         print(type(m).__name__, t("the old farmer .", return_tensors="pt")["input_ids"].shape[0])
         """
     )
@@ -306,3 +309,43 @@ def test_build_model_sizes_to_the_tokenizer():
     assert model.config.vocab_size == len(tokenizer) and model.config.pad_token_id == tokenizer.pad_token_id
     with pytest.raises(ValueError, match="seq_length=4096 exceeds model.max_position_embeddings"):
         build_model(tiny("bert-tiny-gated", "data.seq_length=4096"), tokenizer)
+
+
+def _loss_curve(run_dir) -> tuple[dict[int, float], float]:  # (loss per step, epoch)
+    state = json.loads((run_dir / "checkpoints" / "checkpoint-12" / "trainer_state.json").read_text())
+    return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}, state["epoch"]
+
+
+def test_two_process_ddp_matches_one_process(tmp_path):
+    """torchrun (gloo on CPU) with 2 x 4 sequences per step vs 1 process with 8: same curve shape."""
+    common = [
+        *TINY,
+        *TINY_FAMILY["bert"],
+        "max_steps=12",
+        "logging_steps=3",
+        "save_steps=12",
+        "seed=3",
+        "log_level=info",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    train = ["-m", "hf_quantizable.train", "--preset", "bert-tiny-vanilla", "--no-progress"]
+    ddp = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    logs = {}
+    for name, command in (
+        ("ddp", [*ddp, *train, "--output", str(tmp_path / "ddp"), *common, "per_device_train_batch_size=4"]),
+        (
+            "single",
+            [sys.executable, *train, "--output", str(tmp_path / "single"), *common, "per_device_train_batch_size=8"],
+        ),
+    ):
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        logs[name] = done.stdout + done.stderr
+    assert logs["ddp"].count('"output":') == 1  # only the main process prints the summary
+    ddp_curve, _ = _loss_curve(tmp_path / "ddp")
+    single_curve, _ = _loss_curve(tmp_path / "single")
+    assert sorted(ddp_curve) == sorted(single_curve) == [3, 6, 9, 12]
+    for curve in (ddp_curve, single_curve):
+        assert curve[12] < curve[3] - 0.1
+    for step in ddp_curve:
+        assert ddp_curve[step] == pytest.approx(single_curve[step], rel=0.05)
