@@ -64,7 +64,7 @@ def build_config(args: argparse.Namespace) -> W8A8Config:
 
 
 def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
 def summary(report: dict, config: W8A8Config, output: Path, source_bytes: int) -> str:

@@ -95,6 +95,7 @@ class QuantizedLinear(nn.Linear):
         self.input_quantizer: str | None = None
         self._source: list[ActivationQuantizer] = []  # the input quantizer (not a submodule)
         self.register_buffer("weight_scale", torch.ones(linear.out_features if per_channel else ()))
+        self._cache: tuple | None = None  # (weight version, scale version, codes)
         self.update_weight_scale()
 
     def extra_repr(self) -> str:
@@ -110,8 +111,20 @@ class QuantizedLinear(nn.Linear):
         return self.weight_scale[:, None] if self.per_channel else self.weight_scale
 
     def weight_codes(self) -> torch.Tensor:
-        """Integer weight codes (as float) on the symmetric grid."""
-        return quantize_weight(self.weight, self._scale(), self.bits)
+        """Integer weight codes (as float) on the symmetric grid (cached while weight and scale are unchanged)."""
+        return self._cached()[0]
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The fake-quantized weight (cached like `weight_codes`)."""
+        return self._cached()[1]
+
+    @torch.no_grad()
+    def _cached(self) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (self.weight._version, self.weight.data_ptr(), self.weight_scale._version)
+        if self._cache is None or self._cache[0] != key:
+            codes = quantize_weight(self.weight, self._scale(), self.bits)
+            self._cache = (key, codes, codes * self._scale())
+        return self._cache[1:]
 
     def set_input_quantizer(self, name: str | None, quantizer: "ActivationQuantizer | None") -> None:
         self.input_quantizer = name
@@ -120,7 +133,7 @@ class QuantizedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         source = self._source[0] if self._source else None
         if source is None or source.mode != "quantize" or source.scale_factor is not None:
-            return F.linear(x, self.weight_codes() * self._scale(), self.bias)
+            return F.linear(x, self.dequantized_weight(), self.bias)
         codes = grid_codes(x, source.scale, source.zero_point, source.bits)
         acc = integer_matmul_reference(codes, source.zero_point, self.weight_codes())
         return rescale_accumulator(acc, source.scale, self.weight_scale, self.bias)

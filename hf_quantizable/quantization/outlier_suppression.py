@@ -22,7 +22,7 @@ def _migration_plan(model: nn.Module) -> list[tuple[str, list[str], str | None]]
 
     LayerNorms whose output leaves the model (last BERT layer, final LayerNorm of OPT/ViT) stay as they are.
     """
-    model_type = model.config.model_type
+    model_type = type(model).config_class.model_type
     plan = []
     if model_type == "quantizable_bert":
         base = model.get_submodule(model.base_model_prefix) if hasattr(model, model.base_model_prefix) else model

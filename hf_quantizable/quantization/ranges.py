@@ -72,7 +72,8 @@ class ActivationRangeEstimator:
 
     def _batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.estimator == "running_minmax":
-            return x.min().float(), x.max().float()
+            lo, hi = torch.aminmax(x.detach())
+            return lo.float(), hi.float()
         if self.estimator == "mse":
             return mse_range(x, self.bits)
         flat = x.detach().reshape(-1).float()
