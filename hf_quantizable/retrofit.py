@@ -1,0 +1,259 @@
+"""Retrofit a stock pretrained checkpoint with gated attention or clipped softmax, then distil.
+
+For users without a pre-training budget (beyond the papers): the stock weights load into the
+quantizable class, the new attention is switched on and a short distillation from the original
+model on local text lets the model adapt (see `DistillationTrainer` for the loss).
+
+Gated attention starts at gate probability `pi_init` for every token; the attention output
+projection is divided by `pi_init` so the retrofitted model computes exactly the original function
+before the first step (the gates can then learn to close heads). Clipped softmax starts close to the
+original (|gamma| is small).
+
+    python -m hf_quantizable.retrofit PATH_OR_HUB_ID --output runs/minilm-gated --attn-impl gated \\
+        --dataset-path ../shared/data/wikitext-2/valid.txt --max-steps 200
+"""
+
+import argparse
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, TrainingArguments, default_data_collator
+
+from .modeling.configuration_quantizable import QuantizableBertConfig
+from .modeling.modeling_quantizable_bert import QuantizableBertModel
+from .training.data import load_text_datasets
+from .training.presets import DataSpec
+from .training.runner import RunDirectoryError, check_output_dir, write_json_atomic
+from .training.trainer import QuantizableTrainer
+
+RETROFIT_IMPLS = ("gated", "clipped_softmax", "normalized_clipped_softmax")
+
+
+@contextlib.contextmanager
+def capture_ffn_outputs(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Collect the FFN output (`output.dense`) of every BERT layer during the forwards inside."""
+    outputs: list[torch.Tensor] = []
+    layers = model.encoder.layer
+    handles = [layer.output.dense.register_forward_hook(lambda _m, _i, out: outputs.append(out)) for layer in layers]
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def retrofit_model(path: str, attn_impl: str, **attention: Any) -> QuantizableBertModel:
+    """Load the stock BERT checkpoint at `path` into `QuantizableBertModel` with `attn_impl`.
+
+    Extra keyword arguments are attention config fields (`gate_type`, `pi_init`, `clip_gamma`, ...).
+    """
+    if attn_impl not in RETROFIT_IMPLS:
+        raise ValueError(f"`attn_impl` must be one of {RETROFIT_IMPLS}, got {attn_impl!r}")
+    stock = AutoConfig.from_pretrained(path)
+    if stock.model_type not in ("bert", QuantizableBertConfig.model_type):
+        raise ValueError(f"retrofitting supports BERT checkpoints (model_type bert), got {stock.model_type!r}")
+    fields = {k: v for k, v in stock.to_dict().items() if k not in ("model_type", "architectures", "auto_map")}
+    config = QuantizableBertConfig(**{**fields, "attn_impl": attn_impl, **attention})
+    model = QuantizableBertModel.from_pretrained(path, config=config)
+    if attn_impl == "gated":
+        with torch.no_grad():
+            for layer in model.encoder.layer:
+                layer.attention.output.dense.weight.div_(config.pi_init)
+    return model
+
+
+class DistillationTrainer(QuantizableTrainer):
+    """Distils the original model into the retrofitted one while pushing the outliers down.
+
+    loss = MSE(student, teacher last hidden state) + (1 - cos(mean-pooled embeddings))
+           + outlier_weight * mean over layers of (student / teacher mean-per-sequence max |FFN output|)
+
+    The last term rewards a lower max inf norm of the FFN outputs (where BERT's outliers live); with
+    gates the model can keep its function while dropping them, which plain distillation would copy.
+
+    Args:
+        teacher: the original model.
+        outlier_weight: weight of the inf-norm term (0 = plain distillation).
+        gate_learning_rate: learning rate of the freshly initialised gate parameters (None: the
+            common one).
+    """
+
+    def __init__(
+        self, *args, teacher: nn.Module, outlier_weight: float = 0.1, gate_learning_rate: float | None = None, **kwargs
+    ):
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher.eval().requires_grad_(False).to(self.args.device)
+        self.outlier_weight = outlier_weight
+        self.gate_learning_rate = gate_learning_rate
+
+    def distillation_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        with capture_ffn_outputs(self.teacher) as teacher_ffn, torch.no_grad():
+            target = self.teacher(**inputs).last_hidden_state
+        with capture_ffn_outputs(model) as student_ffn:
+            hidden = model(**inputs).last_hidden_state
+        mask = inputs.get("attention_mask", torch.ones(hidden.shape[:2], device=hidden.device))[..., None].to(
+            hidden.dtype
+        )
+        pooled = [(h * mask).sum(1) / mask.sum(1) for h in (hidden, target)]
+        mse = F.mse_loss(hidden, target)
+        cosine = 1 - F.cosine_similarity(*pooled, dim=-1).mean()
+        ratios = [
+            s.abs().amax(dim=(1, 2)).mean() / t.abs().amax(dim=(1, 2)).mean() for s, t in zip(student_ffn, teacher_ffn)
+        ]
+        inf_ratio = torch.stack(ratios).mean()
+        loss = mse + cosine + self.outlier_weight * inf_ratio
+        return loss, {"mse": mse.item(), "cosine_distance": cosine.item(), "ffn_inf_norm_ratio": inf_ratio.item()}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, _ = self.distillation_loss(model, inputs)
+        return (loss, None) if return_outputs else loss
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self.gate_learning_rate is None:
+            return optimizer
+        gates = {id(p) for n, p in self.model.named_parameters() if ".gate." in n}
+        groups = []
+        for group in optimizer.param_groups:
+            for is_gate in (True, False):
+                params = [p for p in group["params"] if (id(p) in gates) == is_gate]
+                if params:
+                    lr = self.gate_learning_rate if is_gate else group["lr"]
+                    groups.append({**group, "params": params, "lr": lr, "initial_lr": lr})
+        optimizer.param_groups.clear()
+        for group in groups:
+            optimizer.add_param_group(group)
+        return optimizer
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m hf_quantizable.retrofit", description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", help="stock BERT checkpoint (folder or Hub id)")
+    parser.add_argument("--output", required=True, help="folder for the retrofitted, Hub-ready model")
+    parser.add_argument("--attn-impl", default="gated", choices=RETROFIT_IMPLS)
+    parser.add_argument("--gate-type", default="linear", help="gate of gated attention (linear, mlp, ...)")
+    parser.add_argument("--pi-init", type=float, default=0.5, help="initial gate probability")
+    parser.add_argument("--clip-gamma", type=float, default=-0.025, help="clipped softmax gamma")
+    parser.add_argument("--dataset-path", required=True, help="local text file / folder used for distillation")
+    parser.add_argument("--seq-length", type=int, default=128)
+    parser.add_argument("--max-steps", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--learning-rate", type=float, default=5e-5)
+    parser.add_argument(
+        "--gate-learning-rate", type=float, default=1e-3, help="learning rate of the new gate parameters"
+    )
+    parser.add_argument("--outlier-weight", type=float, default=0.1, help="weight of the FFN inf-norm term (0 = off)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true")
+    return parser.parse_args(argv)
+
+
+def attention_fields(args: argparse.Namespace) -> dict[str, Any]:
+    if args.attn_impl == "gated":
+        return {"gate_type": args.gate_type, "pi_init": args.pi_init}
+    if args.attn_impl == "clipped_softmax":
+        return {"clip_gamma": args.clip_gamma}
+    return {}
+
+
+def retrofit(args: argparse.Namespace) -> dict[str, Any]:
+    output = Path(args.output)
+    recipe = {
+        "name": "retrofit",
+        "model": {"source": args.model, "attn_impl": args.attn_impl, **attention_fields(args)},
+        "training": {
+            k: getattr(args, k)
+            for k in ("max_steps", "batch_size", "learning_rate", "gate_learning_rate", "outlier_weight", "seed")
+        },
+        "data": {"dataset": args.dataset_path, "seq_length": args.seq_length},
+        "tracking": {},
+    }
+    check_output_dir(output, recipe, resume=False)
+    output.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(output / "training_recipe.json", recipe)
+    torch.manual_seed(args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    data = load_text_datasets(
+        DataSpec(dataset=args.dataset_path, seq_length=args.seq_length), "bert", seed=args.seed, tokenizer=tokenizer
+    )
+    student = retrofit_model(args.model, args.attn_impl, **attention_fields(args))
+    teacher = AutoModel.from_pretrained(args.model)
+    training_args = TrainingArguments(
+        output_dir=str(output / "checkpoints"),
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        warmup_steps=max(1, args.max_steps // 10),
+        weight_decay=0.01,
+        max_grad_norm=1.0,
+        logging_steps=max(1, args.max_steps // 10),
+        save_strategy="no",
+        report_to="none",
+        seed=args.seed,
+        disable_tqdm=args.no_progress,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        remove_unused_columns=False,
+    )
+    trainer = DistillationTrainer(
+        model=student,
+        args=training_args,
+        train_dataset=data.train,
+        eval_dataset=data.validation,
+        processing_class=tokenizer,
+        teacher=teacher,
+        outlier_weight=args.outlier_weight,
+        gate_learning_rate=args.gate_learning_rate if args.attn_impl == "gated" else None,
+    )
+    eval_batches = [
+        default_data_collator([data.validation[j] for j in range(i, i + args.batch_size)])
+        for i in range(0, 4 * args.batch_size, args.batch_size)
+    ]
+
+    def evaluate() -> dict[str, float]:
+        student.eval()
+        with torch.no_grad():
+            parts = [
+                trainer.distillation_loss(student, {k: v.to(training_args.device) for k, v in b.items()})[1]
+                for b in eval_batches
+            ]
+        return {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}
+
+    before = evaluate()
+    result = trainer.train()
+    after = evaluate()
+    metrics = {
+        **{f"before/{k}": v for k, v in before.items()},
+        **{f"after/{k}": v for k, v in after.items()},
+        **result.metrics,
+    }
+    tmp = output / ".final.tmp"
+    trainer.save_model(str(tmp))
+    write_json_atomic(tmp / "retrofit_results.json", metrics)
+    for item in tmp.iterdir():
+        item.replace(output / item.name)
+    tmp.rmdir()
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        metrics = retrofit(args)
+    except (ValueError, RunDirectoryError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps({"output": args.output, **metrics}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
