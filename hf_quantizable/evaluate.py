@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--no-w8a8", action="store_true", help="skip the simulated W8A8 variant")
     quant.add_argument("--outlier-suppression", action="store_true", help="also evaluate W8A8 with Outlier Suppression")
     quant.add_argument("--num-calibration-batches", type=int, help="calibration batches (default 16)")
+    quant.add_argument(
+        "--clipping-steps",
+        type=int,
+        help="Outlier Suppression: steps of the fine token-wise clipping stage (default 50; 0: coarse only)",
+    )
     plots = parser.add_argument_group("plots")
     plots.add_argument("--no-plots", action="store_true", help="do not write plots/")
     plots.add_argument("--attention-layer", type=int, help="layer of the attention heatmap (default: last)")
@@ -170,7 +175,15 @@ def run(args: argparse.Namespace) -> tuple[list[ResultRecord], Path]:
         seed=args.seed,
         w8a8=not args.no_w8a8,
         outlier_suppression=args.outlier_suppression,
-        w8a8_config={"num_calibration_batches": args.num_calibration_batches} if args.num_calibration_batches else None,
+        w8a8_config={
+            key: value
+            for key, value in (
+                ("num_calibration_batches", args.num_calibration_batches),
+                ("clipping_steps", args.clipping_steps),
+            )
+            if value is not None
+        }
+        or None,
     )
     records, _ = evaluate_model(
         args.model,

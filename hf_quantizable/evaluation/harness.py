@@ -113,6 +113,8 @@ def load_fp_model(model_name_or_path: str, task: str) -> nn.Module:
     check_model_for_task(model_name_or_path, task)
     model_class = TASKS[task][1]
     model, info = model_class.from_pretrained(model_name_or_path, output_loading_info=True)
+    # a stock checkpoint keeps its model_type: it is now a quantizable model (and saves as one)
+    model.config.model_type = model_class.config_class.model_type
     missing = [k for k in info["missing_keys"] if "gate" not in k]  # gates are new in stock checkpoints
     if missing:
         raise ValueError(
