@@ -349,3 +349,23 @@ def test_two_process_ddp_matches_one_process(tmp_path):
         assert curve[12] < curve[3] - 0.1
     for step in ddp_curve:
         assert ddp_curve[step] == pytest.approx(single_curve[step], rel=0.05)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_local_text_file_and_streaming(tmp_path, streaming):
+    from hf_quantizable.training.embedded import generate_corpus
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(generate_corpus(400, seed=5)))
+    overrides = [
+        "max_steps=4",
+        "save_steps=100",
+        f"data.dataset={corpus}",
+        f"data.streaming={str(streaming).lower()}",
+        "data.stream_eval_examples=40",
+    ]
+    run = build_run(tiny("bert-tiny-gated", *overrides), tmp_path / "run", training_overrides=NO_PROGRESS)
+    assert type(run.trainer.train_dataset).__name__ == ("IterableDataset" if streaming else "Dataset")
+    assert all(len(row["input_ids"]) == 32 for row in run.trainer.eval_dataset)  # packed blocks
+    result = run.trainer.train()
+    assert run.trainer.state.global_step == 4 and math.isfinite(result.training_loss)

@@ -32,7 +32,6 @@ HUB_CORPORA: dict[str, list[tuple[str, str | None]]] = {
 }
 TEXT_SUFFIXES = {".txt": "text", ".tokens": "text", ".raw": "text", ".json": "json", ".jsonl": "json", ".csv": "csv"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
-EVAL_STREAM_EXAMPLES = 1000  # held-out examples taken from the head of a streamed corpus
 
 
 def embedded_cache_dir() -> Path:
@@ -101,7 +100,9 @@ def load_raw_datasets(spec: DataSpec, seed: int) -> DatasetDict:
         if name in loaded:
             return DatasetDict(train=train, validation=loaded[name])
     if isinstance(train, IterableDataset):
-        return DatasetDict(train=train.skip(EVAL_STREAM_EXAMPLES), validation=train.take(EVAL_STREAM_EXAMPLES))
+        return DatasetDict(
+            train=train.skip(spec.stream_eval_examples), validation=train.take(spec.stream_eval_examples)
+        )
     return _split(train, spec.eval_fraction, seed)
 
 

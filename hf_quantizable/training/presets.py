@@ -49,6 +49,8 @@ class DataSpec:
         augmentation: `timm` (the paper's pipeline, needs the `timm` extra), `basic` (built-in random
             resized crop + flip) or `none`.
         eval_fraction: share of a training set held out for evaluation when there is no eval split.
+        stream_eval_examples: examples held out from the head of a streamed training set without an
+            eval split.
         max_train_samples: cap the number of training examples (before packing); None = all.
         num_proc: worker processes for `datasets.map`.
         embedded_size: number of examples the embedded generator writes (lines / images).
@@ -67,6 +69,7 @@ class DataSpec:
     image_size: int = 224
     augmentation: str = "basic"
     eval_fraction: float = 0.05
+    stream_eval_examples: int = 1000
     max_train_samples: int | None = None
     num_proc: int | None = None
     embedded_size: int = 20000
