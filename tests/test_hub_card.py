@@ -63,7 +63,7 @@ def render(records, config=CONFIG, **kwargs):
         config=config,
         records=records,
         int8_repo_id="org/bert-gated-w8a8",
-        recipe={"preset": "bert-tiny-gated", "learning_rate": 0.001, "max_steps": 300},
+        recipe={"name": "bert-tiny-gated", "training": {"learning_rate": 0.001, "max_steps": 300}},
         plots=["plots/outliers.png"],
         **kwargs,
     )
@@ -164,6 +164,9 @@ def test_body_sections(records):
     ours = next(line for line in refs.splitlines() if line.startswith("| This model"))
     assert "| ours |" in ours and "17.31" in ours and "23.41" in ours and "6.719" in ours
     assert "| 735 |" in refs and "| 1294 |" in refs  # Bondarenko et al. Table 2, vanilla
+    assert "Gated attention, linear (pi_init = 0.25 ... 0.75) *" in refs  # this model's variant is marked
+    assert "MLP (n_hid = 4) *" not in refs and "Vanilla softmax *" not in refs
+    assert "after 300 training\n  steps" in text
     for citation in ("Bondarenko", "Liao", "Wei"):
         assert citation in text.split("## Citations")[1]
 

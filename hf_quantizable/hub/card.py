@@ -244,8 +244,13 @@ def _first(records: Sequence[ResultRecord], variants: Sequence[str], tasks: Sequ
     return None
 
 
-def reference_rows(family: str, attn_impl: str, records: Sequence[ResultRecord]) -> list[dict[str, Any]]:
-    """Paper rows for this model family, with ours (from `records`) as the first row."""
+def reference_rows(
+    family: str, attn_impl: str, records: Sequence[ResultRecord], gate_type: str | None = None
+) -> list[dict[str, Any]]:
+    """Paper rows for this model family, with ours (from `records`) as the first row.
+
+    `matches` marks the paper rows of this model's variant (same attn_impl, and gate type for gates).
+    """
     quality = "accuracy" if family == "vit" else "perplexity"
     tasks = ("image-classification",) if family == "vit" else ("mlm", "clm")
     ours = {
@@ -271,7 +276,7 @@ def reference_rows(family: str, attn_impl: str, records: Sequence[ResultRecord])
                 "max_inf_norm": _ref_value(ref.get("max_inf_norm")),
                 "avg_kurtosis": _ref_value(ref.get("avg_kurtosis")),
                 "int8_quality": _ref_value(ref.get(f"w8a8_{quality}")),
-                "matches": ref["attn_impl"] == attn_impl,
+                "matches": ref["attn_impl"] == attn_impl and ref.get("gate_type", gate_type) == gate_type,
             }
         )
     return rows
@@ -329,7 +334,7 @@ def render_model_card(inputs: CardInputs, template_path: str | Path = CARD_TEMPL
     auto_class, pipeline_tag = head_of(inputs.config)
     family = FAMILIES.get(inputs.config.get("model_type"), inputs.config.get("model_type"))
     attn_impl = inputs.config.get("attn_impl", "softmax")
-    precisions = sorted({r.precision for r in inputs.records})
+    precisions = sorted({r.precision for r in inputs.records}, key=_variant_order)
     references = paper_references()
     card = ModelCard.from_template(
         build_card_data(inputs),
@@ -351,7 +356,8 @@ def render_model_card(inputs: CardInputs, template_path: str | Path = CARD_TEMPL
         table=comparison_table(inputs.records),
         precisions=[precision_label(p) for p in precisions],
         fp_measured=[precision_label(p) for p in precisions if p in FP_PRECISIONS],
-        reference_rows=reference_rows(family, attn_impl, inputs.records),
+        reference_rows=reference_rows(family, attn_impl, inputs.records, inputs.config.get("gate_type")),
+        max_steps=(inputs.recipe or {}).get("training", {}).get("max_steps"),
         quality_metric="Top-1 accuracy (%)" if family == "vit" else "Perplexity",
         glue_references=[g for g in references["glue_average"] if g["family"] == family],
         plots=list(inputs.plots),
