@@ -1,0 +1,1 @@
+"""The `outlier_stats` evaluate measurement (load the folder with `evaluate.load`)."""
