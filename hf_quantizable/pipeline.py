@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> None:
+    args.variants = list(dict.fromkeys(args.variants))
     unknown = sorted(set(args.variants) - set(VARIANTS))
     if unknown:
         raise ValueError(f"--variants: unknown {unknown}; allowed: {', '.join(VARIANTS)}")

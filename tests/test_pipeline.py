@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from huggingface_hub import ModelCard
+from huggingface_hub import ModelCard, constants
 
 from hf_quantizable.evaluation.results import read_results
 from hf_quantizable.hub.card import variant_of
@@ -108,11 +108,15 @@ def test_hub_eval_refreshes_cards_offline(main_job, capsys):
     assert "refreshed test-org/bert-tiny-gated-w8a8" in capsys.readouterr().out
 
 
-def test_bad_arguments_fail_fast(tmp_path, capsys):
+def test_bad_arguments_fail_fast(tmp_path, capsys, monkeypatch):
     assert pipeline_main(["--local-dir", str(tmp_path / "o"), "--variants", "vanilla", "sparse"]) == 2
     assert "--variants: unknown ['sparse']; allowed: vanilla, gated, clipped" in capsys.readouterr().err
     assert pipeline_main(["--local-dir", str(tmp_path / "o"), "--max-steps", "0"]) == 2
     assert "--max-steps must be a positive integer" in capsys.readouterr().err
     assert hub_eval_main(["--repos", "not-a-repo-id", "--models-dir", str(tmp_path)]) == 2
     assert "ORG/NAME" in capsys.readouterr().err
+    monkeypatch.setenv("HF_TOKEN", "")
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    assert hub_eval_main(["--repos", "org/model", "--models-dir", str(tmp_path), "--push"]) == 2
+    assert "no Hugging Face token" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
