@@ -25,6 +25,7 @@ from hf_quantizable.hub.card import validate_model_card
 from hf_quantizable.hub.publish import plan_push, write_plan
 from hf_quantizable.hub.upload import upload_repo_folder
 from hf_quantizable.push import main as push_main
+from hf_quantizable.quantize import main as quantize_main
 from tests.isolation import run_without_package
 
 TOKEN = "hf_test_token_for_the_local_endpoint"
@@ -75,12 +76,11 @@ def run_dir(tmp_path_factory):
     write_results(records, run / "results.json")
     (run / "plots").mkdir()
     (run / "plots" / "outliers.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 16)
-    # INT8 sibling folder shape (config.json with `w8a8_config`); the upload path does not load it.
-    int8 = root / "bert-gated-w8a8"
-    model.save_pretrained(int8)
-    int8_config = json.loads((int8 / "config.json").read_text())
-    int8_config["w8a8_config"] = {"weight_bits": 8, "activation_bits": 8}
-    (int8 / "config.json").write_text(json.dumps(int8_config))
+    # The real INT8 sibling, from the quantize CLI (one small calibration batch).
+    calibration = root / "calibration.txt"
+    calibration.write_text("the cat sat on the mat\na quantizable transformer does nothing\n" * 8)
+    args = [str(run), "--output", str(root / "bert-gated-w8a8"), "--calibration-data", str(calibration)]
+    assert quantize_main([*args, "--num-batches", "1", "--batch-size", "4", "--max-length", "16"]) == 0
     return run
 
 
