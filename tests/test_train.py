@@ -369,3 +369,24 @@ def test_local_text_file_and_streaming(tmp_path, streaming):
     assert all(len(row["input_ids"]) == 32 for row in run.trainer.eval_dataset)  # packed blocks
     result = run.trainer.train()
     assert run.trainer.state.global_step == 4 and math.isfinite(result.training_loss)
+
+
+def test_periodic_w8a8_check_leaves_the_trained_model_untouched(tmp_path):
+    from hf_quantizable.modeling.int8 import QuantPoint
+
+    overrides = ["max_steps=2", "save_steps=100", "tracking.outlier_every_n_steps=1", "tracking.w8a8_every_n_steps=2"]
+    run = build_run(
+        tiny("bert-tiny-clipped", *overrides, "tracking.calibration_batches=2"),
+        tmp_path / "run",
+        training_overrides=NO_PROGRESS,
+    )
+    run.trainer.train()
+    first, second = run.tracker.history
+    assert "w8a8/loss" not in first and second["step"] == 2
+    assert math.isfinite(second["w8a8/loss"]) and second["w8a8/perplexity"] == pytest.approx(
+        math.exp(second["w8a8/loss"])
+    )
+    assert second["w8a8/loss"] != second["probe/loss"]  # 8-bit rounding changes the outputs
+    modules = list(run.trainer.model.modules())
+    assert sum(type(m) is QuantPoint for m in modules) > 10  # the quantized model was a deep copy
+    assert not [m for m in modules if type(m).__module__.startswith("hf_quantizable.quantization")]
