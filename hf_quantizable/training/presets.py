@@ -283,6 +283,21 @@ _BASES: dict[str, tuple[str, str, dict, dict, dict]] = {  # family, description,
         _TINY_TRAINING,
         {"seq_length": 64},
     ),
+    "bert-noop": (
+        "bert",
+        "4-layer hidden-128 BERT, no dropout, on the synthetic no-op corpus (embedded-noop): the CPU "
+        "setting of benchmarks/outlier_effect.py where vanilla starts growing outliers.",
+        {**_BERT_TINY_MODEL, "num_hidden_layers": 4, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
+        {
+            **_TINY_TRAINING,
+            "max_steps": 1000,
+            "warmup_steps": 100,
+            "weight_decay": 0.0,
+            "save_steps": 250,
+            "logging_steps": 250,
+        },
+        {"dataset": "embedded-noop", "seq_length": 64},
+    ),
     "opt-125m": (
         "opt",
         "OPT-125m CLM on BookCorpus + Wikipedia (Bondarenko et al. Table 3; 125k steps, batch 192).",
