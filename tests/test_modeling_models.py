@@ -266,3 +266,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(family):
     assert grads[0].keys() == grads[1].keys()
     for name, grad in grads[0].items():
         assert torch.allclose(grad, grads[1][name], atol=1e-6), name
+
+
+def test_stock_checkpoint_becomes_a_quantizable_config(minilm_path):
+    config = QuantizableBertConfig.from_pretrained(minilm_path, attn_impl="gated")
+    assert config.model_type == "quantizable_bert" and config.attn_impl == "gated"
+    assert QuantizableBertModel.from_pretrained(minilm_path).config.model_type == "quantizable_bert"

@@ -57,6 +57,9 @@ class QuantizableAttentionConfig:
 
     def validate_attention_fields(self) -> None:
         """Check every attention field; raise ValueError naming the field and the allowed values."""
+        # A stock checkpoint's config.json says e.g. "bert": loaded into this class it becomes ours.
+        if self.__dict__.get("model_type", type(self).model_type) != type(self).model_type:
+            self.model_type = type(self).model_type
         if self.attn_impl not in ATTN_IMPLS:
             raise ValueError(f"`attn_impl` must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
         if self.gate_type not in GATE_TYPES:
