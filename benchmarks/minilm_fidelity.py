@@ -26,7 +26,7 @@ from hf_quantizable.quantization import W8A8Config, quantize_model
 from hf_quantizable.quantization.calibration import set_mode
 from hf_quantizable.quantization.data import read_lines, text_batches
 
-OS = {"gamma_migration": True, "token_wise_clipping": True}
+OS = {"gamma_migration": True, "token_wise_clipping": True, "clipping_steps": 20}
 SETTINGS = {
     "W8 weights only": (W8A8Config(), True),
     "W8A8 minmax": (W8A8Config(), False),
@@ -34,7 +34,7 @@ SETTINGS = {
     "W8A8 mse": (W8A8Config(activation_estimator="mse"), False),
     "W8A8 per-channel": (W8A8Config(per_channel_weights=True), False),
     "W8A8 gamma migration": (W8A8Config(gamma_migration=True), False),
-    "W8A8 token-wise clipping": (W8A8Config(token_wise_clipping=True), False),
+    "W8A8 token-wise clipping": (W8A8Config(token_wise_clipping=True, clipping_steps=20), False),
     "W8A8 OS (gamma + clipping)": (W8A8Config(**OS), False),
     "W8A8 OS + per-channel": (W8A8Config(per_channel_weights=True, **OS), False),
     "W6A6 minmax": (W8A8Config(weight_bits=6, activation_bits=6), False),

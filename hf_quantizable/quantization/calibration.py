@@ -1,6 +1,7 @@
 """`quantize_model`: insert fake-quantizers into a quantizable model and calibrate them."""
 
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from itertools import islice
 
 import torch
@@ -59,9 +60,27 @@ def quantized_linears(model: nn.Module) -> dict[str, QuantizedLinear]:
 
 
 def set_mode(model: nn.Module, mode: str) -> None:
-    """Put every activation quantizer in `calibrate`, `quantize` or `fp` mode."""
+    """Put every activation quantizer in `calibrate`, `observe`, `quantize` or `fp` mode."""
     for quantizer in activation_quantizers(model).values():
         quantizer.mode = mode
+
+
+@contextmanager
+def full_precision(model: nn.Module):
+    """Run the simulated model as its floating-point original (activations and weights) inside the block."""
+    quantizers = activation_quantizers(model)
+    modes = {name: q.mode for name, q in quantizers.items()}
+    linears = quantized_linears(model).values()
+    set_mode(model, "fp")
+    for linear in linears:
+        linear.quantize_weights = False
+    try:
+        yield model
+    finally:
+        for name, quantizer in quantizers.items():
+            quantizer.mode = modes[name]
+        for linear in linears:
+            linear.quantize_weights = True
 
 
 def run_batches(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> Iterator:

@@ -96,6 +96,7 @@ class QuantizedLinear(nn.Linear):
         self._source: list[ActivationQuantizer] = []  # the input quantizer (not a submodule)
         self.register_buffer("weight_scale", torch.ones(linear.out_features if per_channel else ()))
         self._cache: tuple | None = None  # (weight version, scale version, codes)
+        self.quantize_weights = True  # False: plain nn.Linear (floating-point reference)
         self.update_weight_scale()
 
     def extra_repr(self) -> str:
@@ -131,6 +132,8 @@ class QuantizedLinear(nn.Linear):
         self._source = [quantizer] if quantizer is not None else []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.quantize_weights:
+            return F.linear(x, self.weight, self.bias)
         source = self._source[0] if self._source else None
         if source is None or source.mode != "quantize" or source.scale_factor is not None:
             return F.linear(x, self.dequantized_weight(), self.bias)

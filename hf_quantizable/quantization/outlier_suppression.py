@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..modeling.int8 import install_shortcut_scale
-from .calibration import activation_quantizers, run_batches, set_mode
+from .calibration import activation_quantizers, full_precision, run_batches, set_mode
 from .config import W8A8Config
 
 
@@ -125,14 +125,14 @@ def _quantile(x: torch.Tensor, q: float) -> torch.Tensor:
 
 
 def token_wise_clipping(model: nn.Module, batches: list[dict], config: W8A8Config) -> dict:
-    """Clip the calibrated activation ranges of `model` (in place) to lower the final-output MSE.
+    """Clip the calibrated activation ranges of `model` (in place) to lower the final-output MSE
+    (quantized model vs its floating-point original on `batches`).
 
     Returns the final-output MSE of the calibrated ranges, after the coarse stage and after the
     fine stage; every stage keeps the previous ranges if it does not lower the MSE.
     """
     quantizers = activation_quantizers(model)
-    set_mode(model, "fp")
-    with torch.no_grad():
+    with torch.no_grad(), full_precision(model):
         targets = [_final_output(out).detach() for out in run_batches(model, batches)]
     extremes = _token_extremes(model, batches)
     set_mode(model, "quantize")
