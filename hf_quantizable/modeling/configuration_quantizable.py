@@ -57,9 +57,6 @@ class QuantizableAttentionConfig:
 
     def validate_attention_fields(self) -> None:
         """Check every attention field; raise ValueError naming the field and the allowed values."""
-        # A stock checkpoint's config.json says e.g. "bert": loaded into this class it becomes ours.
-        if self.__dict__.get("model_type", type(self).model_type) != type(self).model_type:
-            self.model_type = type(self).model_type
         if self.attn_impl not in ATTN_IMPLS:
             raise ValueError(f"`attn_impl` must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
         if self.gate_type not in GATE_TYPES:
@@ -110,6 +107,7 @@ class QuantizableBertConfig(BertConfig, QuantizableAttentionConfig):
     model_type = "quantizable_bert"
 
     def __post_init__(self, **kwargs):
+        kwargs.pop("model_type", None)  # a stock checkpoint's "bert" etc. becomes this class's type
         self.validate_attention_fields()
         super().__post_init__(**kwargs)
 
@@ -126,6 +124,7 @@ class QuantizableOPTConfig(OPTConfig, QuantizableAttentionConfig):
     wd_ln_gamma: bool = False
 
     def __post_init__(self, **kwargs):
+        kwargs.pop("model_type", None)  # a stock checkpoint's "bert" etc. becomes this class's type
         self.validate_attention_fields()
         if not isinstance(self.wd_ln_gamma, bool):
             raise ValueError(f"`wd_ln_gamma` must be True or False, got {self.wd_ln_gamma!r}")
@@ -149,6 +148,7 @@ class QuantizableViTConfig(ViTConfig, QuantizableAttentionConfig):
     patch_embed_layernorm: bool = False
 
     def __post_init__(self, **kwargs):
+        kwargs.pop("model_type", None)  # a stock checkpoint's "bert" etc. becomes this class's type
         self.validate_attention_fields()
         if not isinstance(self.patch_embed_layernorm, bool):
             raise ValueError(f"`patch_embed_layernorm` must be True or False, got {self.patch_embed_layernorm!r}")
