@@ -33,7 +33,8 @@ from .training.presets import DataSpec
 from .training.runner import RunDirectoryError, check_output_dir, write_json_atomic
 from .training.trainer import QuantizableTrainer
 
-RETROFIT_IMPLS = ("gated", "clipped_softmax", "normalized_clipped_softmax")
+# `softmax` keeps the original attention: the control run (distillation with the outlier term only).
+RETROFIT_IMPLS = ("gated", "clipped_softmax", "normalized_clipped_softmax", "softmax")
 
 
 @contextlib.contextmanager
@@ -201,6 +202,7 @@ def retrofit(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed,
         disable_tqdm=args.no_progress,
         dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=not torch.accelerator.is_available(),
         remove_unused_columns=False,
     )
     trainer = DistillationTrainer(

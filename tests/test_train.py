@@ -342,6 +342,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
         logs[name] = done.stdout + done.stderr
     assert logs["ddp"].count('"output":') == 1  # only the main process prints the summary
+    assert _loss_curve(tmp_path / "ddp")[1] == pytest.approx(_loss_curve(tmp_path / "single")[1])  # same epoch progress
     ddp_curve, _ = _loss_curve(tmp_path / "ddp")
     single_curve, _ = _loss_curve(tmp_path / "single")
     assert sorted(ddp_curve) == sorted(single_curve) == [3, 6, 9, 12]

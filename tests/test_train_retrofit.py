@@ -73,4 +73,4 @@ def test_retrofit_cli_distils_and_writes_a_hub_ready_folder(tmp_path, capsys):
     with pytest.raises(ValueError, match="supports BERT checkpoints"):
         retrofit_model(str(roberta), "gated")
     with pytest.raises(ValueError, match="must be one of"):
-        retrofit_model(str(stock_dir), "softmax")
+        retrofit_model(str(stock_dir), "sigmoid")

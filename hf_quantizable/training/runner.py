@@ -162,6 +162,8 @@ def build_run(
         "report_to": "none",
         "save_strategy": "steps",
         "dataloader_pin_memory": torch.cuda.is_available(),
+        # Without an accelerator, `use_cpu` makes accelerate set up multi-CPU DDP (gloo) under torchrun.
+        "use_cpu": not torch.accelerator.is_available(),
         "remove_unused_columns": preset.family != "vit",  # images are decoded from raw columns on the fly
         **preset.training,
         **(training_overrides or {}),

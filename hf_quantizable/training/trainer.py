@@ -24,6 +24,10 @@ class QuantizableTrainer(Trainer):
 
     def __init__(self, *args, wd_ln_gamma: bool | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        # The quantizable models return a mean loss and ignore `num_items_in_batch` although their
+        # forward takes **kwargs: without this, Trainer would skip the division by the gradient
+        # accumulation steps and multiply the loss by the number of processes under DDP.
+        self.model_accepts_loss_kwargs = False
         if wd_ln_gamma is None:
             wd_ln_gamma = bool(getattr(self.model.config, "wd_ln_gamma", False))
         self.wd_ln_gamma = wd_ln_gamma
