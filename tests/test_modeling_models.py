@@ -273,3 +273,12 @@ def test_stock_checkpoint_becomes_a_quantizable_config(minilm_path):
     config = QuantizableBertConfig.from_pretrained(minilm_path, attn_impl="gated")
     assert config.model_type == "quantizable_bert" and config.attn_impl == "gated"
     assert QuantizableBertModel.from_pretrained(minilm_path).config.model_type == "quantizable_bert"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_trainer_scales_the_loss_for_gradient_accumulation(family, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = tiny_model(family)
+    args = TrainingArguments(output_dir=str(tmp_path), gradient_accumulation_steps=4, use_cpu=True, report_to=[])
+    assert Trainer(model=model, args=args).model_accepts_loss_kwargs is False

@@ -155,6 +155,8 @@ class QuantizableBertPreTrainedModel(BertPreTrainedModel):
     base_model_prefix = "bert"
     _no_split_modules = ["QuantizableBertEmbeddings", "QuantizableBertLayer"]
     _can_record_outputs = None
+    # The losses are per-batch means that ignore `num_items_in_batch`: Trainer must scale them itself.
+    accepts_loss_kwargs = False
     auto_map = {
         "AutoConfig": "configuration_quantizable.QuantizableBertConfig",
         "AutoModel": "modeling_quantizable_bert.QuantizableBertModel",

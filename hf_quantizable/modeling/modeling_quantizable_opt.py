@@ -113,6 +113,8 @@ class QuantizableOPTPreTrainedModel(OPTPreTrainedModel):
     base_model_prefix = "model"
     _no_split_modules = ["QuantizableOPTDecoderLayer"]
     _can_record_outputs = None
+    # The losses are per-batch means that ignore `num_items_in_batch`: Trainer must scale them itself.
+    accepts_loss_kwargs = False
     auto_map = {
         "AutoConfig": "configuration_quantizable.QuantizableOPTConfig",
         "AutoModel": "modeling_quantizable_opt.QuantizableOPTModel",

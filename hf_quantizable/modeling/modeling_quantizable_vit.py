@@ -153,6 +153,8 @@ class QuantizableViTPreTrainedModel(ViTPreTrainedModel):
     base_model_prefix = "vit"
     _no_split_modules = ["QuantizableViTEmbeddings", "QuantizableViTLayer"]
     _can_record_outputs = None
+    # The losses are per-batch means that ignore `num_items_in_batch`: Trainer must scale them itself.
+    accepts_loss_kwargs = False
     auto_map = {
         "AutoConfig": "configuration_quantizable.QuantizableViTConfig",
         "AutoModel": "modeling_quantizable_vit.QuantizableViTModel",
