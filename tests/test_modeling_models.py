@@ -208,6 +208,7 @@ def test_saved_folder_is_self_contained(tmp_path):
         "modeling_quantizable_bert.py",
         "attention.py",
         "int8.py",
+        "quantizable_utils.py",
     } <= files
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
     assert auto_map["AutoModelForMaskedLM"] == "modeling_quantizable_bert.QuantizableBertForMaskedLM"

@@ -8,7 +8,6 @@ Self-contained: torch, transformers and relative imports only.
 import torch
 from torch import nn
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
-from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
@@ -23,9 +22,10 @@ from transformers.models.bert.modeling_bert import (
     BertPreTrainedModel,
 )
 
-from .attention import AttentionCore, AttentionGate, padding_mask
+from .attention import AttentionCore, padding_mask
 from .configuration_quantizable import QuantizableBertConfig
-from .int8 import QuantPoint, convert_to_int8
+from .int8 import QuantPoint
+from .quantizable_utils import QuantizableModelMixin
 
 
 class QuantizableBertEmbeddings(BertEmbeddings):
@@ -149,35 +149,17 @@ class QuantizableBertEncoder(nn.Module):
         self.layer = nn.ModuleList([QuantizableBertLayer(config) for _ in range(config.num_hidden_layers)])
 
 
-class QuantizableBertPreTrainedModel(BertPreTrainedModel):
+class QuantizableBertPreTrainedModel(QuantizableModelMixin, BertPreTrainedModel):
     config_class = QuantizableBertConfig
     config: QuantizableBertConfig
     base_model_prefix = "bert"
     _no_split_modules = ["QuantizableBertEmbeddings", "QuantizableBertLayer"]
-    _can_record_outputs = None
-    # The losses are per-batch means that ignore `num_items_in_batch`: Trainer must scale them itself.
-    accepts_loss_kwargs = False
     auto_map = {
         "AutoConfig": "configuration_quantizable.QuantizableBertConfig",
         "AutoModel": "modeling_quantizable_bert.QuantizableBertModel",
         "AutoModelForMaskedLM": "modeling_quantizable_bert.QuantizableBertForMaskedLM",
         "AutoModelForSequenceClassification": "modeling_quantizable_bert.QuantizableBertForSequenceClassification",
     }
-
-    def __init__(self, config: QuantizableBertConfig, *args, **kwargs):
-        super().__init__(config, *args, **kwargs)
-        config.auto_map = dict(self.auto_map)
-
-    def post_init(self):
-        super().post_init()
-        if self.config.w8a8_config:
-            convert_to_int8(self, self.config.w8a8_config)
-
-    @torch.no_grad()
-    def _init_weights(self, module):
-        super()._init_weights(module)
-        if isinstance(module, AttentionGate):
-            module.init_gate(init, self.config.initializer_range)
 
 
 class QuantizableBertModel(QuantizableBertPreTrainedModel):

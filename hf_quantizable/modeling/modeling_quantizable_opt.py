@@ -8,7 +8,6 @@ Self-contained: torch, transformers and relative imports only.
 import torch
 from torch import nn
 from torch.nn import CrossEntropyLoss
-from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
@@ -16,9 +15,10 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.opt.modeling_opt import OPTLearnedPositionalEmbedding, OPTPreTrainedModel
 
-from .attention import AttentionCore, AttentionGate, causal_mask
+from .attention import AttentionCore, causal_mask
 from .configuration_quantizable import QuantizableOPTConfig
-from .int8 import QuantPoint, convert_to_int8
+from .int8 import QuantPoint
+from .quantizable_utils import QuantizableModelMixin
 
 
 class QuantizableOPTAttention(nn.Module):
@@ -107,34 +107,16 @@ class QuantizableOPTDecoderLayer(GradientCheckpointingLayer):
         return hidden_states, probs
 
 
-class QuantizableOPTPreTrainedModel(OPTPreTrainedModel):
+class QuantizableOPTPreTrainedModel(QuantizableModelMixin, OPTPreTrainedModel):
     config_class = QuantizableOPTConfig
     config: QuantizableOPTConfig
     base_model_prefix = "model"
     _no_split_modules = ["QuantizableOPTDecoderLayer"]
-    _can_record_outputs = None
-    # The losses are per-batch means that ignore `num_items_in_batch`: Trainer must scale them itself.
-    accepts_loss_kwargs = False
     auto_map = {
         "AutoConfig": "configuration_quantizable.QuantizableOPTConfig",
         "AutoModel": "modeling_quantizable_opt.QuantizableOPTModel",
         "AutoModelForCausalLM": "modeling_quantizable_opt.QuantizableOPTForCausalLM",
     }
-
-    def __init__(self, config: QuantizableOPTConfig, *args, **kwargs):
-        super().__init__(config, *args, **kwargs)
-        config.auto_map = dict(self.auto_map)
-
-    def post_init(self):
-        super().post_init()
-        if self.config.w8a8_config:
-            convert_to_int8(self, self.config.w8a8_config)
-
-    @torch.no_grad()
-    def _init_weights(self, module):
-        super()._init_weights(module)
-        if isinstance(module, AttentionGate):
-            module.init_gate(init, self.config.init_std)
 
 
 class QuantizableOPTDecoder(nn.Module):

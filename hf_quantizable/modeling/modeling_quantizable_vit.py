@@ -9,15 +9,15 @@ Self-contained: torch, transformers and relative imports only.
 
 import torch
 from torch import nn
-from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.models.vit.modeling_vit import ViTEmbeddings, ViTPooler, ViTPreTrainedModel
 
-from .attention import AttentionCore, AttentionGate
+from .attention import AttentionCore
 from .configuration_quantizable import QuantizableViTConfig
-from .int8 import QuantPoint, convert_to_int8
+from .int8 import QuantPoint
+from .quantizable_utils import QuantizableModelMixin
 
 
 class QuantizableViTEmbeddings(ViTEmbeddings):
@@ -147,34 +147,16 @@ class QuantizableViTEncoder(nn.Module):
         self.layer = nn.ModuleList([QuantizableViTLayer(config) for _ in range(config.num_hidden_layers)])
 
 
-class QuantizableViTPreTrainedModel(ViTPreTrainedModel):
+class QuantizableViTPreTrainedModel(QuantizableModelMixin, ViTPreTrainedModel):
     config_class = QuantizableViTConfig
     config: QuantizableViTConfig
     base_model_prefix = "vit"
     _no_split_modules = ["QuantizableViTEmbeddings", "QuantizableViTLayer"]
-    _can_record_outputs = None
-    # The losses are per-batch means that ignore `num_items_in_batch`: Trainer must scale them itself.
-    accepts_loss_kwargs = False
     auto_map = {
         "AutoConfig": "configuration_quantizable.QuantizableViTConfig",
         "AutoModel": "modeling_quantizable_vit.QuantizableViTModel",
         "AutoModelForImageClassification": "modeling_quantizable_vit.QuantizableViTForImageClassification",
     }
-
-    def __init__(self, config: QuantizableViTConfig, *args, **kwargs):
-        super().__init__(config, *args, **kwargs)
-        config.auto_map = dict(self.auto_map)
-
-    def post_init(self):
-        super().post_init()
-        if self.config.w8a8_config:
-            convert_to_int8(self, self.config.w8a8_config)
-
-    @torch.no_grad()
-    def _init_weights(self, module):
-        super()._init_weights(module)
-        if isinstance(module, AttentionGate):
-            module.init_gate(init, self.config.initializer_range)
 
 
 class QuantizableViTModel(QuantizableViTPreTrainedModel):
