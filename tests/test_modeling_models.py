@@ -73,6 +73,8 @@ def test_clipped_softmax_defaults_and_alpha_form():
         (QuantizableOPTConfig, {"wd_ln_gamma": "yes"}, "wd_ln_gamma"),
         (QuantizableOPTConfig, {"attn_impl": "gated", "gate_type": "per_head"}, "gate_type"),
         (QuantizableViTConfig, {"patch_embed_layernorm": 1}, "patch_embed_layernorm"),
+        (QuantizableBertConfig, {"hidden_size": 30, "num_attention_heads": 4}, "hidden_size"),
+        (QuantizableOPTConfig, {"hidden_size": 30, "num_attention_heads": 4}, "hidden_size"),
     ],
 )
 def test_invalid_config_values_name_the_field(config_class, kwargs, field):

@@ -57,6 +57,11 @@ class QuantizableAttentionConfig:
 
     def validate_attention_fields(self) -> None:
         """Check every attention field; raise ValueError naming the field and the allowed values."""
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"`hidden_size` ({self.hidden_size}) must be a multiple of `num_attention_heads` "
+                f"({self.num_attention_heads})"
+            )
         if self.attn_impl not in ATTN_IMPLS:
             raise ValueError(f"`attn_impl` must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
         if self.gate_type not in GATE_TYPES:

@@ -61,11 +61,6 @@ class QuantizableBertSelfAttention(nn.Module):
 
     def __init__(self, config: QuantizableBertConfig):
         super().__init__()
-        if config.hidden_size % config.num_attention_heads != 0:
-            raise ValueError(
-                f"`hidden_size` ({config.hidden_size}) must be a multiple of `num_attention_heads` "
-                f"({config.num_attention_heads})"
-            )
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.query = nn.Linear(config.hidden_size, config.hidden_size)

@@ -26,11 +26,6 @@ class QuantizableOPTAttention(nn.Module):
 
     def __init__(self, config: QuantizableOPTConfig, layer_idx: int):
         super().__init__()
-        if config.hidden_size % config.num_attention_heads != 0:
-            raise ValueError(
-                f"`hidden_size` ({config.hidden_size}) must be a multiple of `num_attention_heads` "
-                f"({config.num_attention_heads})"
-            )
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
