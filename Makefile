@@ -21,7 +21,7 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m hf_quantizable.pipeline --local-dir $(DEMO_DIR)
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q
+	$(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(PY) -m ruff check hf_quantizable tests benchmarks
