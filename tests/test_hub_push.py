@@ -289,6 +289,7 @@ def test_malformed_results_and_missing_token(run_dir, tmp_path, monkeypatch, cap
 
 def test_upload_to_local_endpoint_and_load_in_fresh_process(run_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)  # LFS batch API, as HF_HUB_DISABLE_XET=1
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the endpoint is local, even for offline users
     plans = plan_push(run_dir, "org/bert-gated", int8_repo_id="org/bert-gated-w8a8")
     with LocalHub(tmp_path / "hub") as hub:
         for plan in plans:
@@ -331,7 +332,13 @@ def test_upload_to_local_endpoint_and_load_in_fresh_process(run_dir, tmp_path, m
 def test_push_cli_uploads_through_hf_endpoint(run_dir, tmp_path):
     """The CLI as users run it, in a subprocess whose HF_ENDPOINT is the local server."""
     with LocalHub(tmp_path / "hub") as hub:
-        env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_XET": "1"}
+        env = {
+            **os.environ,
+            "HF_ENDPOINT": hub.url,
+            "HF_TOKEN": TOKEN,
+            "HF_HUB_DISABLE_XET": "1",
+            "HF_HUB_OFFLINE": "0",
+        }
         result = subprocess.run(
             [sys.executable, "-m", "hf_quantizable.push", str(run_dir), "--repo-id", "org/cli-model"],
             cwd=REPO_ROOT,
@@ -350,6 +357,7 @@ def test_refresh_uploads_only_card_results_and_plots(run_dir, tmp_path, monkeypa
     from hf_quantizable.hub_eval import REFRESHED_FILES
 
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     (plan,) = plan_push(run_dir, "org/bert-gated")
     folder = write_plan(plan, tmp_path / "folder")
     with LocalHub(tmp_path / "hub") as hub:
