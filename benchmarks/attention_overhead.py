@@ -21,6 +21,7 @@ import transformers
 from transformers import BertConfig, BertForMaskedLM
 
 from hf_quantizable import QuantizableBertConfig, QuantizableBertForMaskedLM
+from hf_quantizable.paths import write_text_atomic
 
 RESULTS = Path(__file__).parent / "results" / "attention_overhead.json"
 
@@ -50,9 +51,7 @@ def build_models(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
         models[name] = QuantizableBertForMaskedLM(QuantizableBertConfig(**size, **options)).train()
     for impl in ("eager", "sdpa"):
         torch.manual_seed(0)
-        models[f"stock transformers ({impl})"] = BertForMaskedLM(
-            BertConfig(**size, attn_implementation=impl)
-        ).train()
+        models[f"stock transformers ({impl})"] = BertForMaskedLM(BertConfig(**size, attn_implementation=impl)).train()
     return models
 
 
@@ -109,10 +108,7 @@ def main() -> None:
             "transformers": transformers.__version__,
         },
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.output.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(args.output)
+    write_text_atomic(args.output, json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.output}")
 
 

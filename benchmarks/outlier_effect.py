@@ -25,6 +25,7 @@ import torch
 
 from hf_quantizable.evaluation import compute_outlier_stats
 from hf_quantizable.evaluation.results import package_versions
+from hf_quantizable.paths import write_text_atomic
 from hf_quantizable.training.callbacks import gate_statistics, probe_quality, record_gates
 from hf_quantizable.training.presets import VARIANTS, apply_overrides, get_preset
 from hf_quantizable.training.runner import (
@@ -167,10 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             "variants": results,
         }
     ]
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_suffix(".tmp")
-    tmp.write_text(json.dumps(document, indent=1) + "\n")
-    tmp.replace(output)
+    write_text_atomic(output, json.dumps(document, indent=1) + "\n")
     return 0
 
 

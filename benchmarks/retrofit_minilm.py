@@ -27,7 +27,7 @@ from transformers import AutoTokenizer, default_data_collator
 from hf_quantizable.evaluation import compute_outlier_stats
 from hf_quantizable.evaluation.results import package_versions
 from hf_quantizable.modeling.modeling_quantizable_bert import QuantizableBertModel
-from hf_quantizable.paths import shared_data_dir
+from hf_quantizable.paths import shared_data_dir, write_text_atomic
 from hf_quantizable.quantization import W8A8Config, quantize_model
 from hf_quantizable.retrofit import main as retrofit_main
 from hf_quantizable.training.data import load_text_datasets
@@ -132,10 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
     }
     output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = output.with_suffix(".tmp")
-    tmp_path.write_text(json.dumps(document, indent=1) + "\n")
-    tmp_path.replace(output)
+    write_text_atomic(output, json.dumps(document, indent=1) + "\n")
     return 0
 
 

@@ -25,6 +25,7 @@ from .hub.evaluate import evaluate_for_card
 from .hub.folder import PLOTS_DIR
 from .hub.publish import plan_push, write_plan
 from .hub.upload import check_repo_id
+from .paths import write_text_atomic
 from .training import embedded
 
 VARIANTS = ("vanilla", "gated", "clipped")
@@ -64,11 +65,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def write_texts(path: Path, lines: list[str]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def _run(step: str, code: int) -> None:

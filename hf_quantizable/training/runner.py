@@ -33,6 +33,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from ..modeling.modeling_quantizable_bert import QuantizableBertForMaskedLM
 from ..modeling.modeling_quantizable_opt import QuantizableOPTForCausalLM
 from ..modeling.modeling_quantizable_vit import QuantizableViTForImageClassification
+from ..paths import write_text_atomic
 from .callbacks import TRACKING_FILE, OutlierTrackingCallback
 from .data import load_image_datasets, load_text_datasets
 from .presets import CONFIG_CLASSES, TrainingPreset
@@ -89,9 +90,7 @@ def check_output_dir(output_dir: Path, recipe: dict[str, Any], resume: bool) -> 
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def build_model(preset: TrainingPreset, processing: Any, labels: list[str] | None = None) -> PreTrainedModel:
