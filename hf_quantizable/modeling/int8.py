@@ -27,7 +27,16 @@ _CODES = "_w8a8_codes"
 
 
 class QuantPoint(nn.Identity):
-    """Marks an activation that W8A8 quantizes; the identity in floating point."""
+    """Marks an activation that W8A8 quantizes; the identity in floating point.
+
+    `residual_stream` marks the activations of the residual stream that no matrix product reads
+    (residual sums and the layer outputs added into them): only LayerNorms and additions consume
+    them, so they may also be quantized with one grid per hidden channel.
+    """
+
+    def __init__(self, residual_stream: bool = False):
+        super().__init__()
+        self.residual_stream = residual_stream
 
 
 def activation_qparams(x_min: torch.Tensor, x_max: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,15 +81,17 @@ def quantize_weight(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Te
 class Int8ActivationQuantizer(nn.Module):
     """Static asymmetric activation quantizer of an INT8 checkpoint (the simulation's arithmetic).
 
-    The output is the dequantized activation; the consuming `Int8Linear`s compute its uint8 codes
-    once and leave them on the tensor for each other (Q, K and V share one input).
+    One grid per tensor, or one per hidden channel (`channels`, residual-stream points only). The
+    output is the dequantized activation; the consuming `Int8Linear`s compute its uint8 codes once
+    and leave them on the tensor for each other (Q, K and V share one input).
     """
 
-    def __init__(self, bits: int):
+    def __init__(self, bits: int, channels: int | None = None):
         super().__init__()
         self.bits = bits
-        self.register_buffer("scale", torch.ones(()))
-        self.register_buffer("zero_point", torch.zeros(()))
+        shape = () if channels is None else (channels,)
+        self.register_buffer("scale", torch.ones(shape))
+        self.register_buffer("zero_point", torch.zeros(shape))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fake_quantize_activation(x, self.scale, self.zero_point, self.bits)
@@ -245,20 +256,22 @@ def convert_to_int8(model: nn.Module, w8a8_config: dict) -> None:
     """Rebuild `model` with the INT8 modules described by `w8a8_config` (in place, idempotent).
 
     `w8a8_config` holds the quantizer settings plus `quantized_linears` (name -> whether its input
-    has a calibrated grid) and `quantized_activations` (names of the quantized `QuantPoint`s),
-    names relative to the base model (without its `base_model_prefix`).
+    has a calibrated grid), `quantized_activations` (names of the quantized `QuantPoint`s) and
+    `per_channel_activations` (name -> channels, for the points with one grid per channel), names
+    relative to the base model (without its `base_model_prefix`).
     """
     prefix = getattr(model, "base_model_prefix", "")
     linears = w8a8_config["quantized_linears"]
     activations = set(w8a8_config["quantized_activations"])
     per_channel = bool(w8a8_config.get("per_channel_weights", False))
     shortcut_modules = set(w8a8_config.get("shortcut_scales", []))
+    channels = w8a8_config.get("per_channel_activations", {})
     for name, module in list(model.named_modules()):
         key = _strip_prefix(name, prefix)
         if key in shortcut_modules and not hasattr(module, "shortcut_scale"):
             install_shortcut_scale(module, torch.ones(module.LayerNorm.normalized_shape))
         if isinstance(module, QuantPoint) and key in activations:
-            replacement = Int8ActivationQuantizer(w8a8_config["activation_bits"])
+            replacement = Int8ActivationQuantizer(w8a8_config["activation_bits"], channels.get(key))
         elif type(module) is nn.Linear and key in linears:
             replacement = Int8Linear(
                 module.in_features,

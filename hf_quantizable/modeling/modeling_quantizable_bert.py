@@ -33,7 +33,7 @@ class QuantizableBertEmbeddings(BertEmbeddings):
 
     def __init__(self, config: QuantizableBertConfig):
         super().__init__(config)
-        self.sum_quant = QuantPoint()
+        self.sum_quant = QuantPoint(residual_stream=True)
         self.output_quant = QuantPoint()
 
     def forward(
@@ -94,8 +94,8 @@ class QuantizableBertResidualOutput(nn.Module):
         self.dense = nn.Linear(in_features, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
-        self.dense_quant = QuantPoint()
-        self.residual_quant = QuantPoint()
+        self.dense_quant = QuantPoint(residual_stream=True)
+        self.residual_quant = QuantPoint(residual_stream=True)
         self.output_quant = QuantPoint()
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ class QuantizableOPTAttention(nn.Module):
         self.k_quant = QuantPoint()
         self.v_quant = QuantPoint()
         self.core = AttentionCore(config, self.num_heads, self.head_dim, config.attention_dropout)
-        self.out_quant = QuantPoint()
+        self.out_quant = QuantPoint(residual_stream=True)
 
     def forward(
         self,
@@ -73,11 +73,11 @@ class QuantizableOPTDecoderLayer(GradientCheckpointingLayer):
             config.hidden_size, elementwise_affine=config.layer_norm_elementwise_affine
         )
         self.attn_ln_quant = QuantPoint()
-        self.attn_residual_quant = QuantPoint()
+        self.attn_residual_quant = QuantPoint(residual_stream=True)
         self.ffn_ln_quant = QuantPoint()
         self.act_quant = QuantPoint()
-        self.fc2_quant = QuantPoint()
-        self.ffn_residual_quant = QuantPoint()
+        self.fc2_quant = QuantPoint(residual_stream=True)
+        self.ffn_residual_quant = QuantPoint(residual_stream=True)
 
     def forward(self, hidden_states, mask, past_key_values=None, output_attentions=False):
         # OPT-125m and most sizes are pre-LN; OPT-350m normalises after the residual (post-LN).
@@ -139,7 +139,7 @@ class QuantizableOPTDecoder(nn.Module):
         self.layers = nn.ModuleList(
             [QuantizableOPTDecoderLayer(config, layer_idx=i) for i in range(config.num_hidden_layers)]
         )
-        self.embed_quant = QuantPoint()
+        self.embed_quant = QuantPoint(residual_stream=True)
         self.final_ln_quant = QuantPoint()
 
     def forward(

@@ -28,7 +28,7 @@ class QuantizableViTEmbeddings(ViTEmbeddings):
         self.patch_layernorm = (
             nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.patch_embed_layernorm else None
         )
-        self.embed_quant = QuantPoint()
+        self.embed_quant = QuantPoint(residual_stream=True)
 
     def forward(
         self,
@@ -83,7 +83,7 @@ class QuantizableViTProjection(nn.Module):
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
         self.dense = nn.Linear(in_features, out_features)
-        self.dense_quant = QuantPoint()
+        self.dense_quant = QuantPoint(residual_stream=True)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.dense_quant(self.dense(hidden_states))
@@ -123,9 +123,9 @@ class QuantizableViTLayer(GradientCheckpointingLayer):
         self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.attn_ln_quant = QuantPoint()
-        self.attn_residual_quant = QuantPoint()
+        self.attn_residual_quant = QuantPoint(residual_stream=True)
         self.ffn_ln_quant = QuantPoint()
-        self.ffn_residual_quant = QuantPoint()
+        self.ffn_residual_quant = QuantPoint(residual_stream=True)
 
     def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False):
         attention_output, probs = self.attention(

@@ -37,8 +37,9 @@ def insert_quantizers(model: nn.Module, config: W8A8Config) -> None:
         if is_kept_fp(name, config) or any(name.startswith(gate + ".") for gate in gates):
             continue
         if isinstance(module, QuantPoint):
+            per_channel = config.per_channel_residuals and module.residual_stream
             estimator = ActivationRangeEstimator(
-                config.activation_estimator, config.activation_bits, config.momentum, config.percentile
+                config.activation_estimator, config.activation_bits, config.momentum, config.percentile, per_channel
             )
             replacement = ActivationQuantizer(config.activation_bits, estimator)
         elif type(module) is nn.Linear:
@@ -91,7 +92,11 @@ def run_batches(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) ->
 
 
 def _find_linear_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> None:
-    """Record, for every QuantizedLinear, which activation quantizer produced its input."""
+    """Record, for every QuantizedLinear, which activation quantizer produced its input.
+
+    A quantizer read by a linear layer gets one grid per tensor (the integer GEMM needs it), even
+    where `per_channel_residuals` asked for channels (e.g. the embeddings of post-LayerNorm OPT).
+    """
     produced: dict[int, tuple[torch.Tensor, str]] = {}
     handles = []
     quantizers = activation_quantizers(model)
@@ -104,8 +109,11 @@ def _find_linear_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> Non
         source = produced.get(id(args[0]))
         name = source[1] if source is not None and source[0] is args[0] else None
         module.set_input_quantizer(name, quantizers.get(name))
+        if name is not None:
+            quantizers[name].estimator.per_channel = False
 
     handles += [linear.register_forward_pre_hook(find_producer) for linear in quantized_linears(model).values()]
+    set_mode(model, "fp")
     try:
         for _ in run_batches(model, [batch]):
             pass
@@ -153,7 +161,6 @@ def quantize_model(
     if config.gamma_migration:
         migrate_gamma(model)
     insert_quantizers(model, config)
-    set_mode(model, "calibrate")
     with torch.no_grad():
         _find_linear_inputs(model, batches[0])
     calibrate(model, batches, progress)

@@ -27,6 +27,10 @@ class W8A8Config:
         percentile: upper percentile of `percentile` (the lower one is 100 - percentile), in (50, 100].
         num_calibration_batches: batches used to estimate activation ranges (>= 1).
         per_channel_weights: one weight scale per output channel instead of per tensor.
+        per_channel_residuals: one activation grid per hidden channel for the residual-stream points
+            that no matrix product reads (residual sums and the outputs added into them; the
+            per-embedding-group quantization of Bondarenko et al. 2021 with one group per channel).
+            The inputs of the integer matrix products stay per tensor.
         keep_fp_modules: module names (any dotted component) kept in floating point.
         gamma_migration: Outlier Suppression gamma migration (exact in floating point).
         token_wise_clipping: Outlier Suppression token-wise clipping of activation ranges.
@@ -43,6 +47,7 @@ class W8A8Config:
     percentile: float = 99.99
     num_calibration_batches: int = 16
     per_channel_weights: bool = False
+    per_channel_residuals: bool = False
     keep_fp_modules: list[str] = field(default_factory=lambda: list(DEFAULT_KEEP_FP))
     gamma_migration: bool = False
     token_wise_clipping: bool = False

@@ -29,6 +29,11 @@ def int8_config_dict(model: nn.Module) -> dict:
             for name, linear in quantized_linears(model).items()
         },
         "quantized_activations": sorted(_strip(name, prefix) for name in activation_quantizers(model)),
+        "per_channel_activations": {
+            _strip(name, prefix): quantizer.scale.numel()
+            for name, quantizer in activation_quantizers(model).items()
+            if quantizer.per_channel
+        },
         "shortcut_scales": sorted(_strip(name, prefix) for name in getattr(model, "w8a8_shortcut_scales", [])),
     }
 

@@ -22,7 +22,8 @@ def _round_ste(x: torch.Tensor) -> torch.Tensor:
 
 
 class ActivationQuantizer(nn.Module):
-    """Asymmetric per-tensor fake-quantizer of one activation.
+    """Asymmetric fake-quantizer of one activation: one grid per tensor, or one per channel of the
+    last axis when its range estimator is `per_channel`.
 
     Modes: `calibrate` (identity; feeds the range estimator), `quantize` (round and clamp with
     the calibrated scale and zero point), `fp` (identity), `observe` (identity; calls `observers`). With `learn_scale`, the scale gets a
@@ -40,14 +41,20 @@ class ActivationQuantizer(nn.Module):
         self.observers: list = []  # callables seeing the FP input in observe mode
 
     def extra_repr(self) -> str:
+        if self.per_channel:
+            return f"bits={self.bits}, mode={self.mode}, per_channel={self.scale.numel()}"
         return (
             f"bits={self.bits}, mode={self.mode}, scale={self.scale.item():.4g}, zero_point={self.zero_point.item():g}"
         )
 
+    @property
+    def per_channel(self) -> bool:
+        return self.estimator.per_channel
+
     def set_range(self, x_min: torch.Tensor, x_max: torch.Tensor) -> None:
         scale, zero_point = activation_qparams(torch.as_tensor(x_min), torch.as_tensor(x_max), self.bits)
-        self.scale.copy_(scale)
-        self.zero_point.copy_(zero_point)
+        self.scale = scale.to(self.scale.device)
+        self.zero_point = zero_point.to(self.zero_point.device)
 
     def finalize(self) -> None:
         """Take the calibrated range and switch to `quantize`."""
@@ -55,9 +62,9 @@ class ActivationQuantizer(nn.Module):
         self.mode = "quantize"
 
     def quant_range(self) -> tuple[float, float]:
-        """The representable range `[min, max]` of the current grid."""
+        """The representable range `[min, max]` of the current grid (over all channels)."""
         levels = 2**self.bits - 1
-        return (-self.zero_point * self.scale).item(), ((levels - self.zero_point) * self.scale).item()
+        return (-self.zero_point * self.scale).min().item(), ((levels - self.zero_point) * self.scale).max().item()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "calibrate":

@@ -139,9 +139,10 @@ def token_wise_clipping(model: nn.Module, batches: list[dict], config: W8A8Confi
     calibrated = {name: (q.scale.clone(), q.zero_point.clone()) for name, q in quantizers.items()}
     best_mse = calibrated_mse = _output_mse(model, batches, targets)
     best = calibrated
-    # Coarse: one quantile of the per-token max/min for every quantizer.
+    # Coarse: one quantile of the per-token max/min for every per-tensor quantizer.
+    per_tensor = {name: q for name, q in quantizers.items() if not q.per_channel}
     for quantile in config.clipping_quantiles:
-        for name, quantizer in quantizers.items():
+        for name, quantizer in per_tensor.items():
             maxes, mins = extremes[name]
             quantizer.set_range(_quantile(mins, 1.0 - quantile), _quantile(maxes, quantile))
         mse = _output_mse(model, batches, targets)

@@ -31,25 +31,43 @@ def weight_absmax(weight: torch.Tensor, bits: int, estimator: str, per_channel: 
     return best
 
 
-def _flat_sample(x: torch.Tensor) -> torch.Tensor:
-    flat = x.detach().reshape(-1).float()
-    if flat.numel() > _MSE_MAX_SAMPLES:
-        flat = flat[:: flat.numel() // _MSE_MAX_SAMPLES + 1]
-    return flat
+def _sample(x: torch.Tensor) -> torch.Tensor:
+    """At most `_MSE_MAX_SAMPLES` evenly spaced values along the last axis of `x` (`[N]` or `[C, N]`)."""
+    n = x.shape[-1]
+    return x[..., :: n // _MSE_MAX_SAMPLES + 1] if n > _MSE_MAX_SAMPLES else x
 
 
-def _quant_error(flat: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int) -> float:
+def _quant_error(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
+    """Mean squared fake-quantization error along the last axis of `x` with the range `[lo, hi]`."""
     scale, zero_point = activation_qparams(lo, hi, bits)
-    return (fake_quantize_activation(flat, scale, zero_point, bits) - flat).pow(2).mean().item()
+    if x.dim() == 2:
+        scale, zero_point = scale[:, None], zero_point[:, None]
+    return (fake_quantize_activation(x, scale, zero_point, bits) - x).pow(2).mean(dim=-1)
+
+
+def _best_fraction(x: torch.Tensor, candidate, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `(lo, hi) = candidate(f)` over the fractions `f` of `_MSE_GRID` with the smallest error."""
+    best_err, best = None, None
+    for fraction in _MSE_GRID:
+        lo, hi = candidate(fraction)
+        err = _quant_error(x, lo, hi, bits)
+        if best is None:
+            best_err, best = err, (lo, hi)
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = (torch.where(better, lo, best[0]), torch.where(better, hi, best[1]))
+    return best
 
 
 def mse_range(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Range minimising the fake-quantization MSE of `x`: a grid over fractions of the max (with the
-    min fixed), then over fractions of the min (with the chosen max)."""
-    flat = _flat_sample(x)
-    lo, hi = flat.min(), flat.max()
-    hi = min((hi * f for f in _MSE_GRID), key=lambda c: _quant_error(flat, lo, c, bits))
-    lo = min((lo * f for f in _MSE_GRID), key=lambda c: _quant_error(flat, c, hi, bits))
+    """Range minimising the fake-quantization MSE along the last axis of `x` (`[N]`, or `[C, N]` for one
+    range per row): a grid over fractions of the max (with the min fixed), then over fractions of
+    the min (with the chosen max)."""
+    x = _sample(x)
+    lo, hi = x.amin(dim=-1), x.amax(dim=-1)
+    _, hi = _best_fraction(x, lambda f: (lo, hi * f), bits)
+    lo, _ = _best_fraction(x, lambda f: (lo * f, hi), bits)
     return lo, hi
 
 
@@ -59,28 +77,37 @@ class ActivationRangeEstimator:
     - `running_minmax`: first batch's min/max, then `m * old + (1 - m) * new` per batch;
     - `percentile`: per-batch `(100 - p)` and `p` percentiles, averaged over batches;
     - `mse`: per-batch MSE-optimal range (see `mse_range`), averaged over batches.
+
+    With `per_channel`, one range per channel of the last axis (statistics over all other axes).
     """
 
-    def __init__(self, estimator: str, bits: int, momentum: float = 0.9, percentile: float = 99.99):
+    def __init__(
+        self, estimator: str, bits: int, momentum: float = 0.9, percentile: float = 99.99, per_channel: bool = False
+    ):
         self.estimator = estimator
         self.bits = bits
         self.momentum = momentum
         self.percentile = percentile
+        self.per_channel = per_channel
         self.x_min: torch.Tensor | None = None
         self.x_max: torch.Tensor | None = None
         self.num_batches = 0
 
     def _batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.per_channel:
+            return self._range_of(x.detach().reshape(-1, x.shape[-1]).float().t())  # [C, N]
+        return self._range_of(x.detach().reshape(-1).float())
+
+    def _range_of(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Range of the values along the last axis of `x` (`[N]` or `[C, N]`)."""
         if self.estimator == "running_minmax":
-            lo, hi = torch.aminmax(x.detach())
-            return lo.float(), hi.float()
+            return x.amin(dim=-1), x.amax(dim=-1)
         if self.estimator == "mse":
             return mse_range(x, self.bits)
-        flat = x.detach().reshape(-1).float()
-        n = flat.numel()
+        n = x.shape[-1]
         upper_k = min(n, max(1, round(self.percentile / 100 * n)))
         lower_k = max(1, n - upper_k + 1)
-        return flat.kthvalue(lower_k).values, flat.kthvalue(upper_k).values
+        return x.kthvalue(lower_k, dim=-1).values, x.kthvalue(upper_k, dim=-1).values
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
