@@ -1,5 +1,6 @@
 """Plots are written as non-empty PNG files."""
 
+import matplotlib.figure
 import pytest
 import torch
 
@@ -51,3 +52,16 @@ def test_empty_inputs_fail_clearly(tmp_path):
     with pytest.raises(ValueError, match="empty"):
         plot_outlier_dims({}, tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_failed_save_leaves_no_file(tmp_path, monkeypatch):
+    def broken_savefig(self, fname, **kwargs):
+        with open(fname, "wb") as f:
+            f.write(PNG_MAGIC)  # a partial PNG, then the writer dies
+        raise OSError("disk full")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", broken_savefig)
+    stats = {"vanilla fp32": compute_outlier_stats(tiny_model("bert"), [tiny_inputs("bert")])}
+    with pytest.raises(OSError, match="disk full"):
+        plot_layer_stats(stats, tmp_path / "layers.png")
+    assert list(tmp_path.iterdir()) == []

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import jsonschema
 import pytest
@@ -14,6 +15,7 @@ from hf_quantizable.evaluation.results import (
     validate_results,
     write_results,
 )
+from hf_quantizable.paths import atomic_path, write_bytes_atomic, write_text_atomic
 
 
 def _record(**overrides) -> ResultRecord:
@@ -79,3 +81,24 @@ def test_schema_rejects_bad_documents(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps(missing))
     with pytest.raises(jsonschema.ValidationError):
         read_results(tmp_path / "bad.json")
+
+
+def test_atomic_writers_never_leave_a_half_written_file(tmp_path):
+    path = tmp_path / "sub" / "results.json"
+    write_text_atomic(path, "old\n")
+    with pytest.raises(RuntimeError, match="mid-write"):
+        with atomic_path(path) as tmp:
+            assert tmp.parent == path.parent and tmp.name.startswith(".results.") and tmp.suffix == ".json"
+            tmp.write_text("partial")
+            raise RuntimeError("killed mid-write")
+    assert path.read_text() == "old\n"
+    assert [p.name for p in path.parent.iterdir()] == ["results.json"]  # the temporary file is gone
+    assert write_bytes_atomic(path, b"\x00\xff") == path and path.read_bytes() == b"\x00\xff"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # ordinary permissions, not mkstemp's 0600
+    with atomic_path(path) as first, atomic_path(path) as second:
+        assert first != second  # unique temporary names: concurrent writers never share one
+        first.write_text("1")
+        second.write_text("2")
+    assert path.read_text() == "1"  # the last rename wins; both are complete files

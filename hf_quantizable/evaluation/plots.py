@@ -1,7 +1,6 @@
 """PNG figures of the evaluation (matplotlib, Agg backend): the papers' outlier and attention plots."""
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,19 +12,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from ..paths import atomic_path  # noqa: E402
+
 
 def _save(figure, path: str | os.PathLike) -> Path:
     """Save `figure` as PNG at `path` (temporary file, then rename) and close it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        figure.savefig(tmp, dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     finally:
         plt.close(figure)
-        Path(tmp).unlink(missing_ok=True)
     return path
 
 

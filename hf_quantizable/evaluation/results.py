@@ -11,13 +11,14 @@ import json
 import math
 import os
 import platform
-import tempfile
 from collections.abc import Iterable
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import jsonschema
+
+from ..paths import write_text_atomic
 
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).with_name("result.schema.json")
@@ -117,17 +118,7 @@ def write_results(records: Iterable[ResultRecord], path: str | os.PathLike, appe
         records = read_results(path) + records
     document = {"schema_version": SCHEMA_VERSION, "records": [record.to_dict() for record in records]}
     validate_results(document)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(document, f, indent=2, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomic(path, json.dumps(document, indent=2, allow_nan=False) + "\n")
 
 
 def read_results(path: str | os.PathLike) -> list[ResultRecord]:

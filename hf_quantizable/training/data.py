@@ -6,7 +6,6 @@ Images are decoded and augmented on the fly with `with_transform`.
 """
 
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from datasets.config import HF_DATASETS_CACHE
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from ..paths import write_text_atomic
 from . import embedded
 from .presets import DataSpec
 
@@ -45,10 +45,7 @@ def _embedded_text_file(kind: str, num_lines: int, seed: int) -> Path:
     """Write the generated corpus once (atomic rename), so `load_dataset("text")` caches the map."""
     path = embedded_cache_dir() / f"{kind}-{num_lines}-{seed}.txt"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text("\n".join(EMBEDDED_TEXT[kind](num_lines, seed)) + "\n", encoding="utf-8")
-        tmp.replace(path)
+        write_text_atomic(path, "\n".join(EMBEDDED_TEXT[kind](num_lines, seed)) + "\n")
     return path
 
 
