@@ -1,5 +1,7 @@
-"""lm-eval: the registered `hf-quantizable` model and the local task YAMLs, offline on a tiny OPT."""
+"""lm-eval: the registered `hf-quantizable` model, the stock `hf` model on our checkpoints, and the local
+task YAMLs, offline on a tiny OPT."""
 
+import json
 import math
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from hf_quantizable.evaluation.lm_eval_model import lm_eval_records
 from hf_quantizable.evaluation.results import read_results, write_results
 from hf_quantizable.quantization import W8A8Config, W8A8Quantizer
 from tests.conftest import tiny_model
+from tests.isolation import run_without_package
 
 EVAL_TASKS = str(Path(__file__).resolve().parents[1] / "eval_tasks")
 
@@ -90,3 +93,73 @@ def test_simple_evaluate_offline(opt_dirs, variant, tmp_path):
 def test_w8a8_on_int8_checkpoint_is_rejected(opt_dirs):
     with pytest.raises(ValueError, match="already INT8"):
         lm_eval_model.QuantizableLM(pretrained=str(opt_dirs / "int8"), w8a8=True)
+
+
+def _evaluate(model: str, model_args: str, tasks: list[str]) -> dict:
+    return lm_eval.simple_evaluate(
+        model=model,
+        model_args=model_args,
+        tasks=tasks,
+        task_manager=TaskManager(include_path=EVAL_TASKS, include_defaults=False),
+        limit=4,
+        bootstrap_iters=0,
+    )["results"]
+
+
+@pytest.mark.parametrize("variant", ["fp", "int8"])
+def test_stock_hf_model_runs_our_checkpoints(opt_dirs, variant):
+    """`lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True` gives the numbers of `hf-quantizable`."""
+    common = f"pretrained={opt_dirs / variant},max_length=128,batch_size=8"
+    tasks = ["wikitext2_local", "sst2_local"]
+    stock = _evaluate("hf", f"{common},trust_remote_code=True,device=cpu", tasks)
+    ours = _evaluate("hf-quantizable", common, tasks)
+    for task, metric in [
+        ("wikitext2_local", "word_perplexity,none"),
+        ("wikitext2_local", "bits_per_byte,none"),
+        ("sst2_local", "acc,none"),
+    ]:
+        assert stock[task][metric] == pytest.approx(ours[task][metric], rel=1e-6), (task, metric)
+
+
+def test_stock_hf_model_without_our_package(opt_dirs, data_dir):
+    """The stock `hf` model loads the FP and the INT8 checkpoint through their remote code alone."""
+    ours = {
+        variant: _evaluate("hf-quantizable", f"pretrained={opt_dirs / variant},max_length=128", ["wikitext2_local"])
+        for variant in ("fp", "int8")
+    }
+    out = run_without_package(
+        f"""
+        import json, os
+        os.environ["HF_QUANTIZABLE_DATA"] = {str(data_dir)!r}
+        import lm_eval, torch
+        from lm_eval.api.registry import get_model
+        from lm_eval.tasks import TaskManager
+        torch.set_num_threads(1)
+        result = {{}}
+        for variant in ("fp", "int8"):
+            lm = get_model("hf").create_from_arg_string(
+                "pretrained={opt_dirs}/" + variant + ",trust_remote_code=True,max_length=128", {{"device": "cpu"}}
+            )
+            linears = [type(m).__name__ for m in lm.model.modules() if "Linear" in type(m).__name__]
+            output = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=["wikitext2_local"],
+                task_manager=TaskManager(include_path={EVAL_TASKS!r}, include_defaults=False),
+                limit=4,
+                bootstrap_iters=0,
+            )
+            result[variant] = {{
+                "module": type(lm.model).__module__,
+                "int8_linears": linears.count("Int8Linear"),
+                "ppl": output["results"]["wikitext2_local"]["word_perplexity,none"],
+            }}
+        print(json.dumps(result))
+        """
+    )
+    result = json.loads(out.strip().splitlines()[-1])
+    for variant in ("fp", "int8"):
+        assert result[variant]["module"].startswith("transformers_modules."), result[variant]  # remote code
+        assert result[variant]["ppl"] == pytest.approx(
+            ours[variant]["wikitext2_local"]["word_perplexity,none"], rel=1e-6
+        )
+    assert result["fp"]["int8_linears"] == 0 and result["int8"]["int8_linears"] > 0
