@@ -1,5 +1,6 @@
 """GLUE: TSV reading, official metrics against scikit-learn/scipy, a short MiniLM fine-tune FP -> W8A8."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -10,8 +11,12 @@ from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 from transformers import AutoTokenizer
 
 from hf_quantizable import QuantizableBertForSequenceClassification
+from hf_quantizable import evaluate as evaluate_cli
+from hf_quantizable.evaluation import glue
 from hf_quantizable.evaluation.glue import (
+    GLUE_PRESETS,
     GLUE_TASKS,
+    GluePreset,
     finetune_glue,
     get_preset,
     get_task,
@@ -20,6 +25,7 @@ from hf_quantizable.evaluation.glue import (
     predict,
     read_glue_tsv,
     tokenize_glue,
+    training_arguments,
 )
 from hf_quantizable.evaluation.results import read_results
 from hf_quantizable.quantization import W8A8Config
@@ -118,3 +124,63 @@ def test_short_minilm_finetune_fp_and_w8a8(data_dir, minilm_path, tmp_path):
     assert records[0].value == pytest.approx(accuracy_score(validation["label"], logits.argmax(-1)))
     assert records[0].n == 64 and records[0].dataset_config == "sst2"
     assert torch.isfinite(torch.tensor(records[1].value))
+
+
+@pytest.mark.parametrize("name", sorted(GLUE_PRESETS))
+def test_preset_fields_reach_training_arguments(name, tmp_path):
+    preset = get_preset(name)
+    args = training_arguments(preset, tmp_path / "trainer", max_steps=7, seed=3, progress=False)
+    assert args.learning_rate == preset.learning_rate
+    assert args.num_train_epochs == preset.num_train_epochs
+    assert args.per_device_train_batch_size == preset.batch_size
+    assert args.weight_decay == preset.weight_decay
+    assert args.warmup_steps == preset.warmup_ratio
+    assert (args.max_steps, args.seed, args.disable_tqdm, args.report_to) == (7, 3, True, [])
+    assert preset.source
+
+
+def test_liao_monz_preset_says_what_is_unverified():
+    preset = get_preset("liao-monz")
+    assert "2402.12102" in preset.source and "Table 4" in preset.source
+    assert "NOT from the paper" in preset.source  # the table could not be read: placeholders are marked
+    assert set(preset.unverified) == {f.name for f in dataclasses.fields(GluePreset)} - {"name", "source", "unverified"}
+    assert get_preset("bondarenko").unverified == ()
+    with pytest.raises(ValueError, match="unknown fields \\['epochs'\\]"):
+        GluePreset("x", 128, 3.0, 2e-5, 16, unverified=("epochs",))
+
+
+def test_unknown_preset_names_the_allowed_values(minilm_path, tmp_path, capsys):
+    with pytest.raises(ValueError, match="choose one of \\['bondarenko', 'cpu-smoke', 'liao-monz'\\]"):
+        get_preset("fast")
+    argv = [minilm_path, "--task", "glue", "--glue-task", "rte", "--preset", "fast", "--output", str(tmp_path / "x")]
+    assert evaluate_cli.main(argv) == 2
+    assert (
+        "unknown GLUE preset 'fast'; choose one of ['bondarenko', 'cpu-smoke', 'liao-monz']" in capsys.readouterr().err
+    )
+    assert not (tmp_path / "x").exists()
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_cli_preset_reaches_the_trainer(minilm_path, data_dir, tmp_path, monkeypatch):
+    """`evaluate --task glue --preset liao-monz` -> finetune_glue -> the TrainingArguments given to Trainer."""
+    seen = {}
+
+    class RecordingTrainer:
+        def __init__(self, model, args, **kwargs):
+            seen["args"] = args
+            raise _Stop
+
+    monkeypatch.setattr(glue, "Trainer", RecordingTrainer)
+    output = tmp_path / "rte"
+    argv = [minilm_path, "--task", "glue", "--glue-task", "rte", "--preset", "liao-monz"]
+    argv += ["--glue-data", str(data_dir / "glue"), "--max-train-samples", "8", "--max-eval-samples", "8"]
+    with pytest.warns(UserWarning, match="'liao-monz': max_length, num_train_epochs, learning_rate"):
+        with pytest.raises(_Stop):
+            evaluate_cli.run(evaluate_cli.build_parser().parse_args([*argv, "--output", str(output)]))
+    preset, args = get_preset("liao-monz"), seen["args"]
+    assert (args.learning_rate, args.per_device_train_batch_size) == (preset.learning_rate, preset.batch_size)
+    assert (args.num_train_epochs, args.weight_decay) == (preset.num_train_epochs, preset.weight_decay)
+    assert list(tmp_path.iterdir()) == []  # the temporary folder is removed when training fails
