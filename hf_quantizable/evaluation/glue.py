@@ -420,7 +420,8 @@ def finetune_glue(
             n=len(validation),
             seed=seed,
         )
-        extra = {"preset": dataclasses.asdict(settings), "train_examples": len(train), "max_steps": max_steps}
+        preset_record = {**dataclasses.asdict(settings), "unverified": list(settings.unverified)}  # JSON-native
+        extra = {"preset": preset_record, "train_examples": len(train), "max_steps": max_steps}
         records = [
             ResultRecord(precision="fp32", metric=name, value=value, extra=extra, **common)
             for name, value in glue_metrics(
