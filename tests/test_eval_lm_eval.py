@@ -88,6 +88,12 @@ def test_simple_evaluate_offline(opt_dirs, variant, tmp_path):
     assert by_metric[("sst2_local", "acc")].split == "validation" and by_metric[("sst2_local", "acc")].n == 4
     assert by_metric[("wikitext2_local", "bits_per_byte")].split == "test"
     assert {r.precision for r in records} == {precision} and {r.task for r in records} == {"lm-eval"}
+    assert sorted((r.dataset, r.metric) for r in records) == [
+        ("sst2_local", "acc"),
+        ("wikitext2_local", "bits_per_byte"),
+        ("wikitext2_local", "byte_perplexity"),
+        ("wikitext2_local", "word_perplexity"),
+    ]  # no "sample_len" or stderr pseudo-metrics
 
 
 def test_w8a8_on_int8_checkpoint_is_rejected(opt_dirs):

@@ -99,8 +99,9 @@ def lm_eval_records(output: dict, model: str, attn_impl: str, precision: str) ->
         split = config.get("test_split") or config.get("validation_split") or "unknown"
         n = int(output["n-samples"][task]["effective"])
         for key, value in metrics.items():
-            metric, _, filter_name = key.partition(",")
-            if metric == "alias" or metric.endswith("_stderr") or not isinstance(value, (int, float)):
+            metric, comma, filter_name = key.partition(",")
+            # metrics are "name,filter"; "name", "alias" and "sample_len" (the sample count, in `n`) are not
+            if not comma or metric.endswith("_stderr") or not isinstance(value, (int, float)):
                 continue
             records.append(
                 ResultRecord(
