@@ -20,7 +20,13 @@ from hf_quantizable.quantization.ranges import ActivationRangeEstimator, weight_
 
 
 def test_config_json_round_trip(tmp_path):
-    config = W8A8Config(weight_bits=6, activation_estimator="percentile", percentile=99.999, per_channel_weights=True)
+    config = W8A8Config(
+        weight_bits=6,
+        activation_estimator="percentile",
+        percentile=99.999,
+        per_channel_weights=True,
+        per_channel_residuals=True,
+    )
     config.to_json_file(tmp_path / "q.json")
     assert W8A8Config.from_json_file(tmp_path / "q.json") == config
     assert W8A8Config.from_dict(json.loads(config.to_json_string())) == config
@@ -78,6 +84,35 @@ def test_mse_range_clips_gaussian_tails_at_low_bits():
     clipped_err = (fake_quantize_activation(x, scale, zp, 4) - x).pow(2).mean()
     scale, zp = activation_qparams(x.min(), x.max(), 4)
     assert clipped_err < (fake_quantize_activation(x, scale, zp, 4) - x).pow(2).mean()
+
+
+def test_per_channel_minmax_matches_hand_computation():
+    estimator = ActivationRangeEstimator("running_minmax", 8, momentum=0.5, per_channel=True)
+    estimator.update(torch.tensor([[[1.0, -2.0], [3.0, 4.0]]]))  # [batch, tokens, channels]
+    estimator.update(torch.tensor([[[-1.0, 0.0], [5.0, 8.0]]]))
+    x_min, x_max = estimator.range()
+    assert x_min.tolist() == pytest.approx([0.5 * 1 + 0.5 * -1, -2.0 * 0.5 + 0.0 * 0.5])
+    assert x_max.tolist() == pytest.approx([0.5 * 3 + 0.5 * 5, 0.5 * 4 + 0.5 * 8])
+
+
+@pytest.mark.parametrize("kind", ["running_minmax", "percentile", "mse"])
+def test_per_channel_estimator_equals_one_estimator_per_channel(kind):
+    torch.manual_seed(0)
+    batches = [
+        torch.randn(4, 300, 3) * torch.tensor([1.0, 10.0, 0.1]) + torch.tensor([0.0, 2.0, 0.0]) for _ in range(3)
+    ]
+    joint = ActivationRangeEstimator(kind, 6, percentile=99.0, per_channel=True)
+    singles = [ActivationRangeEstimator(kind, 6, percentile=99.0) for _ in range(3)]
+    for x in batches:
+        joint.update(x)
+        for channel, single in enumerate(singles):
+            single.update(x[..., channel])
+    x_min, x_max = joint.range()
+    assert x_min.shape == x_max.shape == (3,)
+    for channel, single in enumerate(singles):
+        lo, hi = single.range()
+        assert x_min[channel].item() == pytest.approx(lo.item(), rel=1e-5)
+        assert x_max[channel].item() == pytest.approx(hi.item(), rel=1e-5)
 
 
 def test_weight_estimators():
@@ -227,6 +262,21 @@ def test_quantized_nodes_cover_the_paper_setting(family):
     # Task heads and gates stay in floating point.
     assert not any(part in n.split(".") for n in quantized for part in ("cls", "lm_head", "classifier", "gate"))
     assert all(m.mode == "quantize" for m in nodes.values())
+
+
+@pytest.mark.parametrize("family", ["bert", "opt", "vit"])
+def test_per_channel_residuals_leave_linear_inputs_per_tensor(family):
+    model, batches = tiny_model(family)
+    residual_points = {name for name, m in model.named_modules() if getattr(m, "residual_stream", False)}
+    quantize_model(model, W8A8Config(num_calibration_batches=2, per_channel_residuals=True), batches)
+    nodes = activation_quantizers(model)
+    linear_inputs = {linear.input_quantizer for linear in quantized_linears(model).values()}
+    per_channel = {name for name, quantizer in nodes.items() if quantizer.per_channel}
+    assert per_channel and per_channel == residual_points - linear_inputs
+    for name, quantizer in nodes.items():
+        assert quantizer.scale.shape == ((32,) if name in per_channel else ())
+    # Channels get their own ranges: the grids differ across channels.
+    assert all(nodes[name].scale.unique().numel() > 1 for name in per_channel)
 
 
 def test_quantize_model_errors():

@@ -39,7 +39,7 @@ def test_int8_linear_matches_exact_integer_product():
 
 
 def _quantize(family, tmp_path, config):
-    model, batches = tiny_model(family)
+    model, batches = tiny_model(family, "softmax" if config.gamma_migration else "gated")  # gates read the LN
     quantizer = W8A8Quantizer.from_pretrained(model)
     out = quantizer.quantize(tmp_path / "int8", quantization_config=config, calibration_dataset=batches)
     return quantizer, batches, out
@@ -51,10 +51,18 @@ def _quantize(family, tmp_path, config):
         ("bert", W8A8Config(num_calibration_batches=3)),
         ("opt", W8A8Config(weight_estimator="mse", per_channel_weights=True)),
         ("vit", W8A8Config(weight_bits=6, activation_bits=6, activation_estimator="percentile")),
+        ("bert", W8A8Config(per_channel_weights=True, per_channel_residuals=True, gamma_migration=True)),
+        ("opt", W8A8Config(activation_estimator="mse", per_channel_residuals=True)),
     ],
 )
 def test_int8_model_equals_simulation(family, config, tmp_path):
-    quantizer, batches, _ = _quantize(family, tmp_path, config)
+    quantizer, batches, out = _quantize(family, tmp_path, config)
+    channels = json.loads((out / "config.json").read_text())["w8a8_config"]["per_channel_activations"]
+    grids = {
+        n: m.scale.numel() for n, m in quantizer.int8_model.named_modules() if type(m).__name__.startswith("Int8Act")
+    }
+    assert bool(channels) == config.per_channel_residuals
+    assert all(grids[f"{quantizer.int8_model.base_model_prefix}.{name}"] == 32 for name in channels)
     for batch in batches:
         with torch.no_grad():
             simulated = quantizer.model(**batch)[0]
