@@ -39,6 +39,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16, help="calibration batch size (default 16)")
     parser.add_argument("--max-length", type=int, default=128, help="calibration sequence length (default 128)")
     parser.add_argument("--per-channel", action="store_true", help="per-output-channel weight scales")
+    parser.add_argument(
+        "--per-channel-residuals", action="store_true", help="per-channel grids for the residual-stream activations"
+    )
+    parser.add_argument(
+        "--outlier-channels", type=int, help="channels per linear input on a second grid of their own (default 0)"
+    )
     parser.add_argument("--gamma-migration", action="store_true", help="Outlier Suppression gamma migration")
     parser.add_argument("--token-wise-clipping", action="store_true", help="Outlier Suppression token-wise clipping")
     parser.add_argument("--config", help="JSON file with W8A8Config fields (command-line flags win)")
@@ -56,6 +62,8 @@ def build_config(args: argparse.Namespace) -> W8A8Config:
         "percentile": args.percentile,
         "num_calibration_batches": args.num_batches,
         "per_channel_weights": args.per_channel or None,
+        "per_channel_residuals": args.per_channel_residuals or None,
+        "outlier_channels": args.outlier_channels,
         "gamma_migration": args.gamma_migration or None,
         "token_wise_clipping": args.token_wise_clipping or None,
     }
@@ -67,6 +75,15 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
+def _activation_grids(config: W8A8Config) -> str:
+    grids = ["per-tensor"]
+    if config.per_channel_residuals:
+        grids.append("per-channel residual stream")
+    if config.outlier_channels:
+        grids.append(f"{config.outlier_channels} outlier channels per linear input on their own grid")
+    return ", ".join(grids)
+
+
 def summary(report: dict, config: W8A8Config, output: Path, source_bytes: int) -> str:
     """One screen: settings, nodes, widest ranges, sizes, time."""
     ranges = report["quantized_activations"]
@@ -75,7 +92,7 @@ def summary(report: dict, config: W8A8Config, output: Path, source_bytes: int) -
     lines = [
         f"W{config.weight_bits}A{config.activation_bits} INT8 checkpoint -> {output}",
         f"  weights: {config.weight_estimator}, {'per-channel' if config.per_channel_weights else 'per-tensor'}"
-        f" symmetric; activations: {config.activation_estimator}, per-tensor asymmetric",
+        f" symmetric; activations: {config.activation_estimator}, {_activation_grids(config)} asymmetric",
         f"  outlier suppression: gamma migration={config.gamma_migration}, "
         f"token-wise clipping={config.token_wise_clipping}",
         f"  quantized activations: {len(ranges)}; quantized linear layers: {len(report['quantized_linears'])} "

@@ -37,6 +37,9 @@ def test_cli_writes_a_reloadable_checkpoint(model_dir, tmp_path, capsys):
             "2",
             "--batch-size",
             "4",
+            "--per-channel-residuals",
+            "--outlier-channels",
+            "2",
         ]
     )
     assert code == 0
@@ -44,7 +47,10 @@ def test_cli_writes_a_reloadable_checkpoint(model_dir, tmp_path, capsys):
     assert "quantized activations: 28" in summary
     ratio = float(re.search(r"\(([\d.]+)x smaller\)", summary).group(1))
     assert ratio > 3.9
-    assert json.loads((out / "config.json").read_text())["w8a8_config"]["num_calibration_batches"] == 2
+    assert "per-channel residual stream, 2 outlier channels per linear input" in summary
+    settings = json.loads((out / "config.json").read_text())["w8a8_config"]
+    assert settings["num_calibration_batches"] == 2 and settings["outlier_channels"] == 2
+    assert settings["per_channel_residuals"] and settings["outlier_channel_linears"]
     assert (out / "tokenizer_config.json").exists()
     from transformers import AutoModelForMaskedLM
 
@@ -59,6 +65,8 @@ def test_cli_writes_a_reloadable_checkpoint(model_dir, tmp_path, capsys):
         (["--bits", "9"], "`weight_bits` must be an integer in [2, 8]"),
         (["--bits", "1"], "`weight_bits` must be an integer in [2, 8]"),
         (["--calibration-data", "EMPTY"], "calibration set is empty"),
+        (["--outlier-channels", "1000"], "`outlier_channels` must be an integer in [0, 512]"),
+        (["--outlier-channels", "500"], "`outlier_channels` (500) must be smaller than the"),
         (["--calibration-data", "/nonexistent/calib.txt"], "does not exist"),
     ],
 )

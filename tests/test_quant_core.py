@@ -42,6 +42,8 @@ def test_config_json_round_trip(tmp_path):
         ("momentum", 1.0, "[0, 1)"),
         ("num_calibration_batches", 0, ">= 1"),
         ("percentile", 40.0, "(50, 100]"),
+        ("outlier_channels", 600, "[0, 512]"),
+        ("outlier_channels", -1, "[0, 512]"),
     ],
 )
 def test_config_errors_name_field_and_allowed_values(field, value, allowed):
@@ -113,6 +115,14 @@ def test_per_channel_estimator_equals_one_estimator_per_channel(kind):
         lo, hi = single.range()
         assert x_min[channel].item() == pytest.approx(lo.item(), rel=1e-5)
         assert x_max[channel].item() == pytest.approx(hi.item(), rel=1e-5)
+
+
+def test_outlier_mask_gives_two_ranges_by_hand():
+    estimator = ActivationRangeEstimator("running_minmax", 8)
+    estimator.outlier_mask = torch.tensor([False, True, False])
+    estimator.update(torch.tensor([[1.0, 100.0, -2.0], [3.0, -50.0, 4.0]]))
+    x_min, x_max = estimator.range()
+    assert x_min.tolist() == [-2.0, -50.0, -2.0] and x_max.tolist() == [4.0, 100.0, 4.0]
 
 
 def test_weight_estimators():
@@ -277,6 +287,30 @@ def test_per_channel_residuals_leave_linear_inputs_per_tensor(family):
         assert quantizer.scale.shape == ((32,) if name in per_channel else ())
     # Channels get their own ranges: the grids differ across channels.
     assert all(nodes[name].scale.unique().numel() > 1 for name in per_channel)
+
+
+@pytest.mark.parametrize("family", ["bert", "opt", "vit"])
+def test_outlier_channels_get_their_own_grid(family):
+    model, batches = tiny_model(family)
+    with torch.no_grad():  # channel 5 of every hidden state becomes the widest one
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight[5] = 40.0
+    quantize_model(model, W8A8Config(num_calibration_batches=2, outlier_channels=3), batches)
+    nodes = activation_quantizers(model)
+    linear_inputs = {linear.input_quantizer for linear in quantized_linears(model).values()}
+    for name, quantizer in nodes.items():
+        if name not in linear_inputs:
+            assert quantizer.outlier_channels is None and quantizer.scale.dim() == 0
+            continue
+        channels = quantizer.outlier_channels
+        assert channels.numel() == 3 and quantizer.scale.shape == quantizer.estimator.outlier_mask.shape
+        scale, zero_point, outlier_scale = quantizer.group_grids()
+        assert quantizer.scale.unique().numel() <= 2 and quantizer.scale[channels].eq(outlier_scale).all()
+        if "ln" in name or name.endswith("output_quant"):  # a LayerNorm output: channel 5 is an outlier
+            assert 5 in channels.tolist() and outlier_scale > scale, name
+    with pytest.raises(ValueError, match="`outlier_channels` \\(40\\) must be smaller than the 32 channels"):
+        quantize_model(tiny_model(family)[0], W8A8Config(outlier_channels=40), batches)
 
 
 def test_quantize_model_errors():

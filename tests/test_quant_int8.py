@@ -38,6 +38,26 @@ def test_int8_linear_matches_exact_integer_product():
     assert torch.allclose(layer(x), expected, rtol=1e-6, atol=1e-5)
 
 
+def test_int8_linear_with_outlier_channels_matches_exact_product():
+    torch.manual_seed(0)
+    layer = Int8Linear(64, 48, bias=False, per_channel=False, has_input_quant=True, input_bits=8, outlier_channels=3)
+    layer.weight.copy_(torch.randint(-127, 128, (48, 64), dtype=torch.int8))
+    layer.weight_scale.fill_(0.02)
+    layer.input_scale.fill_(0.05)
+    layer.input_zero_point.fill_(37)
+    channels = torch.tensor([3, 17, 60])
+    layer.outlier_channels.copy_(channels)
+    layer.outlier_scale.fill_(1.5)
+    codes = torch.randint(0, 256, (40, 64)).double()
+    zero_points = torch.full((64,), 37.0, dtype=torch.float64)
+    zero_points[channels] = 128.0
+    scales = torch.full((64,), 0.05, dtype=torch.float64)
+    scales[channels] = 1.5
+    x = ((codes - zero_points) * scales).float()
+    expected = (((codes - zero_points) * scales) @ (layer.weight.double().t() * 0.02)).float()
+    assert torch.allclose(layer(x), expected, rtol=1e-6, atol=1e-4)
+
+
 def _quantize(family, tmp_path, config):
     model, batches = tiny_model(family, "softmax" if config.gamma_migration else "gated")  # gates read the LN
     quantizer = W8A8Quantizer.from_pretrained(model)
@@ -53,6 +73,9 @@ def _quantize(family, tmp_path, config):
         ("vit", W8A8Config(weight_bits=6, activation_bits=6, activation_estimator="percentile")),
         ("bert", W8A8Config(per_channel_weights=True, per_channel_residuals=True, gamma_migration=True)),
         ("opt", W8A8Config(activation_estimator="mse", per_channel_residuals=True)),
+        ("bert", W8A8Config(weight_bits=6, activation_bits=6, per_channel_weights=True, outlier_channels=4)),
+        ("opt", W8A8Config(outlier_channels=2, per_channel_residuals=True)),
+        ("vit", W8A8Config(activation_estimator="mse", outlier_channels=3)),
     ],
 )
 def test_int8_model_equals_simulation(family, config, tmp_path):
@@ -61,8 +84,8 @@ def test_int8_model_equals_simulation(family, config, tmp_path):
     grids = {
         n: m.scale.numel() for n, m in quantizer.int8_model.named_modules() if type(m).__name__.startswith("Int8Act")
     }
-    assert bool(channels) == config.per_channel_residuals
-    assert all(grids[f"{quantizer.int8_model.base_model_prefix}.{name}"] == 32 for name in channels)
+    assert bool(channels) == (config.per_channel_residuals or config.outlier_channels > 0)
+    assert all(grids[f"{quantizer.int8_model.base_model_prefix}.{name}"] == n > 1 for name, n in channels.items())
     for batch in batches:
         with torch.no_grad():
             simulated = quantizer.model(**batch)[0]
@@ -90,7 +113,8 @@ def test_checkpoint_layout_and_size(tmp_path):
 
 
 def test_fresh_process_reload_agrees_with_simulation(tmp_path):
-    quantizer, batches, out = _quantize("bert", tmp_path, W8A8Config(num_calibration_batches=2, gamma_migration=False))
+    config = W8A8Config(num_calibration_batches=2, per_channel_residuals=True, outlier_channels=2)
+    quantizer, batches, out = _quantize("bert", tmp_path, config)
     batch = batches[0]
     with torch.no_grad():
         expected = quantizer.model(**batch).logits

@@ -119,6 +119,25 @@ def rescale_accumulator(
     return out if bias is None else out.add_(bias)
 
 
+def add_outlier_channels(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    channels: torch.Tensor,
+    scale: torch.Tensor,
+    weight_codes: torch.Tensor,
+    weight_scale: torch.Tensor,
+) -> torch.Tensor:
+    """Add the product of the outlier channels of `x` (on their own grid, step `scale`) to `out`.
+
+    `weight_codes` `[N, k]` are the weight codes of those input channels (as float). On the grid,
+    `x / scale` rounds to the centred integer codes exactly; their product with the weight codes
+    has integer partial sums far below 2^24 (k is small), so it is exact in float32 whatever the
+    summation order. Shared by the simulation and the INT8 runtime. Works in place on `out`.
+    """
+    centred = x.index_select(-1, channels).div_(scale).round_()  # [..., k]
+    return out.add_(torch.matmul(centred, weight_codes.t()).mul_(scale * weight_scale))
+
+
 def integer_matmul_reference(x_codes: torch.Tensor, zero_point: torch.Tensor, w_codes: torch.Tensor) -> torch.Tensor:
     """Exact `(x_codes - zero_point) @ w_codes.T` as float32.
 
@@ -164,10 +183,21 @@ class Int8Linear(nn.Module):
     With a calibrated input grid (`has_input_quant`), the input is taken as uint8 codes and the
     product runs as an integer GEMM (oneDNN `qlinear`: uint8 x int8 with int32 accumulation), then
     `rescale_accumulator`. Without one, the weights are dequantized and the product runs in float.
+
+    With `outlier_channels` (k > 0), k input channels have their own grid (`outlier_scale`): the
+    GEMM skips them (their weight columns are zero in the packed weight) and `add_outlier_channels`
+    adds their exact product.
     """
 
     def __init__(
-        self, in_features: int, out_features: int, bias: bool, per_channel: bool, has_input_quant: bool, input_bits: int
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        per_channel: bool,
+        has_input_quant: bool,
+        input_bits: int,
+        outlier_channels: int = 0,
     ):
         super().__init__()
         self.in_features = in_features
@@ -180,6 +210,11 @@ class Int8Linear(nn.Module):
         if has_input_quant:
             self.register_buffer("input_scale", torch.ones(()))
             self.register_buffer("input_zero_point", torch.zeros(()))
+        if outlier_channels:
+            self.register_buffer("outlier_channels", torch.zeros(outlier_channels, dtype=torch.long))
+            self.register_buffer("outlier_scale", torch.ones(()))
+        else:
+            self.outlier_channels = None
         self._packed = None  # (weight version key, prepacked weight, unit scales, zero points)
 
     def extra_repr(self) -> str:
@@ -189,11 +224,17 @@ class Int8Linear(nn.Module):
         scale = self.weight_scale.reshape(-1, 1) if self.weight_scale.dim() else self.weight_scale
         return self.weight.float() * scale
 
+    def gemm_weight(self) -> torch.Tensor:
+        """The int8 weight the GEMM multiplies: zero in the columns of the outlier channels."""
+        if self.outlier_channels is None:
+            return self.weight
+        return self.weight.index_fill(1, self.outlier_channels, 0)
+
     def _packed_weight(self, x_shape: list[int]) -> tuple:
         """Prepacked weight for oneDNN, split so the kernel cannot saturate (see `split_saturating_pairs`)."""
         key = (self.weight.data_ptr(), self.weight._version)
         if self._packed is None or self._packed[0] != key:
-            safe, *rest = split_saturating_pairs(self.weight, 2**self.input_bits - 1)
+            safe, *rest = split_saturating_pairs(self.gemm_weight(), 2**self.input_bits - 1)
             packed = torch.ops.onednn.qlinear_prepack(safe, x_shape)
             unit_scales = torch.ones(self.out_features)
             zero_points = torch.zeros(self.out_features, dtype=torch.long)
@@ -218,7 +259,7 @@ class Int8Linear(nn.Module):
         is several times faster than gathering uint8 ones).
         """
         if codes.device.type != "cpu":
-            return integer_matmul_reference(codes, self.input_zero_point, self.weight)
+            return integer_matmul_reference(codes, self.input_zero_point, self.gemm_weight())
         packed, unit_scales, zero_points, rows, columns, values = self._packed_weight(
             [codes.shape[0], self.in_features]
         )
@@ -251,8 +292,14 @@ class Int8Linear(nn.Module):
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
         leading = x.shape[:-1]
-        acc = self.accumulator(self._input_codes(x).reshape(-1, self.in_features), x.reshape(-1, self.in_features))
+        flat = x.reshape(-1, self.in_features)
+        acc = self.accumulator(self._input_codes(x).reshape(-1, self.in_features), flat)
         out = rescale_accumulator(acc, self.input_scale, self.weight_scale, self.bias)
+        if self.outlier_channels is not None:
+            outlier_weight = self.weight.index_select(1, self.outlier_channels).float()
+            out = add_outlier_channels(
+                out, flat, self.outlier_channels, self.outlier_scale, outlier_weight, self.weight_scale
+            )
         return out.reshape(*leading, self.out_features).to(x.dtype)
 
 
@@ -276,8 +323,9 @@ def convert_to_int8(model: nn.Module, w8a8_config: dict) -> None:
 
     `w8a8_config` holds the quantizer settings plus `quantized_linears` (name -> whether its input
     has a calibrated grid), `quantized_activations` (names of the quantized `QuantPoint`s) and
-    `per_channel_activations` (name -> channels, for the points with one grid per channel), names
-    relative to the base model (without its `base_model_prefix`).
+    `per_channel_activations` (name -> channels, for the points with one grid per channel) and
+    `outlier_channel_linears` (name -> number of input channels on their own grid), names relative
+    to the base model (without its `base_model_prefix`).
     """
     prefix = getattr(model, "base_model_prefix", "")
     linears = w8a8_config["quantized_linears"]
@@ -285,6 +333,7 @@ def convert_to_int8(model: nn.Module, w8a8_config: dict) -> None:
     per_channel = bool(w8a8_config.get("per_channel_weights", False))
     shortcut_modules = set(w8a8_config.get("shortcut_scales", []))
     channels = w8a8_config.get("per_channel_activations", {})
+    outliers = w8a8_config.get("outlier_channel_linears", {})
     for name, module in list(model.named_modules()):
         key = _strip_prefix(name, prefix)
         if key in shortcut_modules and not hasattr(module, "shortcut_scale"):
@@ -299,6 +348,7 @@ def convert_to_int8(model: nn.Module, w8a8_config: dict) -> None:
                 per_channel,
                 linears[key],
                 w8a8_config["activation_bits"],
+                outliers.get(key, 0),
             )
         else:
             continue

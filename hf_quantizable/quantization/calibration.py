@@ -123,6 +123,31 @@ def _find_linear_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> Non
 
 
 @torch.no_grad()
+def select_outlier_channels(model: nn.Module, batches: list[dict[str, torch.Tensor]], k: int) -> None:
+    """Give the `k` channels with the widest grids (per-channel running min-max over `batches`, with
+    zero included) of every linear layer's input quantizer a grid of their own."""
+    quantizers = activation_quantizers(model)
+    names = sorted({linear.input_quantizer for linear in quantized_linears(model).values()} - {None})
+    estimators = {name: ActivationRangeEstimator("running_minmax", 8, per_channel=True) for name in names}
+    set_mode(model, "fp")
+    for name in names:
+        quantizers[name].mode = "observe"
+        quantizers[name].observers.append(estimators[name].update)
+    try:
+        for _ in run_batches(model, batches):
+            pass
+    finally:
+        for name in names:
+            quantizers[name].observers.remove(estimators[name].update)
+    for name in names:
+        x_min, x_max = estimators[name].range()
+        if k >= x_min.numel():
+            raise ValueError(f"`outlier_channels` ({k}) must be smaller than the {x_min.numel()} channels of {name}")
+        width = x_max.clamp(min=0) - x_min.clamp(max=0)  # what each channel's own grid would span
+        quantizers[name].set_outlier_channels(width.topk(k).indices, x_min.numel())
+
+
+@torch.no_grad()
 def calibrate(model: nn.Module, batches: list[dict[str, torch.Tensor]], progress=None) -> None:
     """Estimate every activation range on `batches` (floating-point forward passes), then quantize."""
     set_mode(model, "calibrate")
@@ -148,9 +173,9 @@ def quantize_model(
 ) -> nn.Module:
     """Turn `model` into its simulated W8A8 version (in place) and return it.
 
-    Applies Outlier Suppression gamma migration if configured, inserts the fake-quantizers,
-    calibrates activation ranges on the first `config.num_calibration_batches` batches, and applies
-    token-wise clipping if configured. `progress` (e.g. a tqdm bar) is advanced once per batch.
+    Applies Outlier Suppression gamma migration if configured, inserts the fake-quantizers, picks
+    the outlier channels of the linear inputs if configured, calibrates activation ranges on the
+    first `config.num_calibration_batches` batches, and applies token-wise clipping if configured. `progress` (e.g. a tqdm bar) is advanced once per batch.
     """
     from .outlier_suppression import migrate_gamma, token_wise_clipping
 
@@ -163,6 +188,8 @@ def quantize_model(
     insert_quantizers(model, config)
     with torch.no_grad():
         _find_linear_inputs(model, batches[0])
+    if config.outlier_channels:
+        select_outlier_channels(model, batches, config.outlier_channels)
     calibrate(model, batches, progress)
     if config.token_wise_clipping:
         token_wise_clipping(model, batches, config)

@@ -7,6 +7,8 @@ from pathlib import Path
 WEIGHT_ESTIMATORS = ("minmax", "mse")
 ACTIVATION_ESTIMATORS = ("running_minmax", "percentile", "mse")
 MIN_BITS, MAX_BITS = 2, 8
+# Outlier channels per linear input: their exact float product needs k * 255 * 127 < 2^24.
+MAX_OUTLIER_CHANNELS = 512
 
 # Modules kept in floating point by default: the task heads of BERT (MLM head `cls`, pooler,
 # classifier), OPT (`lm_head`) and ViT (`classifier`). Gates and LayerNorms are never quantized.
@@ -31,6 +33,10 @@ class W8A8Config:
             that no matrix product reads (residual sums and the outputs added into them; the
             per-embedding-group quantization of Bondarenko et al. 2021 with one group per channel).
             The inputs of the integer matrix products stay per tensor.
+        outlier_channels: for every input of an integer matrix product, this many hidden channels
+            (those with the widest calibrated ranges) get a second grid of their own: the
+            per-embedding-group quantization of Bondarenko et al. (2021) with two groups. 0 (the
+            default) keeps one grid per tensor; at most 512 (the exact integer product bound).
         keep_fp_modules: module names (any dotted component) kept in floating point.
         gamma_migration: Outlier Suppression gamma migration (exact in floating point).
         token_wise_clipping: Outlier Suppression token-wise clipping of activation ranges.
@@ -48,6 +54,7 @@ class W8A8Config:
     num_calibration_batches: int = 16
     per_channel_weights: bool = False
     per_channel_residuals: bool = False
+    outlier_channels: int = 0
     keep_fp_modules: list[str] = field(default_factory=lambda: list(DEFAULT_KEEP_FP))
     gamma_migration: bool = False
     token_wise_clipping: bool = False
@@ -75,6 +82,9 @@ class W8A8Config:
             minimum = 1 if name == "num_calibration_batches" else 0
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
+        value = self.outlier_channels
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_OUTLIER_CHANNELS:
+            raise ValueError(f"`outlier_channels` must be an integer in [0, {MAX_OUTLIER_CHANNELS}], got {value!r}")
         if not self.clipping_quantiles or not all(0.0 < q <= 1.0 for q in self.clipping_quantiles):
             raise ValueError(
                 f"`clipping_quantiles` must be a non-empty list in (0, 1], got {self.clipping_quantiles!r}"

@@ -21,6 +21,7 @@ def _strip(name: str, prefix: str) -> str:
 def int8_config_dict(model: nn.Module) -> dict:
     """The `w8a8_config` stored in config.json: quantizer settings plus which modules are quantized."""
     prefix = model.base_model_prefix
+    sources = activation_quantizers(model)
     return {
         **model.w8a8_config.to_dict(),
         "format_version": FORMAT_VERSION,
@@ -33,6 +34,11 @@ def int8_config_dict(model: nn.Module) -> dict:
             _strip(name, prefix): quantizer.scale.numel()
             for name, quantizer in activation_quantizers(model).items()
             if quantizer.per_channel
+        },
+        "outlier_channel_linears": {
+            _strip(name, prefix): sources[linear.input_quantizer].outlier_channels.numel()
+            for name, linear in quantized_linears(model).items()
+            if linear.input_quantizer is not None and sources[linear.input_quantizer].outlier_channels is not None
         },
         "shortcut_scales": sorted(_strip(name, prefix) for name in getattr(model, "w8a8_shortcut_scales", [])),
     }
@@ -51,8 +57,13 @@ def int8_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         state[f"{name}.weight_scale"] = linear.weight_scale.detach().clone()
         if linear.input_quantizer is not None:
             source = quantizers[linear.input_quantizer]
-            state[f"{name}.input_scale"] = source.scale.detach().clone()
-            state[f"{name}.input_zero_point"] = source.zero_point.detach().clone()
+            if source.outlier_channels is None:
+                scale, zero_point = source.scale, source.zero_point
+            else:
+                scale, zero_point, state[f"{name}.outlier_scale"] = source.group_grids()
+                state[f"{name}.outlier_channels"] = source.outlier_channels
+            state[f"{name}.input_scale"] = scale.detach().clone()
+            state[f"{name}.input_zero_point"] = zero_point.detach().clone()
     return state
 
 

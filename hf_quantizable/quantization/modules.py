@@ -6,6 +6,7 @@ from torch import nn
 
 from ..modeling.int8 import (
     activation_qparams,
+    add_outlier_channels,
     fake_quantize_activation,
     grid_codes,
     integer_matmul_reference,
@@ -22,8 +23,8 @@ def _round_ste(x: torch.Tensor) -> torch.Tensor:
 
 
 class ActivationQuantizer(nn.Module):
-    """Asymmetric fake-quantizer of one activation: one grid per tensor, or one per channel of the
-    last axis when its range estimator is `per_channel`.
+    """Asymmetric fake-quantizer of one activation: one grid per tensor, one per channel of the
+    last axis when its range estimator is `per_channel`, or two (see `set_outlier_channels`).
 
     Modes: `calibrate` (identity; feeds the range estimator), `quantize` (round and clamp with
     the calibrated scale and zero point), `fp` (identity), `observe` (identity; calls `observers`). With `learn_scale`, the scale gets a
@@ -38,6 +39,7 @@ class ActivationQuantizer(nn.Module):
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("zero_point", torch.zeros(()))
         self.scale_factor: nn.Parameter | None = None
+        self.outlier_channels: torch.Tensor | None = None  # channels on the second grid
         self.observers: list = []  # callables seeing the FP input in observe mode
 
     def extra_repr(self) -> str:
@@ -49,7 +51,24 @@ class ActivationQuantizer(nn.Module):
 
     @property
     def per_channel(self) -> bool:
-        return self.estimator.per_channel
+        """Whether the grid varies along the last axis (per channel, or with outlier channels)."""
+        return self.estimator.per_channel or self.outlier_channels is not None
+
+    def set_outlier_channels(self, channels: torch.Tensor, num_channels: int) -> None:
+        """Put `channels` (of `num_channels`) on a grid of their own; the others share one grid.
+
+        The scale and zero point stay per channel (two distinct values) for the fake quantization;
+        `group_grids` gives the two grids for the integer products.
+        """
+        self.outlier_channels = channels.sort().values
+        mask = torch.zeros(num_channels, dtype=torch.bool, device=channels.device)
+        mask[channels] = True
+        self.estimator.outlier_mask = mask
+
+    def group_grids(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Scale and zero point of the shared grid, and the scale of the outlier channels' grid."""
+        regular = torch.nonzero(~self.estimator.outlier_mask)[0, 0]
+        return self.scale[regular], self.zero_point[regular], self.scale[self.outlier_channels[0]]
 
     def set_range(self, x_min: torch.Tensor, x_max: torch.Tensor) -> None:
         scale, zero_point = activation_qparams(torch.as_tensor(x_min), torch.as_tensor(x_max), self.bits)
@@ -144,6 +163,16 @@ class QuantizedLinear(nn.Linear):
         source = self._source[0] if self._source else None
         if source is None or source.mode != "quantize" or source.scale_factor is not None:
             return F.linear(x, self.dequantized_weight(), self.bias)
-        codes = grid_codes(x, source.scale, source.zero_point, source.bits)
-        acc = integer_matmul_reference(codes, source.zero_point, self.weight_codes())
-        return rescale_accumulator(acc, source.scale, self.weight_scale, self.bias)
+        if source.outlier_channels is None:
+            codes = grid_codes(x, source.scale, source.zero_point, source.bits)
+            acc = integer_matmul_reference(codes, source.zero_point, self.weight_codes())
+            return rescale_accumulator(acc, source.scale, self.weight_scale, self.bias)
+        # Two grids: the shared one through the integer product (outlier columns zeroed), then the
+        # outlier channels' exact product (the INT8 runtime's arithmetic).
+        scale, zero_point, outlier_scale = source.group_grids()
+        channels = source.outlier_channels
+        codes = grid_codes(x, scale, zero_point, source.bits)
+        acc = integer_matmul_reference(codes, zero_point, self.weight_codes().index_fill(1, channels, 0))
+        out = rescale_accumulator(acc, scale, self.weight_scale, self.bias)
+        outlier_weight = self.weight_codes().index_select(1, channels)
+        return add_outlier_channels(out, x, channels, outlier_scale, outlier_weight, self.weight_scale)

@@ -79,6 +79,8 @@ class ActivationRangeEstimator:
     - `mse`: per-batch MSE-optimal range (see `mse_range`), averaged over batches.
 
     With `per_channel`, one range per channel of the last axis (statistics over all other axes).
+    With `outlier_mask` (bool `[C]`), one range for the masked channels of the last axis and one for
+    the others, returned per channel.
     """
 
     def __init__(
@@ -89,6 +91,7 @@ class ActivationRangeEstimator:
         self.momentum = momentum
         self.percentile = percentile
         self.per_channel = per_channel
+        self.outlier_mask: torch.Tensor | None = None
         self.x_min: torch.Tensor | None = None
         self.x_max: torch.Tensor | None = None
         self.num_batches = 0
@@ -96,6 +99,11 @@ class ActivationRangeEstimator:
     def _batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.per_channel:
             return self._range_of(x.detach().reshape(-1, x.shape[-1]).float().t())  # [C, N]
+        if self.outlier_mask is not None:
+            flat = x.detach().reshape(-1, x.shape[-1]).float()  # [N, C]
+            lo, hi = self._range_of(flat[:, ~self.outlier_mask].reshape(-1))
+            outlier_lo, outlier_hi = self._range_of(flat[:, self.outlier_mask].reshape(-1))
+            return torch.where(self.outlier_mask, outlier_lo, lo), torch.where(self.outlier_mask, outlier_hi, hi)
         return self._range_of(x.detach().reshape(-1).float())
 
     def _range_of(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
