@@ -73,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     quant = parser.add_argument_group("quantization")
     quant.add_argument("--no-w8a8", action="store_true", help="skip the simulated W8A8 variant")
     quant.add_argument("--outlier-suppression", action="store_true", help="also evaluate W8A8 with Outlier Suppression")
+    quant.add_argument("--per-channel-weights", action="store_true", help="W8A8: one weight scale per output channel")
+    quant.add_argument(
+        "--per-channel-residuals",
+        action="store_true",
+        help="W8A8: per-channel grids for the residual-stream activations",
+    )
+    quant.add_argument("--outlier-channels", type=int, help="W8A8: channels per linear input on their own grid")
     quant.add_argument("--num-calibration-batches", type=int, help="calibration batches (default 16)")
     quant.add_argument(
         "--clipping-steps",
@@ -86,7 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     glue = parser.add_argument_group("glue")
     glue.add_argument("--glue-task", help="cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte or wnli")
     glue.add_argument("--glue-data", help="folder of the original GLUE TSVs (<folder>/<Task>/*.tsv); default: Hub glue")
-    glue.add_argument("--preset", default="bondarenko", help="fine-tuning preset: bondarenko or cpu-smoke")
+    glue.add_argument(
+        "--preset",
+        default="bondarenko",
+        help="fine-tuning preset: bondarenko, liao-monz (unverified values, see README) or cpu-smoke",
+    )
     glue.add_argument("--max-train-samples", type=int)
     glue.add_argument("--max-eval-samples", type=int)
     glue.add_argument("--max-steps", type=int, default=-1)
@@ -180,6 +191,9 @@ def run(args: argparse.Namespace) -> tuple[list[ResultRecord], Path]:
             for key, value in (
                 ("num_calibration_batches", args.num_calibration_batches),
                 ("clipping_steps", args.clipping_steps),
+                ("per_channel_weights", args.per_channel_weights or None),
+                ("per_channel_residuals", args.per_channel_residuals or None),
+                ("outlier_channels", args.outlier_channels),
             )
             if value is not None
         }

@@ -98,13 +98,14 @@ def test_clm_on_tiny_opt(tmp_path, tokenizer, data_dir, capsys):
     model = tiny_model("opt", vocab_size=tokenizer.vocab_size, max_position_embeddings=64)
     model.save_pretrained(tmp_path / "opt")
     tokenizer.save_pretrained(tmp_path / "opt")
-    assert (
-        main([str(tmp_path / "opt"), "--task", "clm", "--dataset", str(data_dir / "wikitext-2"), "--no-plots", *SMALL])
-        == 0
-    )
+    grids = ["--per-channel-weights", "--per-channel-residuals", "--outlier-channels", "2"]
+    dataset = str(data_dir / "wikitext-2")
+    assert main([str(tmp_path / "opt"), "--task", "clm", "--dataset", dataset, "--no-plots", *grids, *SMALL]) == 0
     records = read_results(tmp_path / "opt" / "results.json")
     perplexities = {r.precision: r.value for r in records if r.metric == "perplexity"}
     assert set(perplexities) == {"fp32", "w8a8-sim"} and all(math.isfinite(v) for v in perplexities.values())
+    config = next(r for r in records if r.precision == "w8a8-sim").extra["w8a8"]["config"]
+    assert config["per_channel_weights"] and config["per_channel_residuals"] and config["outlier_channels"] == 2
     assert {r.task for r in records} == {"clm", "outliers"}
 
 
