@@ -76,9 +76,9 @@ def _mib(n: int) -> str:
 
 
 def _activation_grids(config: W8A8Config) -> str:
-    grids = ["per-tensor"]
+    grids = ["per tensor"]
     if config.per_channel_residuals:
-        grids.append("per-channel residual stream")
+        grids.append("per channel in the residual stream")
     if config.outlier_channels:
         grids.append(f"{config.outlier_channels} outlier channels per linear input on their own grid")
     return ", ".join(grids)
@@ -92,7 +92,7 @@ def summary(report: dict, config: W8A8Config, output: Path, source_bytes: int) -
     lines = [
         f"W{config.weight_bits}A{config.activation_bits} INT8 checkpoint -> {output}",
         f"  weights: {config.weight_estimator}, {'per-channel' if config.per_channel_weights else 'per-tensor'}"
-        f" symmetric; activations: {config.activation_estimator}, {_activation_grids(config)} asymmetric",
+        f" symmetric; activations: {config.activation_estimator}, asymmetric, {_activation_grids(config)}",
         f"  outlier suppression: gamma migration={config.gamma_migration}, "
         f"token-wise clipping={config.token_wise_clipping}",
         f"  quantized activations: {len(ranges)}; quantized linear layers: {len(report['quantized_linears'])} "

@@ -47,7 +47,7 @@ def test_cli_writes_a_reloadable_checkpoint(model_dir, tmp_path, capsys):
     assert "quantized activations: 28" in summary
     ratio = float(re.search(r"\(([\d.]+)x smaller\)", summary).group(1))
     assert ratio > 3.9
-    assert "per-channel residual stream, 2 outlier channels per linear input" in summary
+    assert "per channel in the residual stream, 2 outlier channels per linear input" in summary
     settings = json.loads((out / "config.json").read_text())["w8a8_config"]
     assert settings["num_calibration_batches"] == 2 and settings["outlier_channels"] == 2
     assert settings["per_channel_residuals"] and settings["outlier_channel_linears"]
