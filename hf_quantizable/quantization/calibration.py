@@ -175,7 +175,8 @@ def quantize_model(
 
     Applies Outlier Suppression gamma migration if configured, inserts the fake-quantizers, picks
     the outlier channels of the linear inputs if configured, calibrates activation ranges on the
-    first `config.num_calibration_batches` batches, and applies token-wise clipping if configured. `progress` (e.g. a tqdm bar) is advanced once per batch.
+    first `config.num_calibration_batches` batches, and applies token-wise clipping if configured.
+    `progress` (e.g. a tqdm bar) is advanced once per batch.
     """
     from .outlier_suppression import migrate_gamma, token_wise_clipping
 

@@ -29,10 +29,10 @@ def int8_config_dict(model: nn.Module) -> dict:
             _strip(name, prefix): linear.input_quantizer is not None
             for name, linear in quantized_linears(model).items()
         },
-        "quantized_activations": sorted(_strip(name, prefix) for name in activation_quantizers(model)),
+        "quantized_activations": sorted(_strip(name, prefix) for name in sources),
         "per_channel_activations": {
             _strip(name, prefix): quantizer.scale.numel()
-            for name, quantizer in activation_quantizers(model).items()
+            for name, quantizer in sources.items()
             if quantizer.per_channel
         },
         "outlier_channel_linears": {
