@@ -129,8 +129,6 @@ class _LinearQDQ(torch.autograd.Function):
             **({"axis_i": 1} if per_channel else {}),
         )
         out = g.op("MatMul", x_dq, weight)
-        if layer.bias is not None:
-            out = g.op("Add", out, _constant(g, layer.bias.float()))
         if rows.numel():
             # The removed weight entries: out[..., row] += x[..., column] * value * weight_scale[row].
             # Gathered along the first axis of the transposed codes: contiguous rows, far faster in
@@ -147,7 +145,8 @@ class _LinearQDQ(torch.autograd.Function):
             update = g.op("Transpose", update, perm_i=[i + 1 for i in leading] + [0])
             index = g.op("Expand", _constant(g, rows), g.op("Shape", update))
             out = g.op("ScatterElements", out, index, update, axis_i=-1, reduction_s="add")
-        return out
+        # The bias last, where ONNX Runtime can fuse it into what follows (e.g. `BiasGelu`).
+        return out if layer.bias is None else g.op("Add", out, _constant(g, layer.bias.float()))
 
 
 def _quantizer_forward(self: Int8ActivationQuantizer, x: torch.Tensor) -> torch.Tensor:
