@@ -1,12 +1,15 @@
 """INT8 checkpoints: export, size, fresh-process reload, bit-exact agreement with the simulation."""
 
 import json
+import platform
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from hf_quantizable.modeling.int8 import Int8Linear, split_saturating_pairs
+from hf_quantizable.modeling import int8
+from hf_quantizable.modeling.int8 import Int8Linear, int8_gemm_saturates, split_saturating_pairs
 from hf_quantizable.quantization import W8A8Config, W8A8Quantizer
 from tests.isolation import run_without_package
 from tests.test_quant_core import tiny_model
@@ -36,6 +39,30 @@ def test_int8_linear_matches_exact_integer_product():
     x = (codes - 37) * 0.05
     expected = ((codes - 37).double() @ layer.weight.double().t()).float() * (0.05 * layer.weight_scale) + layer.bias
     assert torch.allclose(layer(x), expected, rtol=1e-6, atol=1e-5)
+
+
+def _cpu_flags() -> set[str]:
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    return {flag for line in lines if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
+def test_saturation_probe_matches_the_kernel(monkeypatch):
+    """The split runs only where the int8 GEMM saturates; the product stays exact either way."""
+    flags = _cpu_flags()
+    if platform.machine() == "x86_64" and flags and not flags & {"avx512_vnni", "avx_vnni", "amx_int8"}:
+        assert int8_gemm_saturates()  # vpmaddubsw: int16 pair sums
+    torch.manual_seed(0)
+    weight = torch.full((16, 64), 127, dtype=torch.int8)  # every pair saturates for codes near 255
+    codes = torch.randint(200, 256, (8, 64)).float()
+    expected = (codes @ weight.float().t()) * 0.01
+    for saturates in (True, int8_gemm_saturates()):
+        monkeypatch.setattr(int8, "_PAIRS_SATURATE", [saturates])
+        layer = Int8Linear(64, 16, bias=False, per_channel=False, has_input_quant=True, input_bits=8)
+        layer.weight.copy_(weight)
+        layer.weight_scale.fill_(0.01)
+        assert torch.equal(layer(codes), expected)
+        assert (layer._packed[1].numel() > 0) == saturates  # the sparse rest exists only with the split
 
 
 def test_int8_linear_with_outlier_channels_matches_exact_product():

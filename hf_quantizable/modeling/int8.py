@@ -7,7 +7,7 @@ checkpoint whose config holds `w8a8_config` is rebuilt by `convert_to_int8` with
 - `Int8ActivationQuantizer`: rounds and clamps an activation to its calibrated asymmetric grid
   (the same arithmetic as the simulation);
 - `Int8Linear`: int8 weights with their scales; integer matrix products (uint8 activations x int8
-  weights, int32 accumulation) with dequantization and bias fused into the kernel.
+  weights, int32 accumulation), then the simulation's rescaling and bias.
 
 Self-contained: torch and relative imports only (this file is copied into checkpoints).
 """
@@ -60,7 +60,10 @@ def fake_quantize_activation(x: torch.Tensor, scale: torch.Tensor, zero_point: t
     `(clamp(round(x / s) + z, 0, 2^b - 1) - z) * s` in in-place passes over one new tensor (several
     times faster on CPU than `torch.fake_quantize_*`). With one zero point, as
     `clamp(round(x / s), -z, 2^b - 1 - z) * s`: the same values (the rounded codes are integers, exact
-    in float) in four passes instead of six.
+    in float) in four passes instead of six. (torch's fused quantize / dequantize would save two
+    passes, ~2% of a BERT-base forward, but rounds `x * (1 / s)` rather than `x / s` as ONNX's
+    `QuantizeLinear` does; in a model as sensitive as the MiniLM that moved the ONNX export 10x
+    further from this runtime.)
     """
     levels = 2**bits - 1
     if zero_point.numel() == 1:  # clamp to numbers: tensor bounds take a slow unvectorised path
@@ -177,6 +180,33 @@ def split_saturating_pairs(weight: torch.Tensor, max_code: int) -> tuple[torch.T
     return safe.to(torch.int8), rows, columns, (w - safe)[rows, columns].float()
 
 
+def onednn_int8_accumulator(
+    codes: torch.Tensor, zero_point: int, packed: torch.Tensor, out_features: int
+) -> torch.Tensor:
+    """`(codes - zero_point) @ W.T` as float32 with oneDNN's int8 GEMM (uint8 x int8, int32 accumulation)."""
+    unit_scales = torch.ones(out_features)
+    zero_points = torch.zeros(out_features, dtype=torch.long)
+    return torch.ops.onednn.qlinear_pointwise(
+        codes, 1.0, zero_point, packed, unit_scales, zero_points, None, 1.0, 0, torch.float32, "none", [None], ""
+    )
+
+
+_PAIRS_SATURATE: list[bool] = []  # the probe's answer, once per process
+
+
+def int8_gemm_saturates() -> bool:
+    """Whether this CPU's int8 GEMM adds input pairs in int16 and saturates (see `split_saturating_pairs`).
+
+    x86 CPUs without VNNI or AMX do; probed once with a product that saturates there (255 x 127 pairs).
+    """
+    if not _PAIRS_SATURATE:
+        codes = torch.full((32, 64), 255, dtype=torch.uint8)
+        packed = torch.ops.onednn.qlinear_prepack(torch.full((16, 64), 127, dtype=torch.int8), [32, 64])
+        exact = bool((onednn_int8_accumulator(codes, 0, packed, 16) == 255 * 127 * 64).all())
+        _PAIRS_SATURATE.append(not exact)
+    return _PAIRS_SATURATE[0]
+
+
 class Int8Linear(nn.Module):
     """Linear layer with int8 weights.
 
@@ -215,7 +245,7 @@ class Int8Linear(nn.Module):
             self.register_buffer("outlier_scale", torch.ones(()))
         else:
             self.outlier_channels = None
-        self._packed = None  # (weight version key, prepacked weight, unit scales, zero points)
+        self._packed = None  # (weight version key, prepacked weight, sparse rest: rows, columns, values)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8_gemm={self.has_input_quant}"
@@ -231,14 +261,15 @@ class Int8Linear(nn.Module):
         return self.weight.index_fill(1, self.outlier_channels, 0)
 
     def _packed_weight(self, x_shape: list[int]) -> tuple:
-        """Prepacked weight for oneDNN, split so the kernel cannot saturate (see `split_saturating_pairs`)."""
+        """Prepacked weight for oneDNN; where the kernel saturates, split so it cannot (`split_saturating_pairs`)."""
         key = (self.weight.data_ptr(), self.weight._version)
         if self._packed is None or self._packed[0] != key:
-            safe, *rest = split_saturating_pairs(self.gemm_weight(), 2**self.input_bits - 1)
-            packed = torch.ops.onednn.qlinear_prepack(safe, x_shape)
-            unit_scales = torch.ones(self.out_features)
-            zero_points = torch.zeros(self.out_features, dtype=torch.long)
-            self._packed = (key, packed, unit_scales, zero_points, *rest)
+            weight = self.gemm_weight()
+            if int8_gemm_saturates():
+                weight, *rest = split_saturating_pairs(weight, 2**self.input_bits - 1)
+            else:
+                rest = [torch.zeros(0, dtype=torch.long)] * 2 + [torch.zeros(0)]
+            self._packed = (key, torch.ops.onednn.qlinear_prepack(weight, x_shape), *rest)
         return self._packed[1:]
 
     def _input_codes(self, x: torch.Tensor) -> torch.Tensor:
@@ -260,25 +291,8 @@ class Int8Linear(nn.Module):
         """
         if codes.device.type != "cpu":
             return integer_matmul_reference(codes, self.input_zero_point, self.gemm_weight())
-        packed, unit_scales, zero_points, rows, columns, values = self._packed_weight(
-            [codes.shape[0], self.in_features]
-        )
-        zero_point = int(self.input_zero_point.item())
-        acc = torch.ops.onednn.qlinear_pointwise(
-            codes,
-            1.0,
-            zero_point,
-            packed,
-            unit_scales,
-            zero_points,
-            None,
-            1.0,
-            0,
-            torch.float32,
-            "none",
-            [None],
-            "",
-        )
+        packed, rows, columns, values = self._packed_weight([codes.shape[0], self.in_features])
+        acc = onednn_int8_accumulator(codes, int(self.input_zero_point.item()), packed, self.out_features)
         if rows.numel():  # the sparse rest; integer-valued float sums, exact below 2^24
             if x is not None and x.dtype == torch.float32:
                 centred = x.index_select(1, columns).div_(self.input_scale).round_()
