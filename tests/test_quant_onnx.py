@@ -101,6 +101,29 @@ def test_saturating_weight_pairs_stay_exact(tmp_path):
 
 
 @pytest.mark.parametrize("family", ["bert", "opt"])
+def test_outlier_channels_export_agrees(family, tmp_path):
+    """Linear inputs with outlier channels on their own grid (LayerNorm channel 5 made an outlier).
+
+    Without the outlier product in the graph both families fail this check; a far larger outlier
+    (gamma 40) would let LayerNorm wash out every other channel and hide such a bug in BERT.
+    """
+    model, batches = tiny_model(family)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight[5] = 4.0
+    config = W8A8Config(num_calibration_batches=2, outlier_channels=2, per_channel_residuals=True)
+    int8 = build_int8_model(quantize_model(copy.deepcopy(model), config, batches))
+    grouped = [m for m in int8.modules() if isinstance(m, Int8Linear) and m.outlier_channels is not None]
+    assert any(5 in m.outlier_channels for m in grouped)  # the inputs read from a LayerNorm
+    path = export_onnx(int8, tmp_path / "outliers.onnx", _inputs(2, 12))
+    inputs = _inputs(3, 17)
+    with torch.no_grad():
+        expected, fp = int8(**inputs)[0], model(**inputs)[0]
+    _assert_agrees(_run(inference_session(path, threads=1), inputs), expected, fp)
+
+
+@pytest.mark.parametrize("family", ["bert", "opt"])
 def test_float_model_export_matches_fp32(family, tmp_path):
     model, batches = tiny_model(family)
     path = export_onnx(model, tmp_path / "fp32.onnx", {**batches[0], "attention_mask": torch.ones(2, 12).long()})

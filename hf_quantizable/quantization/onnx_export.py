@@ -7,7 +7,9 @@ into integer kernels:
   scale and uint8 zero point, per tensor or per hidden channel (`axis` = last dimension);
 - every `Int8Linear` with a calibrated input grid becomes `MatMul(DequantizeLinear(x_q),
   DequantizeLinear(W))` (+ bias), which ONNX Runtime runs as `MatMulIntegerToFloat` (uint8
-  activations x int8 weights, int32 accumulation);
+  activations x int8 weights, int32 accumulation); with outlier channels (`outlier_channels=k`)
+  their weight columns are zero there, and `Gather -> Div -> Round -> MatMul` adds their product on
+  their own grid (`add_outlier_channels`);
 - everything else (embeddings, LayerNorm, attention arithmetic, GELU, FP linears and heads) is
   traced as float ops. The attention products of quantized Q/K/V/probabilities also become
   integer kernels in ONNX Runtime (`MatMulIntegerToFloat` / `QLinearMatMul`, uint8 x uint8).
@@ -105,6 +107,15 @@ def _input_codes(g, x, layer: Int8Linear, on_grid: bool):
     return q, g.op("DequantizeLinear", q, s, z)
 
 
+def _outlier_product(g, x, layer: Int8Linear):
+    """The product of the outlier channels on their own grid (`add_outlier_channels`, as ONNX ops)."""
+    picked = g.op("Gather", x, _constant(g, layer.outlier_channels), axis_i=-1)  # [..., k]
+    centred = g.op("Round", g.op("Div", picked, _constant(g, layer.outlier_scale.float())))
+    weight_codes = layer.weight.index_select(1, layer.outlier_channels).float().t().contiguous()  # [k, out]
+    product = g.op("MatMul", centred, _constant(g, weight_codes))
+    return g.op("Mul", product, _constant(g, (layer.outlier_scale * layer.weight_scale).float()))
+
+
 class _LinearQDQ(torch.autograd.Function):
     """An `Int8Linear` with an input grid while tracing: `MatMul(DQ(x_q), DQ(W)) (+ bias)` in ONNX."""
 
@@ -118,7 +129,7 @@ class _LinearQDQ(torch.autograd.Function):
     def symbolic(g, x, weight, weight_scale, key, input_on_grid, rank):
         layer = _MODULES[key]
         codes, x_dq = _input_codes(g, x, layer, input_on_grid)
-        safe, rows, columns, values = split_saturating_pairs(layer.weight, _MAX_CODE)
+        safe, rows, columns, values = split_saturating_pairs(layer.gemm_weight(), _MAX_CODE)
         per_channel = layer.weight_scale.dim() > 0
         w_scale = layer.weight_scale.float()
         weight = g.op(
@@ -145,6 +156,8 @@ class _LinearQDQ(torch.autograd.Function):
             update = g.op("Transpose", update, perm_i=[i + 1 for i in leading] + [0])
             index = g.op("Expand", _constant(g, rows), g.op("Shape", update))
             out = g.op("ScatterElements", out, index, update, axis_i=-1, reduction_s="add")
+        if layer.outlier_channels is not None:
+            out = g.op("Add", out, _outlier_product(g, x, layer))
         # The bias last, where ONNX Runtime can fuse it into what follows (e.g. `BiasGelu`).
         return out if layer.bias is None else g.op("Add", out, _constant(g, layer.bias.float()))
 
