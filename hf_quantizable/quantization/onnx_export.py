@@ -210,7 +210,6 @@ def check_exportable(model: nn.Module) -> None:
 @contextlib.contextmanager
 def _exportable(model: nn.Module) -> Iterator[None]:
     """Swap the forwards of the INT8 modules of `model` for their ONNX-traceable versions (restored after)."""
-    check_exportable(model)
     patched = []
     try:
         for module in model.modules():
