@@ -32,7 +32,6 @@ Default: 1 thread (torch and ONNX Runtime); pin the process to one core for stab
 """
 
 import argparse
-import importlib.metadata
 import json
 import os
 import platform
@@ -388,16 +387,6 @@ def cpu_info() -> dict:
     return {"cpu": model, "flags": {flag: flag in flags for flag in wanted}}
 
 
-def versions() -> dict:
-    found = {"python": platform.python_version()}
-    for name in ("hf_quantizable", "torch", "transformers", "onnxruntime", "onnx", "optimum-quanto"):
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            found[name] = None
-    return found
-
-
 def time_ratio(slow: dict, fast: dict) -> float:
     """`slow` time / `fast` time: the median of the per-round ratios when both rows ran every round
     without failure (rows of one round run minutes apart, so load changes between rounds cancel),
@@ -559,6 +548,7 @@ def main() -> None:
         if not args.work_dir:
             shutil.rmtree(root, ignore_errors=True)
 
+    from hf_quantizable.evaluation.results import package_versions
     from hf_quantizable.paths import write_text_atomic
 
     record = {
@@ -589,7 +579,7 @@ def main() -> None:
             "load_average_start": load_start,
             "load_average_end": os.getloadavg(),
         },
-        "versions": versions(),
+        "versions": package_versions(extra=("onnxruntime", "onnx", "optimum-quanto")),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     write_text_atomic(args.output, json.dumps(record, indent=2) + "\n")

@@ -45,10 +45,10 @@ def result_schema() -> dict:
 
 
 @cache
-def package_versions() -> dict[str, str]:
-    """Versions of Python and of the installed packages that shape the numbers."""
+def package_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
+    """Versions of Python and of the installed packages that shape the numbers (plus `extra` ones)."""
     versions = {"python": platform.python_version()}
-    for name in VERSIONED_PACKAGES:
+    for name in VERSIONED_PACKAGES + extra:
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:

@@ -163,16 +163,17 @@ class QuantizedLinear(nn.Linear):
         source = self._source[0] if self._source else None
         if source is None or source.mode != "quantize" or source.scale_factor is not None:
             return F.linear(x, self.dequantized_weight(), self.bias)
-        if source.outlier_channels is None:
-            codes = grid_codes(x, source.scale, source.zero_point, source.bits)
-            acc = integer_matmul_reference(codes, source.zero_point, self.weight_codes())
-            return rescale_accumulator(acc, source.scale, self.weight_scale, self.bias)
-        # Two grids: the shared one through the integer product (outlier columns zeroed), then the
-        # outlier channels' exact product (the INT8 runtime's arithmetic).
-        scale, zero_point, outlier_scale = source.group_grids()
         channels = source.outlier_channels
+        if channels is None:
+            scale, zero_point, weight = source.scale, source.zero_point, self.weight_codes()
+        else:  # the shared grid through the integer product (outlier columns zeroed), as the INT8 runtime
+            scale, zero_point, outlier_scale = source.group_grids()
+            weight = self.weight_codes().index_fill(1, channels, 0)
         codes = grid_codes(x, scale, zero_point, source.bits)
-        acc = integer_matmul_reference(codes, zero_point, self.weight_codes().index_fill(1, channels, 0))
-        out = rescale_accumulator(acc, scale, self.weight_scale, self.bias)
+        out = rescale_accumulator(
+            integer_matmul_reference(codes, zero_point, weight), scale, self.weight_scale, self.bias
+        )
+        if channels is None:
+            return out
         outlier_weight = self.weight_codes().index_select(1, channels)
         return add_outlier_channels(out, x, channels, outlier_scale, outlier_weight, self.weight_scale)
