@@ -22,7 +22,7 @@ import onnx
 import pytest
 import torch
 
-from hf_quantizable.modeling.int8 import Int8Linear
+from hf_quantizable.modeling.int8 import Int8Linear, split_saturating_pairs
 from hf_quantizable.quantization import W8A8Config, quantize_model
 from hf_quantizable.quantization.export import build_int8_model
 from hf_quantizable.quantization.onnx_export import export_onnx, inference_session
@@ -192,3 +192,26 @@ def test_real_pretrained_bert_agrees(minilm_path, data_dir, tmp_path):
         onnx_vs_fp = cosine(pooled(out, mask), pooled(reference, mask)).mean()
         assert onnx_vs_int8 > 0.98, onnx_vs_int8
         assert abs(onnx_vs_fp - int8_vs_fp) < 0.02, (onnx_vs_fp, int8_vs_fp)
+
+
+@pytest.mark.parametrize("family", ["bert", "opt"])
+def test_saturating_pairs_are_reordered_away(family, tmp_path):
+    """Weights whose natural channel pairs saturate, but a safe order exists: each input is gathered
+    into that order (Q, K and V share one), and no sparse correction is left in the graph."""
+    model, _, int8, _ = _int8(family)
+    generator = torch.Generator().manual_seed(0)
+    linears = [m for m in int8.modules() if isinstance(m, Int8Linear) and m.has_input_quant]
+    for module in linears:
+        w = torch.randn(module.weight.shape, generator=generator)
+        module.weight.copy_(torch.round(w / w.abs().max() * 127).to(torch.int8))
+    assert all(len(split_saturating_pairs(m.weight, 255)[1]) for m in linears)
+    path = export_onnx(int8, tmp_path / "int8.onnx", _inputs(2, 12))
+    graph = onnx.load(path).graph
+    assert "ScatterElements" not in {node.op_type for node in graph.node}
+    transposed = {node.output[0] for node in graph.node if node.op_type == "Transpose"}
+    reorders = [node for node in graph.node if node.op_type == "Gather" and node.input[0] in transposed]
+    assert len(reorders) == 4 * 2  # (Q, K, V), out projection, FC1, FC2 in each of the two layers
+    inputs = _inputs(4, 20)
+    with torch.no_grad():
+        expected, fp = int8(**inputs)[0], model(**inputs)[0]
+    _assert_agrees(_run(inference_session(path, threads=1), inputs), expected, fp)

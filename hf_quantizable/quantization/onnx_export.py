@@ -16,11 +16,14 @@ into integer kernels:
 
 Saturation. Without VNNI, x86 uint8 x int8 kernels (ONNX Runtime's MLAS like oneDNN) add the
 products of input pairs `(2i, 2i+1)` in int16 (`vpmaddubsw`), which saturates for large same-sign
-weight pairs. The exported weight is therefore the part `split_saturating_pairs` proves safe, and
-the few removed entries (a few hundred in a BERT-base layer) are added back by a sparse correction
-(`Gather` of their input columns, `Mul`, `ScatterElements(reduction="add")`), exactly as the PyTorch
-runtime does. (ONNX Runtime's uint8 x uint8 kernel is exact too, but on AVX2 it is only ~1.3x faster
-than fp32 against ~1.8x for uint8 x int8.)
+weight pairs. The linears that read one input (e.g. Q, K and V) therefore get one order of their
+input channels in which no pair saturates (`pairing.safe_pairing`): the uint8 codes are gathered
+into that order once (`Transpose -> Gather -> Transpose`, ~0.3 ms for a BERT-base input) and the
+weight columns stored in it. Where no such order exists, the exported weight is the part
+`split_saturating_pairs` proves safe, and the removed entries are added back by a sparse correction
+(`Gather` of their input columns, `Mul`, `ScatterElements(reduction="add")`), as the PyTorch runtime
+does; that correction costs ~1.5 ms per BERT-base linear in ONNX Runtime. (ONNX Runtime's uint8 x
+uint8 kernel is exact too, but on AVX2 it is only ~1.3x faster than fp32 against ~1.8x for uint8 x int8.)
 
 Agreement with the PyTorch runtime. The integer products are exact in both; the float ops around
 them (LayerNorm, softmax, GELU, requantization of residual sums, which ONNX Runtime fuses into
@@ -36,6 +39,7 @@ The PyTorch checkpoint stays the primary artefact; this is a second CPU route to
 AVX2 CPU without VNNI their int8 GEMMs run at the same speed, so neither route is much faster.
 """
 
+import collections
 import contextlib
 import inspect
 import os
@@ -51,6 +55,7 @@ from torch import nn
 from ..modeling.int8 import Int8ActivationQuantizer, Int8Linear, fake_quantize_activation, split_saturating_pairs
 from ..paths import atomic_path
 from .modules import ActivationQuantizer, QuantizedLinear
+from .pairing import safe_pairing
 
 OPSET = 17
 # ONNX Runtime passes that must stay off for the QDQ linears to run as integer kernels (see above).
@@ -62,6 +67,20 @@ _GRID = "_w8a8_onnx_grid"
 # The INT8 modules being exported, by id: traced autograd functions take the id (a Python int), as
 # the tracer accepts no module arguments.
 _MODULES: dict[int, nn.Module] = {}
+
+
+class _InputOrder:
+    """The input-channel order shared by the integer linears that read one input (`safe_pairing`)."""
+
+    def __init__(self, perm: torch.Tensor):
+        self.perm = perm
+        # (codes reordered as [K, ...], DequantizeLinear of the reordered codes): built by the first
+        # linear of the group that is traced, reused by the others.
+        self.values: tuple | None = None
+
+
+# The orders of the INT8 linears being exported, by module id (linears without one keep theirs).
+_ORDERS: dict[int, _InputOrder] = {}
 
 
 def _constant(g, tensor: torch.Tensor):
@@ -129,7 +148,24 @@ class _LinearQDQ(torch.autograd.Function):
     def symbolic(g, x, weight, weight_scale, key, input_on_grid, rank):
         layer = _MODULES[key]
         codes, x_dq = _input_codes(g, x, layer, input_on_grid)
-        safe, rows, columns, values = split_saturating_pairs(layer.gemm_weight(), _MAX_CODE)
+        leading = list(range(rank - 1))
+        input_scale = _constant(g, layer.input_scale.float())
+        input_zero_point = _constant(g, layer.input_zero_point.to(torch.uint8))
+        weight_codes = layer.gemm_weight()
+        codes_t = None  # the codes as [K, ...] (in the order of weight_codes' columns), once needed
+        order = _ORDERS.get(key)
+        if order is not None:
+            if order.values is None:
+                # A gather along the first axis of the transposed codes: contiguous rows, far faster
+                # in ONNX Runtime than a gather along the last axis.
+                codes_t = g.op(
+                    "Gather", g.op("Transpose", codes, perm_i=[rank - 1, *leading]), _constant(g, order.perm)
+                )
+                ordered = g.op("Transpose", codes_t, perm_i=[i + 1 for i in leading] + [0])
+                order.values = codes_t, g.op("DequantizeLinear", ordered, input_scale, input_zero_point)
+            codes_t, x_dq = order.values
+            weight_codes = weight_codes[:, order.perm]
+        safe, rows, columns, values = split_saturating_pairs(weight_codes, _MAX_CODE)
         per_channel = layer.weight_scale.dim() > 0
         w_scale = layer.weight_scale.float()
         weight = g.op(
@@ -141,15 +177,12 @@ class _LinearQDQ(torch.autograd.Function):
         )
         out = g.op("MatMul", x_dq, weight)
         if rows.numel():
-            # The removed weight entries: out[..., row] += x[..., column] * value * weight_scale[row].
-            # Gathered along the first axis of the transposed codes: contiguous rows, far faster in
-            # ONNX Runtime than a gather along the last axis (and Q, K, V share the transpose).
-            leading = list(range(rank - 1))
+            # The removed weight entries: out[..., row] += x[..., column] * value * weight_scale[row],
+            # gathered from the transposed codes as above (Q, K, V share the transpose).
+            if codes_t is None:
+                codes_t = g.op("Transpose", codes, perm_i=[rank - 1, *leading])
             picked = g.op(
-                "DequantizeLinear",
-                g.op("Gather", g.op("Transpose", codes, perm_i=[rank - 1, *leading]), _constant(g, columns), axis_i=0),
-                _constant(g, layer.input_scale.float()),
-                _constant(g, layer.input_zero_point.to(torch.uint8)),
+                "DequantizeLinear", g.op("Gather", codes_t, _constant(g, columns)), input_scale, input_zero_point
             )
             scaled = values * (w_scale[rows] if per_channel else w_scale)
             update = g.op("Mul", picked, _constant(g, scaled.reshape(-1, *([1] * (rank - 1)))))
@@ -207,10 +240,45 @@ def check_exportable(model: nn.Module) -> None:
             raise ValueError(f"ONNX export needs int8 weight codes; {name}.weight is {module.weight.dtype}")
 
 
+def _input_orders(model: nn.Module, inputs: dict, extra: dict) -> tuple[object, dict[int, _InputOrder]]:
+    """Run `model` once: its output, and an input order (`safe_pairing`) for each group of integer
+    linears that read the same input on the same grid, by module id (none where the natural order is safe).
+    """
+    readers: dict[tuple, list[Int8Linear]] = {}
+    inputs_seen = []  # kept alive, so no two inputs share an address
+
+    def record(module: Int8Linear, args: tuple) -> None:
+        x = args[0]
+        inputs_seen.append(x)
+        grid = (module.input_scale.item(), module.input_zero_point.item())
+        readers.setdefault((x.data_ptr(), tuple(x.shape), x.stride(), grid), []).append(module)
+
+    linears = [m for m in model.modules() if isinstance(m, Int8Linear) and m.has_input_quant]
+    hooks = [m.register_forward_pre_hook(record) for m in linears]
+    try:
+        with torch.no_grad():
+            output = model(**inputs, **extra, return_dict=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    groups = list(readers.values())
+    calls = collections.Counter(id(m) for group in groups for m in group)
+    orders = {}
+    for group in groups:
+        if any(calls[id(m)] > 1 for m in group):
+            continue  # a linear called on several inputs keeps the natural order (and the correction)
+        perm = safe_pairing(torch.cat([m.gemm_weight() for m in group]), _MAX_CODE)
+        if perm is not None:
+            orders.update(dict.fromkeys(map(id, group), _InputOrder(perm)))
+    return output, orders
+
+
 @contextlib.contextmanager
-def _exportable(model: nn.Module) -> Iterator[None]:
-    """Swap the forwards of the INT8 modules of `model` for their ONNX-traceable versions (restored after)."""
+def _exportable(model: nn.Module, orders: dict[int, _InputOrder]) -> Iterator[None]:
+    """Swap the forwards of the INT8 modules of `model` for their ONNX-traceable versions (restored
+    after); the integer linears in `orders` read their input in that order."""
     patched = []
+    _ORDERS.update(orders)
     try:
         for module in model.modules():
             if isinstance(module, Int8ActivationQuantizer):
@@ -226,6 +294,7 @@ def _exportable(model: nn.Module) -> Iterator[None]:
         for module in patched:
             del module.forward
             _MODULES.pop(id(module), None)
+        _ORDERS.clear()
 
 
 class _FirstOutput(nn.Module):
@@ -264,8 +333,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: dict[
     inputs = tuple(example_inputs[name] for name in names)
     wrapper = _FirstOutput(model, names).eval()
     check_exportable(model)
-    with torch.no_grad():
-        first = model(**example_inputs, **wrapper.extra, return_dict=True)
+    first, orders = _input_orders(model, example_inputs, wrapper.extra)
     output_name = next(iter(first.keys())) if hasattr(first, "keys") else "output"
     first_output = first[0]
     dynamic_axes = {}
@@ -276,7 +344,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: dict[
     dynamic_axes[output_name] = {0: "batch"}
     if first_output.dim() >= 3 and first_output.shape[1] == sequence:
         dynamic_axes[output_name][1] = "sequence"
-    with atomic_path(path) as tmp, _exportable(model), torch.no_grad(), warnings.catch_warnings():
+    with atomic_path(path) as tmp, _exportable(model, orders), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         # The TorchScript exporter is chosen on purpose (`symbolic` functions); its notices are noise.
         warnings.filterwarnings("ignore", "You are using the legacy TorchScript-based ONNX export")
