@@ -4,9 +4,11 @@ x86 uint8 x int8 kernels without VNNI add the products of input channels `(2i, 2
 (`vpmaddubsw`; see `split_saturating_pairs`). Whether a pair can saturate depends only on the
 weights, so reordering the input channels (and the weight columns alike: the product is unchanged)
 can pair every large weight with a small or opposite-sign one. `safe_pairing` finds such an order as
-a matching in the graph of channels that are safe together (greedy, then repaired); the export to ONNX applies it (one
-gather of the uint8 codes per input, shared by the layers that read it, e.g. Q, K and V) instead of
-the sparse correction that the natural order needs.
+a matching in the graph of channels that are safe together (greedy, then repaired); the export to
+ONNX applies it (one gather of the uint8 codes per input, shared by the layers that read it, e.g. Q,
+K and V) instead of the sparse correction that the natural order needs. With per-tensor weight
+scales (the papers' setting) such orders exist in the models we measured; per-channel scales put a
+127 in every row, and there an order only removes part of the saturating pairs.
 """
 
 import torch
