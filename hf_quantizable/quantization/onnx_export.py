@@ -150,8 +150,11 @@ class _LinearQDQ(torch.autograd.Function):
         layer = _MODULES[key]
         codes, x_dq = _input_codes(g, x, layer, input_on_grid)
         leading = list(range(rank - 1))
-        input_scale = _constant(g, layer.input_scale.float())
-        input_zero_point = _constant(g, layer.input_zero_point.to(torch.uint8))
+
+        def dequantize(input_codes):
+            scale, zero_point = layer.input_scale.float(), layer.input_zero_point.to(torch.uint8)
+            return g.op("DequantizeLinear", input_codes, _constant(g, scale), _constant(g, zero_point))
+
         weight_codes = layer.gemm_weight()
         codes_t = None  # the codes as [K, ...] (in the order of weight_codes' columns), once needed
         order = _ORDERS.get(key)
@@ -163,7 +166,7 @@ class _LinearQDQ(torch.autograd.Function):
                     "Gather", g.op("Transpose", codes, perm_i=[rank - 1, *leading]), _constant(g, order.perm)
                 )
                 ordered = g.op("Transpose", codes_t, perm_i=[i + 1 for i in leading] + [0])
-                order.values = codes_t, g.op("DequantizeLinear", ordered, input_scale, input_zero_point)
+                order.values = codes_t, dequantize(ordered)
             codes_t, x_dq = order.values
             weight_codes = weight_codes[:, order.perm]
         safe, rows, columns, values = split_saturating_pairs(weight_codes, _MAX_CODE)
@@ -182,9 +185,7 @@ class _LinearQDQ(torch.autograd.Function):
             # gathered from the transposed codes as above (Q, K, V share the transpose).
             if codes_t is None:
                 codes_t = g.op("Transpose", codes, perm_i=[rank - 1, *leading])
-            picked = g.op(
-                "DequantizeLinear", g.op("Gather", codes_t, _constant(g, columns)), input_scale, input_zero_point
-            )
+            picked = dequantize(g.op("Gather", codes_t, _constant(g, columns)))
             scaled = values * (w_scale[rows] if per_channel else w_scale)
             update = g.op("Mul", picked, _constant(g, scaled.reshape(-1, *([1] * (rank - 1)))))
             update = g.op("Transpose", update, perm_i=[i + 1 for i in leading] + [0])

@@ -85,7 +85,8 @@ def safe_pairing(weight: torch.Tensor, max_code: int) -> torch.Tensor | None:
 
     Stack the weights of the layers that read one input (`[N1 + N2 + ..., K]`) to get one order for all.
     """
-    if _removed_entries(weight, max_code) == 0:
+    natural = _removed_entries(weight, max_code)
+    if natural == 0:
         return None
     k = weight.shape[1]
     bad = saturating_pairs(weight, max_code)
@@ -96,6 +97,6 @@ def safe_pairing(weight: torch.Tensor, max_code: int) -> torch.Tensor | None:
     left = torch.ones(k, dtype=torch.bool)
     left[paired] = False
     perm = torch.cat([paired, torch.nonzero(left).flatten()])  # unpaired channels last, in any pairs
-    if _removed_entries(weight[:, perm], max_code) >= _removed_entries(weight, max_code):
+    if _removed_entries(weight[:, perm], max_code) >= natural:
         return None
     return perm
