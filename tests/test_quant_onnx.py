@@ -96,8 +96,21 @@ def test_saturating_weight_pairs_stay_exact(tmp_path):
         expected, fp = int8(**inputs)[0], model(**inputs)[0]
     out = _run(inference_session(path, threads=1), inputs)
     _assert_agrees(out, expected, fp)
-    ops = collections.Counter(node.op_type for node in onnx.load(path).graph.node)
-    assert ops["ScatterElements"] == 12  # one sparse correction per integer linear
+    # One correction per integer linear: MatMul(Transpose(DequantizeLinear(Gather(codes))), removed).
+    graph = onnx.load(path).graph
+    producer = {output: node for node in graph.node for output in node.output}
+
+    def chain(node, kinds):
+        for kind in kinds:
+            node = producer.get(node.input[0])
+            if node is None or node.op_type != kind:
+                return False
+        return True
+
+    corrections = [
+        n for n in graph.node if n.op_type == "MatMul" and chain(n, ["Transpose", "DequantizeLinear", "Gather"])
+    ]
+    assert len(corrections) == 12
 
 
 @pytest.mark.parametrize("family", ["bert", "opt"])

@@ -4,7 +4,8 @@ The graph is standard ONNX (opset 17) in the QDQ format that ONNX Runtime's grap
 into integer kernels:
 
 - every `Int8ActivationQuantizer` becomes `QuantizeLinear -> DequantizeLinear` with its calibrated
-  scale and uint8 zero point, per tensor or per hidden channel (`axis` = last dimension);
+  scale and uint8 zero point; grids per hidden channel (the residual stream's) become the same
+  arithmetic in float ops (`_channel_qdq`);
 - every `Int8Linear` with a calibrated input grid becomes `MatMul(DequantizeLinear(x_q),
   DequantizeLinear(W))` (+ bias), which ONNX Runtime runs as `MatMulIntegerToFloat` (uint8
   activations x int8 weights, int32 accumulation); with outlier channels (`outlier_channels=k`)
@@ -20,9 +21,8 @@ weight pairs. The linears that read one input (e.g. Q, K and V) therefore get on
 input channels in which no pair saturates (`pairing.safe_pairing`): the uint8 codes are gathered
 into that order once (`Transpose -> Gather -> Transpose`, ~0.3 ms for a BERT-base input) and the
 weight columns stored in it. Where no such order exists, the exported weight is the part
-`split_saturating_pairs` proves safe, and the removed entries are added back by a sparse correction
-(`Gather` of their input columns, `Mul`, `ScatterElements(reduction="add")`), as the PyTorch runtime
-does; that correction costs ~1.5 ms per BERT-base linear in ONNX Runtime. (ONNX Runtime's uint8 x
+`split_saturating_pairs` proves safe, and the removed entries are added back by a correction: a float
+`MatMul` over the input channels they sit in (`Gather` of those channels, then `[..., k] x [k, N]`). (ONNX Runtime's uint8 x
 uint8 kernel is exact too, but on AVX2 it is only ~1.3x faster than fp32 against ~1.8x for uint8 x int8.)
 
 Agreement with the PyTorch runtime. The integer products are exact in both; the float ops around
@@ -88,22 +88,30 @@ def _constant(g, tensor: torch.Tensor):
     return g.op("Constant", value_t=tensor.detach().clone())
 
 
-def _quantize(g, x, scale: torch.Tensor, zero_point: torch.Tensor, axis: int | None):
-    """`QuantizeLinear(x)` on an asymmetric uint8 grid (per tensor, or along `axis`), and its qparams."""
+def _quantize(g, x, scale: torch.Tensor, zero_point: torch.Tensor):
+    """`QuantizeLinear(x)` on an asymmetric per-tensor uint8 grid, and its qparams."""
     s = _constant(g, scale.float())
     z = _constant(g, zero_point.to(torch.uint8))
-    kwargs = {} if axis is None else {"axis_i": axis}
-    return g.op("QuantizeLinear", x, s, z, **kwargs), s, z, kwargs
+    return g.op("QuantizeLinear", x, s, z), s, z
 
 
-def _qdq(g, x, scale: torch.Tensor, zero_point: torch.Tensor, axis: int | None):
-    """`DequantizeLinear(QuantizeLinear(x))` on an asymmetric uint8 grid (per tensor, or along `axis`)."""
-    q, s, z, kwargs = _quantize(g, x, scale, zero_point, axis)
-    return g.op("DequantizeLinear", q, s, z, **kwargs)
+def _channel_qdq(g, x, scale: torch.Tensor, zero_point: torch.Tensor):
+    """`DequantizeLinear(QuantizeLinear(x))` with one uint8 grid per last-axis channel, as float ops.
+
+    The same arithmetic as the two ops (`(clamp(round(x / s) + z, 0, 255) - z) * s`, written
+    `clamp(round(x / s), -z, 255 - z) * s`: exact for integer-valued floats), several times faster in
+    ONNX Runtime, whose per-axis kernels take one element at a time along the last axis. These grids
+    sit on the residual stream, which no integer kernel reads.
+    """
+    z = zero_point.float()
+    rounded = g.op("Round", g.op("Div", x, _constant(g, scale.float())))
+    clamped = g.op("Min", g.op("Max", rounded, _constant(g, -z)), _constant(g, _MAX_CODE - z))
+    return g.op("Mul", clamped, _constant(g, scale.float()))
 
 
 class _ActivationQDQ(torch.autograd.Function):
-    """An `Int8ActivationQuantizer` while tracing: its own arithmetic forward, `Q -> DQ` in ONNX."""
+    """An `Int8ActivationQuantizer` while tracing: its own arithmetic forward, `Q -> DQ` in ONNX
+    (per tensor; per channel as the equivalent float ops)."""
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, key, axis):
@@ -111,7 +119,11 @@ class _ActivationQDQ(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, scale, zero_point, key, axis):
-        return _qdq(g, x, _MODULES[key].scale, _MODULES[key].zero_point, axis)
+        quantizer = _MODULES[key]
+        if axis is not None:
+            return _channel_qdq(g, x, quantizer.scale, quantizer.zero_point)
+        q, s, z = _quantize(g, x, quantizer.scale, quantizer.zero_point)
+        return g.op("DequantizeLinear", q, s, z)
 
 
 def _input_codes(g, x, layer: Int8Linear, on_grid: bool):
@@ -123,7 +135,7 @@ def _input_codes(g, x, layer: Int8Linear, on_grid: bool):
     node = x.node()
     if on_grid and node.kind() == "onnx::DequantizeLinear":
         return next(iter(node.inputs())), x
-    q, s, z, _ = _quantize(g, x, layer.input_scale, layer.input_zero_point, None)
+    q, s, z = _quantize(g, x, layer.input_scale, layer.input_zero_point)
     return q, g.op("DequantizeLinear", q, s, z)
 
 
@@ -181,16 +193,17 @@ class _LinearQDQ(torch.autograd.Function):
         )
         out = g.op("MatMul", x_dq, weight)
         if rows.numel():
-            # The removed weight entries: out[..., row] += x[..., column] * value * weight_scale[row],
-            # gathered from the transposed codes as above (Q, K, V share the transpose).
+            # The removed weight entries, as a float product over the input channels they sit in:
+            # out += x[..., used] @ removed, removed[j, row] = value * weight_scale[row]. The
+            # channels are gathered from the transposed codes as above (Q, K, V share the transpose).
+            used, slot = torch.unique(columns, return_inverse=True)
+            removed = torch.zeros(len(used), layer.out_features)
+            removed[slot, rows] = values * (w_scale[rows] if per_channel else w_scale)
             if codes_t is None:
                 codes_t = g.op("Transpose", codes, perm_i=[rank - 1, *leading])
-            picked = dequantize(g.op("Gather", codes_t, _constant(g, columns)))
-            scaled = values * (w_scale[rows] if per_channel else w_scale)
-            update = g.op("Mul", picked, _constant(g, scaled.reshape(-1, *([1] * (rank - 1)))))
-            update = g.op("Transpose", update, perm_i=[i + 1 for i in leading] + [0])
-            index = g.op("Expand", _constant(g, rows), g.op("Shape", update))
-            out = g.op("ScatterElements", out, index, update, axis_i=-1, reduction_s="add")
+            picked = dequantize(g.op("Gather", codes_t, _constant(g, used)))  # [k, ...]
+            picked = g.op("Transpose", picked, perm_i=[i + 1 for i in leading] + [0])  # [..., k]
+            out = g.op("Add", out, g.op("MatMul", picked, _constant(g, removed)))
         if layer.outlier_channels is not None:
             out = g.op("Add", out, _outlier_product(g, x, layer))
         # The bias last, where ONNX Runtime can fuse it into what follows (e.g. `BiasGelu`).
