@@ -62,7 +62,30 @@ def test_saturation_probe_matches_the_kernel(monkeypatch):
         layer.weight.copy_(weight)
         layer.weight_scale.fill_(0.01)
         assert torch.equal(layer(codes), expected)
-        assert (layer._packed[1].numel() > 0) == saturates  # the sparse rest exists only with the split
+        assert (layer._packed[2].numel() > 0) == saturates  # removed entries exist only with the split
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_saturation_correction_is_exact_entry_by_entry_and_dense(monkeypatch, dense):
+    """Few removed entries in many channels are added one by one; many in few channels (per-channel
+    weight scales put a 127 in every row) by one product over those channels. Both are exact."""
+    monkeypatch.setattr(int8, "_PAIRS_SATURATE", [True])
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randint(-20, 21, (128, 64), generator=generator, dtype=torch.int8)
+    if dense:
+        weight[:, :8] = 127  # every row saturates in the first four pairs
+    else:
+        weight[torch.arange(16), 2 * torch.arange(16)] = 100  # one saturating pair in each of 16 rows
+        weight[torch.arange(16), 2 * torch.arange(16) + 1] = 90
+    layer = Int8Linear(64, 128, bias=False, per_channel=False, has_input_quant=True, input_bits=8)
+    layer.weight.copy_(weight)
+    layer.input_zero_point.fill_(3)
+    codes = torch.randint(0, 256, (32, 64), generator=generator, dtype=torch.uint8)
+    exact = int8.integer_matmul_reference(codes, layer.input_zero_point, weight)
+    assert torch.equal(layer.accumulator(codes), exact)
+    assert torch.equal(layer.accumulator(codes, codes.float() - 3), exact)  # columns read from the float input
+    *_, removed = layer._packed
+    assert (removed is not None) == dense
 
 
 def test_int8_linear_with_outlier_channels_matches_exact_product():

@@ -192,6 +192,29 @@ def onednn_int8_accumulator(
 
 
 _PAIRS_SATURATE: list[bool] = []  # the probe's answer, once per process
+# Measured on CPU (one thread): adding one sparse entry to every row of the accumulator costs about as
+# much as 80 multiply-adds of a float matrix product.
+_ENTRY_COST_IN_MACS = 80
+
+
+def saturation_correction(
+    rows: torch.Tensor, columns: torch.Tensor, values: torch.Tensor, out_features: int, max_code: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """How to add back the entries `split_saturating_pairs` removed: `(columns, removed)`.
+
+    `removed` `[len(columns), out_features]` is the dense matrix over the input channels the entries
+    sit in, when one product with it is cheaper than the entries one by one (many entries in few
+    channels, as per-channel weight scales give) and its integer sums stay exact in float32;
+    otherwise None and `columns` are the entries' own.
+    """
+    used, slot = torch.unique(columns, return_inverse=True)
+    if len(used) * out_features >= _ENTRY_COST_IN_MACS * len(rows):
+        return columns, None
+    removed = torch.zeros(len(used), out_features)
+    removed[slot, rows] = values
+    if max_code * removed.abs().sum(0).max() >= 2**24:
+        return columns, None
+    return used, removed
 
 
 def int8_gemm_saturates() -> bool:
@@ -245,7 +268,8 @@ class Int8Linear(nn.Module):
             self.register_buffer("outlier_scale", torch.ones(()))
         else:
             self.outlier_channels = None
-        self._packed = None  # (weight version key, prepacked weight, sparse rest: rows, columns, values)
+        # (weight version key, prepacked weight, saturation correction: rows, columns, values, removed)
+        self._packed = None
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8_gemm={self.has_input_quant}"
@@ -265,11 +289,12 @@ class Int8Linear(nn.Module):
         key = (self.weight.data_ptr(), self.weight._version)
         if self._packed is None or self._packed[0] != key:
             weight = self.gemm_weight()
+            rows, columns, values, removed = torch.zeros(0, dtype=torch.long), None, None, None
             if int8_gemm_saturates():
-                weight, *rest = split_saturating_pairs(weight, 2**self.input_bits - 1)
-            else:
-                rest = [torch.zeros(0, dtype=torch.long)] * 2 + [torch.zeros(0)]
-            self._packed = (key, torch.ops.onednn.qlinear_prepack(weight, x_shape), *rest)
+                max_code = 2**self.input_bits - 1
+                weight, rows, columns, values = split_saturating_pairs(weight, max_code)
+                columns, removed = saturation_correction(rows, columns, values, self.out_features, max_code)
+            self._packed = (key, torch.ops.onednn.qlinear_prepack(weight, x_shape), rows, columns, values, removed)
         return self._packed[1:]
 
     def _input_codes(self, x: torch.Tensor) -> torch.Tensor:
@@ -291,14 +316,17 @@ class Int8Linear(nn.Module):
         """
         if codes.device.type != "cpu":
             return integer_matmul_reference(codes, self.input_zero_point, self.gemm_weight())
-        packed, rows, columns, values = self._packed_weight([codes.shape[0], self.in_features])
+        packed, rows, columns, values, removed = self._packed_weight([codes.shape[0], self.in_features])
         acc = onednn_int8_accumulator(codes, int(self.input_zero_point.item()), packed, self.out_features)
-        if rows.numel():  # the sparse rest; integer-valued float sums, exact below 2^24
+        if rows.numel():  # the removed entries; integer-valued float sums, exact below 2^24
             if x is not None and x.dtype == torch.float32:
                 centred = x.index_select(1, columns).div_(self.input_scale).round_()
             else:
                 centred = codes.index_select(1, columns).float().sub_(self.input_zero_point)
-            acc.index_add_(1, rows, centred.mul_(values))
+            if removed is None:
+                acc.index_add_(1, rows, centred.mul_(values))
+            else:
+                acc.addmm_(centred, removed)
         return acc
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
