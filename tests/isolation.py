@@ -4,6 +4,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+from pathlib import Path
 
 _PRELUDE = """
 import importlib.abc, sys
@@ -36,7 +37,13 @@ def run_without_package(code: str, timeout: float = 300) -> str:
             capture_output=True,
             text=True,
             timeout=timeout,
-            env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": cwd},
+            # The environment's bin folder stays on PATH, as for a user (tools such as ninja live there).
+            env={
+                "HF_HUB_OFFLINE": "1",
+                "TRANSFORMERS_OFFLINE": "1",
+                "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+                "HOME": cwd,
+            },
         )
     assert result.returncode == 0, f"child failed:\n{result.stdout}\n{result.stderr}"
     return result.stdout

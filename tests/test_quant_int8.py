@@ -13,6 +13,7 @@ from hf_quantizable.modeling.int8 import Int8Linear, int8_gemm_saturates, split_
 from hf_quantizable.quantization import W8A8Config, W8A8Quantizer
 from tests.isolation import run_without_package
 from tests.test_quant_core import tiny_model
+from tests.test_quant_int8_kernel import expected_avx2_route
 
 
 def test_split_saturating_pairs_is_exact_and_safe():
@@ -48,7 +49,8 @@ def _cpu_flags() -> set[str]:
 
 
 def test_saturation_probe_matches_the_kernel(monkeypatch):
-    """The split runs only where the int8 GEMM saturates; the product stays exact either way."""
+    """The oneDNN route splits the weight only where its GEMM saturates; the product stays exact either way."""
+    monkeypatch.setenv("HF_QUANTIZABLE_INT8_KERNEL", "onednn")
     flags = _cpu_flags()
     if platform.machine() == "x86_64" and flags and not flags & {"avx512_vnni", "avx_vnni", "amx_int8"}:
         assert int8_gemm_saturates()  # vpmaddubsw: int16 pair sums
@@ -158,7 +160,12 @@ def test_checkpoint_layout_and_size(tmp_path):
     assert tensors["cls.predictions.transform.dense.weight"].dtype == torch.float32  # head kept FP
     report = quantizer.report
     assert report["linear_weights_fp32"] / report["linear_weights_int8"] > 3.9
-    assert {p.name for p in out.iterdir()} >= {"int8.py", "modeling_quantizable_bert.py", "config.json"}
+    assert {p.name for p in out.iterdir()} >= {
+        "int8.py",
+        "int8_kernel.py",
+        "modeling_quantizable_bert.py",
+        "config.json",
+    }
     assert not list(tmp_path.glob(".int8*"))  # no temporary folder left behind
 
 
@@ -178,9 +185,12 @@ def test_fresh_process_reload_agrees_with_simulation(tmp_path):
         with torch.no_grad():
             logits = model(**torch.load({str(tmp_path / "batch.pt")!r})).logits
         torch.save(logits, {str(tmp_path / "logits.pt")!r})
+        print("avx2 kernel:", linear.avx2_weight() is not None)
     """
-    run_without_package(code)
+    stdout = run_without_package(code)
     assert torch.equal(torch.load(tmp_path / "logits.pt"), expected)
+    # The remote code builds and runs the AVX2 kernel where this process does (int8_kernel.py travels too).
+    assert f"avx2 kernel: {expected_avx2_route()}" in stdout
 
 
 def test_gamma_migrated_checkpoint_reloads(tmp_path):

@@ -1,0 +1,149 @@
+"""The AVX2 int8 kernel: the weight split keeps every int16 lane exact, the kernel equals the exact
+integer product with the runtime's rescaling bit for bit, and the INT8 runtime picks it where it should."""
+
+import platform
+
+import pytest
+import torch
+
+from hf_quantizable.modeling import int8, int8_kernel
+from hf_quantizable.modeling.int8 import Int8Linear, int8_gemm_saturates, integer_matmul_reference
+from hf_quantizable.modeling.int8_kernel import PackedInt8Weight, load_avx2_kernel, split_for_int16_lanes
+
+
+def expected_avx2_route() -> bool:
+    """Whether the INT8 runtime must run the AVX2 kernel here (x86 with AVX2, an int8 GEMM that saturates)."""
+    capable = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() in (
+        "AVX2",
+        "AVX512",
+    )
+    return capable and int8_gemm_saturates()
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    if not expected_avx2_route():
+        pytest.skip("the AVX2 kernel runs on x86 CPUs with AVX2 whose int8 GEMM saturates")
+    module = load_avx2_kernel()
+    assert module is not None, "the AVX2 int8 kernel did not build (see the logged warning)"
+    return module
+
+
+def _lanes(weight: torch.Tensor) -> torch.Tensor:
+    """`[N, K / 8, 2, 4]`: the four weights of each int16 lane (input channels 8b + 2h + {0, 1, 4, 5})."""
+    n, k = weight.shape
+    return weight.int().reshape(n, k // 8, 2, 2, 2).permute(0, 1, 3, 2, 4).reshape(n, k // 8, 2, 4)
+
+
+@pytest.mark.parametrize("max_code", [255, 63])
+def test_split_keeps_lanes_exact_and_rebuilds_the_weight(max_code):
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randint(-127, 128, (24, 37), generator=generator, dtype=torch.int8)
+    dense, rows, columns, values = split_for_int16_lanes(weight, max_code)
+    assert dense.shape == (24, 40)  # K padded to a multiple of 8 with zero weights
+    assert not dense[:, 37:].any()
+    rebuilt = dense[:, :37].int().clone()
+    rebuilt[rows, columns] += values
+    assert torch.equal(rebuilt, weight.int())
+    lanes = _lanes(dense)
+    assert (max_code * lanes.clamp(min=0).sum(-1) <= 32767).all()
+    assert (max_code * (-lanes).clamp(min=0).sum(-1) <= 32767).all()
+    # Entries come only from lanes over the limit, and at most one per weight of those lanes.
+    over = _lanes(torch.nn.functional.pad(weight.int(), (0, 3)))
+    over = (max_code * over.clamp(min=0).sum(-1) > 32767) | (max_code * (-over).clamp(min=0).sum(-1) > 32767)
+    assert len(values) <= 4 * int(over.sum())
+    assert (len(values) > 0) == (max_code == 255)  # 6-bit codes: 63 * 4 * 127 fits in int16
+
+
+def test_split_leaves_small_weights_alone():
+    weight = torch.randint(-30, 31, (16, 64), dtype=torch.int8)  # 255 * 4 * 30 < 32767
+    dense, rows, _, _ = split_for_int16_lanes(weight, 255)
+    assert torch.equal(dense, weight) and rows.numel() == 0
+
+
+@pytest.mark.parametrize(
+    ("rows", "k", "n", "bits", "low", "high", "per_channel", "bias"),
+    [
+        (37, 64, 48, 8, -127, 128, True, True),  # many split entries
+        (5, 13, 7, 8, -127, 128, False, False),  # every tail: rows, K not a multiple of 8, N below 16
+        (130, 200, 33, 8, -30, 31, True, True),  # no entries; several row chunks
+        (64, 96, 20, 6, -127, 128, False, True),  # 6-bit codes: a looser limit
+        (1, 8, 16, 8, 127, 128, False, False),  # all weights 127: every lane over the limit
+    ],
+)
+def test_kernel_equals_exact_product_and_rescaling(kernel, rows, k, n, bits, low, high, per_channel, bias):
+    generator = torch.Generator().manual_seed(1)
+    max_code = 2**bits - 1
+    weight = torch.randint(low, high, (n, k), generator=generator, dtype=torch.int8)
+    codes = torch.randint(0, max_code + 1, (rows, k), generator=generator, dtype=torch.uint8)
+    codes[0] = max_code  # the largest products
+    zero_point = 37 % (max_code + 1)
+    input_scale = torch.tensor(0.05)
+    weight_scale = torch.rand(n, generator=generator) * 0.01 if per_channel else torch.tensor(0.003)
+    bias_values = torch.randn(n, generator=generator) if bias else None
+    packed = PackedInt8Weight(kernel, weight, max_code)
+    exact = integer_matmul_reference(codes, torch.tensor(float(zero_point)), weight)
+    # The runtime's rescaling (`rescale_accumulator`): the same float operations.
+    expected = int8.rescale_accumulator(exact.clone(), input_scale, weight_scale, bias_values)
+    got = packed.linear(codes, zero_point, input_scale * weight_scale, bias_values)
+    assert got.dtype == torch.float32 and got.shape == (rows, n)
+    assert torch.equal(got, expected)
+
+
+def test_int8_linear_routes_agree_bit_for_bit(kernel, monkeypatch):
+    torch.manual_seed(0)
+    layer = Int8Linear(96, 40, bias=True, per_channel=True, has_input_quant=True, input_bits=8, outlier_channels=2)
+    layer.weight.copy_(torch.randint(-127, 128, (40, 96), dtype=torch.int8))
+    layer.weight_scale.copy_(torch.rand(40) * 0.01)
+    layer.bias.copy_(torch.randn(40))
+    layer.input_scale.fill_(0.05)
+    layer.input_zero_point.fill_(120)
+    layer.outlier_channels.copy_(torch.tensor([5, 70]))
+    layer.outlier_scale.fill_(0.7)
+    x = (torch.randint(0, 256, (3, 11, 96)).float() - 120) * 0.05
+    outputs = {}
+    for choice in ("avx2", "onednn"):
+        monkeypatch.setenv(int8_kernel.ENV_VAR, choice)
+        assert (layer.avx2_weight() is not None) == (choice == "avx2")
+        outputs[choice] = layer(x.clone())
+    assert outputs["avx2"].shape == (3, 11, 40)
+    assert torch.equal(outputs["avx2"], outputs["onednn"])
+
+
+def test_weight_changes_repack(kernel, monkeypatch):
+    monkeypatch.setenv(int8_kernel.ENV_VAR, "avx2")
+    layer = Int8Linear(16, 16, bias=False, per_channel=False, has_input_quant=True, input_bits=8)
+    first = layer.avx2_weight()
+    layer.weight.fill_(3)
+    second = layer.avx2_weight()
+    assert second is not first and torch.equal(second.column_sums, torch.full((16,), 48, dtype=torch.int32))
+
+
+def test_unknown_kernel_choice_is_refused(monkeypatch):
+    monkeypatch.setenv(int8_kernel.ENV_VAR, "vnni")
+    layer = Int8Linear(8, 8, bias=False, per_channel=False, has_input_quant=True, input_bits=8)
+    with pytest.raises(ValueError, match=r"HF_QUANTIZABLE_INT8_KERNEL='vnni'.*auto, avx2, onednn"):
+        layer(torch.zeros(2, 8))
+
+
+def test_build_failure_falls_back_to_onednn(monkeypatch, caplog):
+    """Without a compiler the runtime still works (oneDNN), and says why once."""
+    import torch.utils.cpp_extension
+
+    def no_compiler(**kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(int8_kernel, "_cpu_has_avx2", lambda: True)
+    monkeypatch.setattr(torch.utils.cpp_extension, "load_inline", no_compiler)
+    monkeypatch.setenv(int8_kernel.ENV_VAR, "avx2")
+    load_avx2_kernel.cache_clear()
+    try:
+        layer = Int8Linear(8, 4, bias=False, per_channel=False, has_input_quant=True, input_bits=8)
+        layer.weight.fill_(1)
+        with caplog.at_level("WARNING"):
+            out = layer(torch.ones(2, 8))
+        assert layer.avx2_weight() is None
+        assert torch.equal(out, torch.full((2, 4), 8.0))
+        assert "no C++ compiler" in caplog.text and "using oneDNN" in caplog.text
+    finally:
+        load_avx2_kernel.cache_clear()
