@@ -2,11 +2,15 @@
 
 One run measures, for a BERT-base-size model (12 layers, hidden 768, FFN 3072) and an OPT-125m-size
 model (same body), batch 8 x sequence 128, base models without task heads (every method quantizes
-the same linear layers), random weights (latency does not depend on the values):
+the same linear layers), random weights (BERT's initialisation; latency depends on the values only
+through the share of weights our AVX2 kernel splits off, recorded as `split_off_weight_share`):
 
     fp32 eager                PyTorch, the fp32 checkpoint
     ours int8 (PyTorch)       our INT8 checkpoint (16 calibration batches, the papers' W8A8 setting)
-                              reloaded with from_pretrained: oneDNN uint8 x int8 GEMMs
+                              reloaded with from_pretrained: on x86 without VNNI our AVX2 int8 GEMM
+                              (hf_quantizable.modeling.int8_kernel), elsewhere oneDNN's
+    ours int8 (PyTorch, oneDNN GEMM)  the same with HF_QUANTIZABLE_INT8_KERNEL=onednn (oneDNN's uint8 x
+                              int8 GEMMs, the activation quantizers as torch ops)
     ours int8 (onnxruntime)   the same INT8 model through hf_quantizable.quantization.onnx_export
     onnxruntime fp32          the fp32 model through the same export (the like-for-like ratio)
     torch.ao dynamic int8     torch.ao.quantization.quantize_dynamic (int8 weights, dynamic activations)
@@ -50,6 +54,7 @@ MODELS = {"bert-base": 30522, "opt-125m": 50272}  # name -> vocabulary size
 ROWS = {  # label -> child kind
     "fp32 eager": "fp32",
     "ours int8 (PyTorch)": "ours",
+    "ours int8 (PyTorch, oneDNN GEMM)": "ours-onednn",
     "ours int8 (onnxruntime)": "ours-ort",
     "onnxruntime fp32": "fp32-ort",
     "torch.ao dynamic int8": "torch-ao",
@@ -171,6 +176,7 @@ def child_prepare(args: argparse.Namespace, work: Path) -> None:
     int8.save_pretrained(work / "int8")
     del simulated
     _emit("calibrated", calibration_s=calibration_s, convert_s=convert_s, peak_rss_mib=calibration_peak)
+    _emit("int8 gemm", **_int8_gemm(int8))
 
     start = time.perf_counter()
     export_onnx(int8, work / "int8.onnx", batch)
@@ -183,6 +189,18 @@ def child_prepare(args: argparse.Namespace, work: Path) -> None:
         "fp32_onnx_mib": (work / "fp32.onnx").stat().st_size / MIB,
     }
     _emit("done", int8_onnx_export_s=int8_export_s, file_sizes=sizes)
+
+
+def _int8_gemm(int8) -> dict:
+    """Which GEMM our PyTorch runtime uses here (building the AVX2 kernel now, so no row pays for it)
+    and, for the AVX2 kernel, the share of weights its split moves to the exact int32 side path."""
+    from hf_quantizable.modeling.int8 import Int8Linear, avx2_kernel
+
+    if avx2_kernel() is None:
+        return {"int8_gemm": "oneDNN"}
+    linears = [m for m in int8.modules() if isinstance(m, Int8Linear) and m.has_input_quant]
+    entries = sum(m.avx2_weight().num_entries for m in linears)
+    return {"int8_gemm": "AVX2 kernel", "split_off_weight_share": entries / sum(m.weight.numel() for m in linears)}
 
 
 def _time_forwards(run, args: argparse.Namespace, work: Path, label_slug: str) -> None:
@@ -235,9 +253,9 @@ def child_row(args: argparse.Namespace, work: Path) -> None:
     batch = torch.load(work / "batch.pt")
     _emit("imported", baseline_rss_mib=_status_mib("VmRSS"))
     start = time.perf_counter()
-    model = _load(args.model, work / ("int8" if kind == "ours" else "fp32"))
+    model = _load(args.model, work / ("int8" if kind.startswith("ours") else "fp32"))
     extra = {"load_s": time.perf_counter() - start}
-    if kind == "ours":
+    if kind.startswith("ours"):
         from hf_quantizable.modeling.int8 import Int8Linear
 
         if not any(isinstance(m, Int8Linear) for m in model.modules()):
@@ -289,6 +307,8 @@ def run_child(args: argparse.Namespace, work: Path, kind: str, row: str | None, 
     if row:
         command += ["--row", row]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    if ROWS.get(row) == "ours-onednn":
+        env["HF_QUANTIZABLE_INT8_KERNEL"] = "onednn"
     stderr_path = work / f"stderr-{ROWS.get(row, kind)}.txt"
     record: dict = {}
     lines: queue.Queue = queue.Queue()
@@ -455,14 +475,14 @@ def targets(results: dict) -> dict:
 
 def print_table(name: str, result: dict) -> None:
     print(f"\n{name}: batch {BATCH} x seq {SEQ}")
-    print(f"  {'row':26s} {'median s':>9s} {'min s':>8s} {'vs fp32':>8s} {'peak MiB':>9s} {'prep s':>8s}  status")
+    print(f"  {'row':34s} {'median s':>9s} {'min s':>8s} {'vs fp32':>8s} {'peak MiB':>9s} {'prep s':>8s}  status")
     for label, row in result["rows"].items():
         if row.get("status") != "ok":
-            print(f"  {label:26s} {'-':>9s} {'-':>8s} {'-':>8s} {'-':>9s} {'-':>8s}  {row.get('status')}")
+            print(f"  {label:34s} {'-':>9s} {'-':>8s} {'-':>8s} {'-':>9s} {'-':>8s}  {row.get('status')}")
             continue
         prepare = row.get("prepare_s", row.get("calibration_s"))
         print(
-            f"  {label:26s} {row['median_s']:9.3f} {row['min_s']:8.3f} {row.get('speedup_vs_fp32_eager', 0):7.2f}x "
+            f"  {label:34s} {row['median_s']:9.3f} {row['min_s']:8.3f} {row.get('speedup_vs_fp32_eager', 0):7.2f}x "
             f"{row.get('inference_peak_rss_mib') or float('nan'):9.0f} "
             f"{'' if prepare is None else format(prepare, '8.1f'):>8s}  ok"
         )
@@ -527,7 +547,7 @@ def main() -> None:
                     record["load_average_after"] = os.getloadavg()[0]
                     runs[label].append(record)
                     timing = f"{record['median_s']:.3f} s" if record["status"] == "ok" else record["status"]
-                    print(f"  round {round_index + 1}  {label:26s} {timing}", flush=True)
+                    print(f"  round {round_index + 1}  {label:34s} {timing}", flush=True)
             rows = {label: merge_rounds(records) for label, records in runs.items()}
             agreement(work, rows)
             results[name] = {
@@ -540,6 +560,8 @@ def main() -> None:
                     "peak_rss_mib": prepare.get("peak_rss_mib"),
                     "int8_onnx_export_s": prepare.get("int8_onnx_export_s"),
                     "file_sizes": prepare.get("file_sizes"),
+                    "int8_gemm": prepare.get("int8_gemm"),
+                    "split_off_weight_share": prepare.get("split_off_weight_share"),
                 },
             }
             results[name]["ours_vs_peers"] = summarize(rows)

@@ -147,3 +147,18 @@ def test_build_failure_falls_back_to_onednn(monkeypatch, caplog):
         assert "no C++ compiler" in caplog.text and "using oneDNN" in caplog.text
     finally:
         load_avx2_kernel.cache_clear()
+
+
+def test_fused_fake_quantize_equals_the_torch_operations(kernel):
+    generator = torch.Generator().manual_seed(2)
+    scale, zero_point, levels = 0.0173, 131, 255
+    x = torch.randn(3, 1001, generator=generator) * 2
+    x[0, :50] = (torch.arange(50) - 25 + 0.5) * scale  # halfway points: round half to even
+    x[0, 50:53] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    x[1, :4] = torch.tensor([1e6, -1e6, 0.0, -0.0])
+    expected = x.div(scale).round_().clamp_(-zero_point, levels - zero_point).mul_(scale)
+    got = int8_kernel.fake_quantize(kernel, x, scale, zero_point, levels)
+    assert torch.equal(got.nan_to_num(), expected.nan_to_num()) and torch.equal(got.isnan(), expected.isnan())
+    assert int8_kernel.fake_quantize(kernel, x.t(), scale, zero_point, levels) is None  # not contiguous
+    with torch.enable_grad():
+        assert int8_kernel.fake_quantize(kernel, x.requires_grad_(), scale, zero_point, levels) is None

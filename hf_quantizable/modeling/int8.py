@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .int8_kernel import PackedInt8Weight, kernel_choice, load_avx2_kernel
+from .int8_kernel import PackedInt8Weight, fake_quantize, kernel_choice, load_avx2_kernel
 
 # `grid_codes` uses torch.quantize_per_tensor only to read uint8 codes (the fastest CPU route); its
 # deprecation notice says nothing actionable to users of a checkpoint.
@@ -65,7 +65,8 @@ def fake_quantize_activation(x: torch.Tensor, scale: torch.Tensor, zero_point: t
     in float) in four passes instead of six. (torch's fused quantize / dequantize would save two
     passes, ~2% of a BERT-base forward, but rounds `x * (1 / s)` rather than `x / s` as ONNX's
     `QuantizeLinear` does; in a model as sensitive as the MiniLM that moved the ONNX export 10x
-    further from this runtime.)
+    further from this runtime.) Where the AVX2 kernel runs (`avx2_kernel`), the same operations in
+    one pass (`int8_kernel.fake_quantize`).
     """
     levels = 2**bits - 1
     if zero_point.numel() == 1:  # clamp to numbers: tensor bounds take a slow unvectorised path
@@ -73,6 +74,10 @@ def fake_quantize_activation(x: torch.Tensor, scale: torch.Tensor, zero_point: t
         if scale.numel() == 1 and not scale.requires_grad:
             # Division by a number: the same float32 division, ~4x faster than by a 0-dim tensor.
             scale = scale.item()
+            kernel = avx2_kernel()
+            fused = None if kernel is None else fake_quantize(kernel, x, scale, int(z), levels)
+            if fused is not None:
+                return fused
         return x.div(scale).round_().clamp_(-z, levels - z).mul_(scale)
     return x.div(scale).round_().add_(zero_point).clamp_(0, levels).sub_(zero_point).mul_(scale)
 
@@ -235,6 +240,18 @@ def int8_gemm_saturates() -> bool:
     return _PAIRS_SATURATE[0]
 
 
+def avx2_kernel():
+    """The AVX2 kernel module (`int8_kernel`) where the INT8 runtime uses it, else None.
+
+    It runs where the CPU's int8 GEMM saturates (x86 without VNNI or AMX; there it is faster than
+    oneDNN), or everywhere it builds with `HF_QUANTIZABLE_INT8_KERNEL=avx2`.
+    """
+    choice = kernel_choice()
+    if choice == "onednn" or (choice == "auto" and not int8_gemm_saturates()):
+        return None
+    return load_avx2_kernel()
+
+
 class Int8Linear(nn.Module):
     """Linear layer with int8 weights.
 
@@ -304,15 +321,8 @@ class Int8Linear(nn.Module):
         return self._packed[1:]
 
     def avx2_weight(self) -> PackedInt8Weight | None:
-        """The weight prepared for the AVX2 kernel (`int8_kernel`) where that kernel runs, else None.
-
-        It runs where the CPU's int8 GEMM saturates (x86 without VNNI or AMX; there it is faster
-        than oneDNN), or everywhere it builds with `HF_QUANTIZABLE_INT8_KERNEL=avx2`.
-        """
-        choice = kernel_choice()
-        if choice == "onednn" or (choice == "auto" and not int8_gemm_saturates()):
-            return None
-        kernel = load_avx2_kernel()
+        """The weight prepared for the AVX2 kernel where the runtime uses it (`avx2_kernel`), else None."""
+        kernel = avx2_kernel()
         if kernel is None:
             return None
         key = (self.weight.data_ptr(), self.weight._version, self.input_bits)

@@ -8,7 +8,8 @@ first (`split_for_int16_lanes`): every int16 lane (four weights of one output, i
 `8b + 2h + {0, 1, 4, 5}`) keeps same-sign weights whose sum times the largest activation code fits in
 int16; the few entries taken off come back in int32 inside the kernel. Its epilogue applies the zero
 point, the rescaling and the bias with the float operations of `rescale_accumulator`, so its outputs
-equal the simulation's bit for bit.
+equal the simulation's bit for bit. `fake_quantize` does the activation quantizers' arithmetic in
+one pass instead of four.
 
 The C++ source is compiled with `torch.utils.cpp_extension.load_inline` (a C++ compiler and ninja
 needed; cached per machine). Where that fails, or with `HF_QUANTIZABLE_INT8_KERNEL=onednn`, the
@@ -28,12 +29,13 @@ logger = logging.getLogger(__name__)
 
 ENV_VAR = "HF_QUANTIZABLE_INT8_KERNEL"
 CHOICES = ("auto", "avx2", "onednn")
-_NAME = "hf_quantizable_int8_avx2_v2"
+_NAME = "hf_quantizable_int8_avx2_v4"
 
 _SOURCE = r"""
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -75,6 +77,33 @@ inline void tile_product(const uint8_t* a, int64_t lda, const int8_t* b, int64_t
 
 }  // namespace
 
+// clamp(round(x / scale), -zero_point, levels - zero_point) * scale in one pass: the float operations
+// of `fake_quantize_activation` (true division, round half to even, NaN kept), one read and one write.
+torch::Tensor fake_quantize(const torch::Tensor& x, double scale, int64_t zero_point, int64_t levels) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "fake_quantize takes contiguous float32");
+  auto out = torch::empty_like(x);
+  const float s = static_cast<float>(scale), low = static_cast<float>(-zero_point);
+  const float high = static_cast<float>(levels - zero_point);
+  const float* src = x.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, x.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
+    const __m256 vs = _mm256_set1_ps(s), vlow = _mm256_set1_ps(low), vhigh = _mm256_set1_ps(high);
+    int64_t i = begin;
+    for (; i + 8 <= end; i += 8) {
+      __m256 v = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(src + i), vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      v = _mm256_min_ps(vhigh, _mm256_max_ps(vlow, v));  // max/min return the second operand for NaN
+      _mm256_storeu_ps(dst + i, _mm256_mul_ps(v, vs));
+    }
+    for (; i < end; ++i) {
+      float v = std::nearbyint(src[i] / s);
+      v = v < low ? low : v;
+      v = v > high ? high : v;
+      dst[i] = v * s;
+    }
+  });
+  return out;
+}
+
 // int8 weight [N, K] (K a multiple of 8) -> blocks of 16 outputs; in each block, for every quad of
 // input channels, two 32-byte halves (outputs 0-7, 8-15) of four consecutive weights per output.
 torch::Tensor pack_weight(const torch::Tensor& weight) {
@@ -96,10 +125,12 @@ torch::Tensor pack_weight(const torch::Tensor& weight) {
 
 // float32 [M, N]: ((codes - zero_point) @ W.T + entries) * scale (+ bias), the integer sum exact in
 // int32. `column_sums` [N] are the packed weight's row sums; the entries taken off by the split are
-// `entry_inputs` / `entry_values`, grouped by output through `entry_offsets` [N + 1].
+// `entry_inputs` (positions in `used_inputs`, the input channels they read) / `entry_values`, grouped
+// by output through `entry_offsets` [N + 1].
 torch::Tensor linear(const torch::Tensor& codes, int64_t zero_point, const torch::Tensor& packed, int64_t n_out,
                      const torch::Tensor& column_sums, const torch::Tensor& entry_offsets,
-                     const torch::Tensor& entry_inputs, const torch::Tensor& entry_values,
+                     const torch::Tensor& used_inputs, const torch::Tensor& entry_inputs,
+                     const torch::Tensor& entry_values,
                      const torch::Tensor& scale, const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && codes.dim() == 2 && codes.is_contiguous() &&
                   codes.size(1) % 8 == 0, "linear takes contiguous uint8 codes [M, K] with K a multiple of 8");
@@ -117,9 +148,15 @@ torch::Tensor linear(const torch::Tensor& codes, int64_t zero_point, const torch
   const float* bias_data = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   float* o = out.data_ptr<float>();
   const int32_t z = static_cast<int32_t>(zero_point);
-  // The split-off entries read their input channel across rows: from the codes transposed once.
-  const auto codes_t = offsets[n_out] ? codes.t().contiguous() : codes;
-  const uint8_t* a_t = codes_t.data_ptr<uint8_t>();
+  // The split-off entries read their input channel across rows: the channels they use, transposed
+  // once ([used, rows], row blocks kept in cache while their columns are read).
+  const int64_t used = used_inputs.numel();
+  std::vector<uint8_t> columns(used * rows);
+  const int64_t* used_data = used_inputs.data_ptr<int64_t>();
+  for (int64_t m0 = 0; m0 < rows; m0 += 64)
+    for (int64_t u = 0; u < used; ++u)
+      for (int64_t m = m0; m < std::min(rows, m0 + 64); ++m) columns[u * rows + m] = a[m * k_in + used_data[u]];
+  const uint8_t* a_t = columns.data();
   at::parallel_for(0, blocks, 1, [&](int64_t first_block, int64_t last_block) {
     alignas(32) int32_t tile[kTileRows * kBlockCols];
     std::vector<int32_t> extra(kBlockCols * kChunkRows);  // [column, row] sums of the entries
@@ -199,6 +236,20 @@ def kernel_choice() -> str:
     return choice
 
 
+def fake_quantize(kernel, x: torch.Tensor, scale: float, zero_point: int, levels: int) -> torch.Tensor | None:
+    """`fake_quantize_activation` in one pass, where the kernel takes `x` (contiguous float32 on CPU,
+    no gradient needed, not traced); None otherwise."""
+    if (
+        x.dtype != torch.float32
+        or x.device.type != "cpu"
+        or not x.is_contiguous()
+        or (x.requires_grad and torch.is_grad_enabled())
+        or torch.jit.is_tracing()
+    ):
+        return None
+    return kernel.fake_quantize(x, scale, zero_point, levels)
+
+
 def _cpu_has_avx2() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() in (
         "AVX2",
@@ -219,7 +270,7 @@ def load_avx2_kernel():
         return load_inline(
             name=_NAME,
             cpp_sources=_SOURCE,
-            functions=["pack_weight", "linear"],
+            functions=["fake_quantize", "pack_weight", "linear"],
             extra_cflags=["-O3", "-mavx2", "-ffp-contract=off"],
             verbose=False,
         )
@@ -273,7 +324,8 @@ class PackedInt8Weight:
         self.column_sums = dense.to(torch.int32).sum(1, dtype=torch.int32)
         counts = torch.bincount(rows, minlength=self.out_features)
         self.entry_offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
-        self.entry_inputs = columns.contiguous()  # nonzero gives row-major order: grouped by output
+        # nonzero gives row-major order: grouped by output; inputs as positions among the used ones
+        self.used_inputs, self.entry_inputs = torch.unique(columns, return_inverse=True)
         self.entry_values = values.to(torch.int32).contiguous()
 
     @property
@@ -296,6 +348,7 @@ class PackedInt8Weight:
             self.out_features,
             self.column_sums,
             self.entry_offsets,
+            self.used_inputs,
             self.entry_inputs,
             self.entry_values,
             scale,
