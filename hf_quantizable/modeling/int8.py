@@ -7,7 +7,8 @@ checkpoint whose config holds `w8a8_config` is rebuilt by `convert_to_int8` with
 - `Int8ActivationQuantizer`: rounds and clamps an activation to its calibrated asymmetric grid
   (the same arithmetic as the simulation);
 - `Int8Linear`: int8 weights with their scales; integer matrix products (uint8 activations x int8
-  weights, int32 accumulation), then the simulation's rescaling and bias.
+  weights, int32 accumulation: `int8_kernel` on x86 without VNNI, oneDNN elsewhere), then the
+  simulation's rescaling and bias.
 
 Self-contained: torch and relative imports only (this file is copied into checkpoints).
 """
@@ -256,8 +257,8 @@ class Int8Linear(nn.Module):
     """Linear layer with int8 weights.
 
     With a calibrated input grid (`has_input_quant`), the input is taken as uint8 codes and the
-    product runs as an integer GEMM (oneDNN `qlinear`: uint8 x int8 with int32 accumulation), then
-    `rescale_accumulator`. Without one, the weights are dequantized and the product runs in float.
+    product runs as an integer GEMM (uint8 x int8 with int32 accumulation: the AVX2 kernel of
+    `int8_kernel` where `avx2_kernel` says so, else oneDNN `qlinear`), then `rescale_accumulator`. Without one, the weights are dequantized and the product runs in float.
 
     With `outlier_channels` (k > 0), k input channels have their own grid (`outlier_scale`): the
     GEMM skips them (their weight columns are zero in the packed weight) and `add_outlier_channels`

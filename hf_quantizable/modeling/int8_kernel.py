@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 ENV_VAR = "HF_QUANTIZABLE_INT8_KERNEL"
 CHOICES = ("auto", "avx2", "onednn")
 _NAME = "hf_quantizable_int8_avx2_v4"
+_SPLIT_ROWS = 256  # weight rows split at a time
 
 _SOURCE = r"""
 #include <ATen/Parallel.h>
@@ -303,13 +304,17 @@ def split_for_int16_lanes(weight: torch.Tensor, max_code: int) -> tuple[torch.Te
     limit = 32767 // max_code
     n, k = weight.shape
     k8 = -(-k // 8) * 8
-    w = F.pad(weight.to(torch.int32), (0, k8 - k))
-    # [n, block, quad, half, pair] -> [n, block, half, quad, pair]: one lane per (n, block, half)
-    lanes = w.reshape(n, k8 // 8, 2, 2, 2).permute(0, 1, 3, 2, 4).reshape(n, k8 // 8, 2, 4)
-    dense = _trim_lane_sums(lanes.clamp(min=0), limit) - _trim_lane_sums((-lanes).clamp(min=0), limit)
-    dense = dense.reshape(n, k8 // 8, 2, 2, 2).permute(0, 1, 3, 2, 4).reshape(n, k8)
-    rows, columns = torch.nonzero(w - dense, as_tuple=True)
-    return dense.to(torch.int8), rows, columns, (w - dense)[rows, columns]
+    dense = F.pad(weight, (0, k8 - k))  # a copy
+    for start in range(0, n, _SPLIT_ROWS):  # row chunks: int32 / int64 temporaries stay small
+        w = dense[start : start + _SPLIT_ROWS].to(torch.int32)
+        # [rows, block, quad, half, pair] -> [rows, block, half, quad, pair]: one lane per (row, block, half)
+        lanes = w.reshape(-1, k8 // 8, 2, 2, 2).permute(0, 1, 3, 2, 4)
+        lanes = lanes.reshape(-1, k8 // 8, 2, 4)
+        safe = _trim_lane_sums(lanes.clamp(min=0), limit) - _trim_lane_sums((-lanes).clamp(min=0), limit)
+        dense[start : start + _SPLIT_ROWS] = safe.reshape(-1, k8 // 8, 2, 2, 2).permute(0, 1, 3, 2, 4).reshape(w.shape)
+    removed = F.pad(weight.to(torch.int32), (0, k8 - k)).sub_(dense)
+    rows, columns = torch.nonzero(removed, as_tuple=True)
+    return dense, rows, columns, removed[rows, columns]
 
 
 class PackedInt8Weight:
