@@ -215,6 +215,7 @@ EXPECTED_FP_FILES = {
     "modeling_quantizable_bert.py",
     "attention.py",
     "int8.py",
+    "int8_kernel.py",
     "quantizable_utils.py",
 }
 
