@@ -258,7 +258,8 @@ class Int8Linear(nn.Module):
 
     With a calibrated input grid (`has_input_quant`), the input is taken as uint8 codes and the
     product runs as an integer GEMM (uint8 x int8 with int32 accumulation: the AVX2 kernel of
-    `int8_kernel` where `avx2_kernel` says so, else oneDNN `qlinear`), then `rescale_accumulator`. Without one, the weights are dequantized and the product runs in float.
+    `int8_kernel` where `avx2_kernel` says so, else oneDNN `qlinear`), then `rescale_accumulator`.
+    Without one, the weights are dequantized and the product runs in float.
 
     With `outlier_channels` (k > 0), k input channels have their own grid (`outlier_scale`): the
     GEMM skips them (their weight columns are zero in the packed weight) and `add_outlier_channels`

@@ -326,12 +326,12 @@ class PackedInt8Weight:
         dense, rows, columns, values = split_for_int16_lanes(weight, max_code)
         self.padded_features = dense.shape[1]
         self.packed = kernel.pack_weight(dense)
-        self.column_sums = dense.to(torch.int32).sum(1, dtype=torch.int32)
+        self.column_sums = dense.sum(1, dtype=torch.int32)
         counts = torch.bincount(rows, minlength=self.out_features)
         self.entry_offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
         # nonzero gives row-major order: grouped by output; inputs as positions among the used ones
         self.used_inputs, self.entry_inputs = torch.unique(columns, return_inverse=True)
-        self.entry_values = values.to(torch.int32).contiguous()
+        self.entry_values = values  # int32
 
     @property
     def num_entries(self) -> int:
