@@ -20,6 +20,9 @@ from .configuration_quantizable import QuantizableOPTConfig
 from .int8 import QuantPoint
 from .quantizable_utils import QuantizableModelMixin
 
+# transformers 5.24 renamed the outputs' `past_key_values` field (and the argument) to `cache`.
+_CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 
 class QuantizableOPTAttention(nn.Module):
     """Q/K/V projections, KV cache, attention core (softmax variant + gate) and output projection."""
@@ -158,6 +161,9 @@ class QuantizableOPTDecoder(nn.Module):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)  # [B, T, d_embed]
         batch_size, seq_length = inputs_embeds.shape[:2]
+        if self.training and torch.is_grad_enabled() and any(layer.gradient_checkpointing for layer in self.layers):
+            # the backward pass replays each layer, which would extend the cache a second time
+            use_cache, past_key_values = False, None
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -178,7 +184,6 @@ class QuantizableOPTDecoder(nn.Module):
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
         for layer in self.layers:
-            # keyword arguments: gradient checkpointing drops the cache (recomputation would extend it twice)
             hidden_states, probs = layer(
                 hidden_states, mask, past_key_values=past_key_values, output_attentions=output_attentions
             )
@@ -192,9 +197,9 @@ class QuantizableOPTDecoder(nn.Module):
             hidden_states = self.project_out(hidden_states)
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
             hidden_states=all_hidden_states,
             attentions=all_attentions,
+            **{_CACHE_FIELD: past_key_values if use_cache else None},
         )
 
 
@@ -223,12 +228,13 @@ class QuantizableOPTModel(QuantizableOPTPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
         outputs = self.decoder(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            past_key_values=cache if past_key_values is None else past_key_values,  # `cache`: transformers >= 5.24
             inputs_embeds=inputs_embeds,
             use_cache=self.config.use_cache if use_cache is None else use_cache,
             position_ids=position_ids,
@@ -275,12 +281,13 @@ class QuantizableOPTForCausalLM(QuantizableOPTPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int = 0,
+        cache: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            past_key_values=cache if past_key_values is None else past_key_values,  # `cache`: transformers >= 5.24
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             position_ids=position_ids,
@@ -302,9 +309,9 @@ class QuantizableOPTForCausalLM(QuantizableOPTPreTrainedModel, GenerationMixin):
         output = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)},
         )
         return output if return_dict else output.to_tuple()
 
