@@ -29,14 +29,15 @@ def kernel():
     return module
 
 
-def _lanes(weight: torch.Tensor) -> torch.Tensor:
-    """`[N, K / 8, 2, 4]`: the four weights of each int16 lane (input channels 8b + 2h + {0, 1, 4, 5})."""
-    n, k = weight.shape
-    return weight.int().reshape(n, k // 8, 2, 2, 2).permute(0, 1, 3, 2, 4).reshape(n, k // 8, 2, 4)
+def _pair_loads(weight: torch.Tensor) -> torch.Tensor:
+    """`[N, K / 2, 2]`: per input pair `(2i, 2i + 1)` of each output, the sum of its positive and of its
+    negative weight magnitudes (what `vpmaddubsw` adds in one int16)."""
+    pairs = weight.int().reshape(weight.shape[0], -1, 2)
+    return torch.stack([pairs.clamp(min=0).sum(-1), (-pairs).clamp(min=0).sum(-1)], -1)
 
 
 @pytest.mark.parametrize("max_code", [255, 63])
-def test_split_keeps_lanes_exact_and_rebuilds_the_weight(max_code):
+def test_split_keeps_pairs_exact_and_rebuilds_the_weight(max_code):
     generator = torch.Generator().manual_seed(0)
     weight = torch.randint(-127, 128, (24, 37), generator=generator, dtype=torch.int8)
     dense, rows, columns, values = split_for_int16_lanes(weight, max_code)
@@ -45,26 +46,52 @@ def test_split_keeps_lanes_exact_and_rebuilds_the_weight(max_code):
     rebuilt = dense[:, :37].int().clone()
     rebuilt[rows, columns] += values
     assert torch.equal(rebuilt, weight.int())
-    lanes = _lanes(dense)
-    assert (max_code * lanes.clamp(min=0).sum(-1) <= 32767).all()
-    assert (max_code * (-lanes).clamp(min=0).sum(-1) <= 32767).all()
-    # Entries come only from lanes over the limit, and at most one per weight of those lanes.
-    over = _lanes(torch.nn.functional.pad(weight.int(), (0, 3)))
-    over = (max_code * over.clamp(min=0).sum(-1) > 32767) | (max_code * (-over).clamp(min=0).sum(-1) > 32767)
-    assert len(values) <= 4 * int(over.sum())
-    assert (len(values) > 0) == (max_code == 255)  # 6-bit codes: 63 * 4 * 127 fits in int16
+    assert (max_code * _pair_loads(dense) <= 32767).all()
+    # Entries come only from pairs over the limit, one per such pair (its larger weight).
+    over = (max_code * _pair_loads(torch.nn.functional.pad(weight, (0, 3))) > 32767).any(-1)
+    assert len(values) == int(over.sum())
+    assert (len(values) > 0) == (max_code == 255)  # 6-bit codes: 63 * 2 * 127 fits in int16
 
 
 def test_split_leaves_small_weights_alone():
-    weight = torch.randint(-30, 31, (16, 64), dtype=torch.int8)  # 255 * 4 * 30 < 32767
+    weight = torch.randint(-64, 65, (16, 64), dtype=torch.int8)  # 255 * 2 * 64 < 32767
     dense, rows, _, _ = split_for_int16_lanes(weight, 255)
     assert torch.equal(dense, weight) and rows.numel() == 0
 
 
 @pytest.mark.parametrize(
+    ("low", "high", "some_safe", "all_safe"), [(-60, 61, True, False), (-127, 128, False, False), (-20, 21, True, True)]
+)
+def test_pairing_keeps_safe_steps_in_int16(kernel, low, high, some_safe, all_safe):
+    """Every quad is used once per block, the packed bytes are the weights, and in the safe steps (the
+    first of each block) the two quads' pair sums fit in int16 for every code up to 255."""
+    generator = torch.Generator().manual_seed(3)
+    n, k, limit = 40, 96, 32767 // 255
+    dense = split_for_int16_lanes(torch.randint(low, high, (n, k), generator=generator, dtype=torch.int8), 255)[0]
+    packed, offsets, safe = kernel.pack_weight(dense, limit)
+    steps, blocks = k // 8, -(-n // 16)
+    packed = packed.reshape(blocks, steps, 2, 2, 8, 4)  # block, step, quad of the step, half, column, byte
+    quads = offsets.reshape(blocks, steps, 2).long() // 4
+    padded = torch.nn.functional.pad(dense, (0, 0, 0, 16 * blocks - n)).reshape(blocks, 2, 8, k // 4, 4)
+    loads = _pair_loads(padded.reshape(blocks * 16, k)).reshape(
+        blocks, 16, k // 4, 2, 2
+    )  # block, column, quad, pair, sign
+    for block in range(blocks):
+        assert sorted(quads[block].flatten().tolist()) == list(range(k // 4))
+        expected = padded[block][:, :, quads[block]].permute(
+            2, 3, 0, 1, 4
+        )  # step, quad of the step, half, column, byte
+        assert torch.equal(packed[block], expected)
+        lanes = loads[block][:, quads[block, : safe[block]]].sum(2)  # column, safe step, pair, sign
+        assert (lanes <= limit).all()
+    assert bool((safe > 0).any()) == some_safe and bool((safe == steps).all()) == all_safe
+
+
+@pytest.mark.parametrize(
     ("rows", "k", "n", "bits", "low", "high", "per_channel", "bias"),
     [
-        (37, 64, 48, 8, -127, 128, True, True),  # many split entries
+        (37, 64, 48, 8, -127, 128, True, True),  # many split entries, quads widened one by one
+        (21, 96, 40, 8, -60, 61, False, True),  # safe and unsafe steps
         (5, 13, 7, 8, -127, 128, False, False),  # every tail: rows, K not a multiple of 8, N below 16
         (130, 200, 33, 8, -30, 31, True, True),  # no entries; several row chunks
         (64, 96, 20, 6, -127, 128, False, True),  # 6-bit codes: a looser limit

@@ -3,10 +3,15 @@
 Without VNNI, x86 int8 kernels (oneDNN, MLAS, fbgemm) multiply uint8 x int8 with `vpmaddubsw`, which
 adds input pairs in int16, and widen every pair sum to int32 at once (`vpmaddwd`): two multiplier
 instructions per 32 multiply-adds. This kernel adds two pair sums in int16 before widening (three
-instructions per 64), about 1.25x faster than oneDNN here. It is exact because the weights are split
-first (`split_for_int16_lanes`): every int16 lane (four weights of one output, input channels
-`8b + 2h + {0, 1, 4, 5}`) keeps same-sign weights whose sum times the largest activation code fits in
-int16; the few entries taken off come back in int32 inside the kernel. Its epilogue applies the zero
+instructions per 64), about 1.25x faster than oneDNN here. It stays exact in two steps. First
+`split_for_int16_lanes` takes off the few weights that would let one pair saturate (same-sign pairs
+whose magnitudes times the largest activation code exceed int16); they come back as sparse entries
+added in int32 inside the kernel. Then `pack_weight` pairs the quads (four input channels) of each
+block of 16 outputs so that the two pair sums added in one int16 lane cannot overflow either
+(greedy: the most loaded quad first, with the most loaded partner that fits); pairs it cannot make
+safe are widened one by one. (A fixed pairing of neighbouring quads left ~0.8% of a random-init
+BERT-base weight as sparse entries, which cost ~15% of the GEMM; the greedy one pairs every quad
+safely there.) Its epilogue applies the zero
 point, the rescaling and the bias with the float operations of `rescale_accumulator`, so its outputs
 equal the simulation's bit for bit. `fake_quantize` does the activation quantizers' arithmetic in
 one pass instead of four.
@@ -29,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 ENV_VAR = "HF_QUANTIZABLE_INT8_KERNEL"
 CHOICES = ("auto", "avx2", "onednn")
-_NAME = "hf_quantizable_int8_avx2_v4"
+_NAME = "hf_quantizable_int8_avx2_v5"
 _SPLIT_ROWS = 256  # weight rows split at a time
 
 _SOURCE = r"""
@@ -38,6 +43,7 @@ _SOURCE = r"""
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -47,33 +53,68 @@ constexpr int64_t kTileRows = 4;    // rows per register tile
 constexpr int64_t kChunkRows = 128; // rows per pass over the packed weight (their codes stay in L2)
 
 // acc[r][h] (columns 8h .. 8h+7) of `rows` rows of uint8 codes `a` times one packed block `b`. Each
-// step reads two quads of input channels: vpmaddubsw per quad, the two int16 results added in int16
-// (exact by the weight split), then widened once with vpmaddwd.
-template <int R>
-inline void tile_product(const uint8_t* a, int64_t lda, const int8_t* b, int64_t quads, int32_t* tile) {
-  __m256i acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+// step reads two quads of input channels (byte offsets `offsets[2i]`, `offsets[2i + 1]`): vpmaddubsw
+// per quad; in the first `safe_steps` steps the two int16 results are added in int16 (exact: the
+// pairing proved it) and widened once with vpmaddwd, in the others each is widened on its own.
+// One step of `tile_product`: with `kPaired`, the two quads' int16 results are added before widening.
+template <int R, bool kPaired>
+inline void step_product(const uint8_t* a, int64_t lda, const int8_t* step, const int32_t* offsets, __m256i (&acc)[R][2]) {
   const __m256i ones = _mm256_set1_epi16(1);
-  for (int64_t q = 0; q < quads; q += 2) {
-    const __m256i b00 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + q * 64));
-    const __m256i b01 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + q * 64 + 32));
-    const __m256i b10 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + q * 64 + 64));
-    const __m256i b11 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + q * 64 + 96));
-    for (int r = 0; r < R; ++r) {
-      int32_t first, second;
-      std::memcpy(&first, a + r * lda + 4 * q, 4);
-      std::memcpy(&second, a + r * lda + 4 * q + 4, 4);
-      const __m256i a0 = _mm256_set1_epi32(first), a1 = _mm256_set1_epi32(second);
+  const __m256i b00 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(step));
+  const __m256i b01 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(step + 32));
+  const __m256i b10 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(step + 64));
+  const __m256i b11 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(step + 96));
+  const uint8_t* first_quad = a + offsets[0];
+  const uint8_t* second_quad = a + offsets[1];
+  for (int r = 0; r < R; ++r) {
+    int32_t first, second;
+    std::memcpy(&first, first_quad + r * lda, 4);
+    std::memcpy(&second, second_quad + r * lda, 4);
+    const __m256i a0 = _mm256_set1_epi32(first), a1 = _mm256_set1_epi32(second);
+    if (kPaired) {
       const __m256i t0 = _mm256_add_epi16(_mm256_maddubs_epi16(a0, b00), _mm256_maddubs_epi16(a1, b10));
       const __m256i t1 = _mm256_add_epi16(_mm256_maddubs_epi16(a0, b01), _mm256_maddubs_epi16(a1, b11));
       acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(t0, ones));
       acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(t1, ones));
+    } else {
+      const __m256i t0 = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(a0, b00), ones),
+                                          _mm256_madd_epi16(_mm256_maddubs_epi16(a1, b10), ones));
+      const __m256i t1 = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(a0, b01), ones),
+                                          _mm256_madd_epi16(_mm256_maddubs_epi16(a1, b11), ones));
+      acc[r][0] = _mm256_add_epi32(acc[r][0], t0);
+      acc[r][1] = _mm256_add_epi32(acc[r][1], t1);
     }
   }
+}
+
+// acc[r][h] (columns 8h .. 8h+7) of `R` rows of uint8 codes `a` times one packed block `b`. Each step
+// reads two quads of input channels (byte offsets `offsets[2i]`, `offsets[2i + 1]`), one vpmaddubsw
+// per quad; in the first `safe_steps` steps their int16 results are added in int16 (exact: the
+// pairing checked it) and widened once with vpmaddwd, in the others each is widened on its own.
+template <int R>
+inline void tile_product(const uint8_t* a, int64_t lda, const int8_t* b, const int32_t* offsets, int64_t safe_steps,
+                         int64_t steps, int32_t* tile) {
+  __m256i acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+  int64_t i = 0;
+  for (; i < safe_steps; ++i) step_product<R, true>(a, lda, b + i * 128, offsets + 2 * i, acc);
+  for (; i < steps; ++i) step_product<R, false>(a, lda, b + i * 128, offsets + 2 * i, acc);
   for (int r = 0; r < R; ++r) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(tile + r * kBlockCols), acc[r][0]);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(tile + r * kBlockCols + 8), acc[r][1]);
   }
+}
+
+// Whether two quads' int16 lanes (`loads`: per column, pair and sign, the sum of that sign's weight
+// magnitudes) stay within `limit` when added.
+inline bool fits(const int16_t* first, const int16_t* second, const __m256i limit) {
+  __m256i over = _mm256_setzero_si256();
+  for (int v = 0; v < 4; ++v) {
+    const __m256i sum = _mm256_add_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(first + 16 * v)),
+                                         _mm256_loadu_si256(reinterpret_cast<const __m256i*>(second + 16 * v)));
+    over = _mm256_or_si256(over, _mm256_cmpgt_epi16(sum, limit));
+  }
+  return _mm256_testz_si256(over, over);
 }
 
 }  // namespace
@@ -105,42 +146,98 @@ torch::Tensor fake_quantize(const torch::Tensor& x, double scale, int64_t zero_p
   return out;
 }
 
-// int8 weight [N, K] (K a multiple of 8) -> blocks of 16 outputs; in each block, for every quad of
-// input channels, two 32-byte halves (outputs 0-7, 8-15) of four consecutive weights per output.
-torch::Tensor pack_weight(const torch::Tensor& weight) {
+// int8 weight [N, K] (K a multiple of 8, no input pair over `limit`) -> blocks of 16 outputs, each a
+// list of steps: two quads of input channels (K / 8 steps), 128 bytes: per quad two 32-byte halves
+// (outputs 0-7, 8-15) of four consecutive weights per output. Per block the quads are paired greedily
+// (the most loaded first, with the most loaded partner whose int16 lanes stay within `limit`); the
+// safe steps come first. Returns (packed, byte offsets of each step's quads [blocks * steps * 2],
+// safe steps per block).
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> pack_weight(const torch::Tensor& weight, int64_t limit) {
   TORCH_CHECK(weight.scalar_type() == torch::kInt8 && weight.dim() == 2 && weight.size(1) % 8 == 0,
               "pack_weight takes an int8 [N, K] weight with K a multiple of 8");
+  TORCH_CHECK(limit > 0 && limit <= 32767, "pack_weight takes a lane limit in [1, 32767]");
   const auto w = weight.contiguous();
-  const int64_t n_out = w.size(0), k_in = w.size(1), quads = k_in / 4;
+  const int64_t n_out = w.size(0), k_in = w.size(1), quads = k_in / 4, steps = quads / 2;
   const int64_t blocks = (n_out + kBlockCols - 1) / kBlockCols;
-  auto packed = torch::zeros({blocks * quads * 64}, torch::kInt8);
+  auto packed = torch::zeros({blocks * steps * 128}, torch::kInt8);
+  auto offsets = torch::empty({blocks * steps * 2}, torch::kInt32);
+  auto safe = torch::empty({blocks}, torch::kInt64);
   const int8_t* src = w.data_ptr<int8_t>();
   int8_t* dst = packed.data_ptr<int8_t>();
-  for (int64_t n = 0; n < n_out; ++n) {
-    const int64_t block = n / kBlockCols, col = n % kBlockCols;
-    for (int64_t q = 0; q < quads; ++q)
-      std::memcpy(dst + ((block * quads + q) * 2 + col / 8) * 32 + (col % 8) * 4, src + n * k_in + 4 * q, 4);
+  int32_t* offset_data = offsets.data_ptr<int32_t>();
+  int64_t* safe_data = safe.data_ptr<int64_t>();
+  const __m256i vlimit = _mm256_set1_epi16(static_cast<int16_t>(limit));
+  std::vector<int16_t> loads(quads * 64);  // [quad][column][pair][sign]
+  std::vector<int16_t> heaviest(quads);
+  std::vector<int64_t> order(quads);
+  std::vector<char> taken(quads);
+  std::vector<int64_t> pairs, unsafe;
+  for (int64_t block = 0; block < blocks; ++block) {
+    const int64_t n0 = block * kBlockCols, cols = std::min(kBlockCols, n_out - n0);
+    std::fill(loads.begin(), loads.end(), 0);
+    for (int64_t q = 0; q < quads; ++q) {
+      int16_t* load = loads.data() + q * 64;
+      for (int64_t c = 0; c < cols; ++c)
+        for (int64_t k = 0; k < 4; ++k) {
+          const int16_t v = src[(n0 + c) * k_in + 4 * q + k];
+          load[c * 4 + (k / 2) * 2 + (v < 0)] += v < 0 ? -v : v;
+        }
+      heaviest[q] = *std::max_element(load, load + 64);
+    }
+    for (int64_t q = 0; q < quads; ++q) order[q] = q;
+    std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return heaviest[x] > heaviest[y]; });
+    std::fill(taken.begin(), taken.end(), 0);
+    pairs.clear();
+    unsafe.clear();
+    int64_t first_free = 0;
+    for (int64_t i = 0; i < quads; ++i) {
+      const int64_t q = order[i];
+      if (taken[q]) continue;
+      taken[q] = 1;
+      while (taken[order[first_free]]) ++first_free;  // quads is even: a partner is left
+      int64_t partner = -1;
+      for (int64_t j = first_free; j < quads && partner < 0; ++j)
+        if (!taken[order[j]] && fits(loads.data() + q * 64, loads.data() + order[j] * 64, vlimit)) partner = order[j];
+      auto& list = partner < 0 ? unsafe : pairs;
+      if (partner < 0) partner = order[first_free];
+      taken[partner] = 1;
+      list.push_back(q);
+      list.push_back(partner);
+    }
+    safe_data[block] = static_cast<int64_t>(pairs.size() / 2);
+    pairs.insert(pairs.end(), unsafe.begin(), unsafe.end());
+    for (int64_t i = 0; i < steps; ++i)
+      for (int64_t p = 0; p < 2; ++p) {
+        const int64_t q = pairs[2 * i + p];
+        offset_data[(block * steps + i) * 2 + p] = static_cast<int32_t>(4 * q);
+        for (int64_t c = 0; c < cols; ++c)
+          std::memcpy(dst + (block * steps + i) * 128 + p * 64 + (c / 8) * 32 + (c % 8) * 4, src + (n0 + c) * k_in + 4 * q, 4);
+      }
   }
-  return packed;
+  return std::make_tuple(packed, offsets, safe);
 }
 
 // float32 [M, N]: ((codes - zero_point) @ W.T + entries) * scale (+ bias), the integer sum exact in
 // int32. `column_sums` [N] are the packed weight's row sums; the entries taken off by the split are
 // `entry_inputs` (positions in `used_inputs`, the input channels they read) / `entry_values`, grouped
 // by output through `entry_offsets` [N + 1].
-torch::Tensor linear(const torch::Tensor& codes, int64_t zero_point, const torch::Tensor& packed, int64_t n_out,
+torch::Tensor linear(const torch::Tensor& codes, int64_t zero_point, const torch::Tensor& packed,
+                     const torch::Tensor& step_offsets, const torch::Tensor& safe_steps, int64_t n_out,
                      const torch::Tensor& column_sums, const torch::Tensor& entry_offsets,
                      const torch::Tensor& used_inputs, const torch::Tensor& entry_inputs,
                      const torch::Tensor& entry_values,
                      const torch::Tensor& scale, const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && codes.dim() == 2 && codes.is_contiguous() &&
                   codes.size(1) % 8 == 0, "linear takes contiguous uint8 codes [M, K] with K a multiple of 8");
-  const int64_t rows = codes.size(0), k_in = codes.size(1), quads = k_in / 4;
+  const int64_t rows = codes.size(0), k_in = codes.size(1), steps = k_in / 8;
   const int64_t blocks = (n_out + kBlockCols - 1) / kBlockCols;
-  TORCH_CHECK(packed.numel() == blocks * quads * 64, "packed weight does not match the codes' width");
+  TORCH_CHECK(packed.numel() == blocks * steps * 128 && step_offsets.numel() == blocks * steps * 2 &&
+                  safe_steps.numel() == blocks, "packed weight does not match the codes' width");
   auto out = torch::empty({rows, n_out}, torch::kFloat32);
   const uint8_t* a = codes.data_ptr<uint8_t>();
   const int8_t* b = packed.data_ptr<int8_t>();
+  const int32_t* step_offset_data = step_offsets.data_ptr<int32_t>();
+  const int64_t* safe_data = safe_steps.data_ptr<int64_t>();
   const int32_t* sums = column_sums.data_ptr<int32_t>();
   const int64_t* offsets = entry_offsets.data_ptr<int64_t>();
   const int64_t* inputs = entry_inputs.data_ptr<int64_t>();
@@ -164,7 +261,9 @@ torch::Tensor linear(const torch::Tensor& codes, int64_t zero_point, const torch
     for (int64_t m0 = 0; m0 < rows; m0 += kChunkRows) {
       const int64_t m1 = std::min(rows, m0 + kChunkRows), chunk = m1 - m0;
       for (int64_t block = first_block; block < last_block; ++block) {
-        const int8_t* panel = b + block * quads * 64;
+        const int8_t* panel = b + block * steps * 128;
+        const int32_t* quad_offsets = step_offset_data + block * steps * 2;
+        const int64_t safe = safe_data[block];
         const int64_t n0 = block * kBlockCols, cols = std::min(kBlockCols, n_out - n0);
         for (int64_t c = 0; c < cols; ++c) {
           const int64_t n = n0 + c;
@@ -188,10 +287,10 @@ torch::Tensor linear(const torch::Tensor& codes, int64_t zero_point, const torch
           const int64_t tile_rows = std::min(kTileRows, m1 - m);
           const uint8_t* a_tile = a + m * k_in;
           switch (tile_rows) {
-            case 4: tile_product<4>(a_tile, k_in, panel, quads, tile); break;
-            case 3: tile_product<3>(a_tile, k_in, panel, quads, tile); break;
-            case 2: tile_product<2>(a_tile, k_in, panel, quads, tile); break;
-            default: tile_product<1>(a_tile, k_in, panel, quads, tile);
+            case 4: tile_product<4>(a_tile, k_in, panel, quad_offsets, safe, steps, tile); break;
+            case 3: tile_product<3>(a_tile, k_in, panel, quad_offsets, safe, steps, tile); break;
+            case 2: tile_product<2>(a_tile, k_in, panel, quad_offsets, safe, steps, tile); break;
+            default: tile_product<1>(a_tile, k_in, panel, quad_offsets, safe, steps, tile);
           }
           for (int64_t c = 0; c < cols; ++c) {
             const int64_t n = n0 + c;
@@ -293,25 +392,23 @@ def _trim_lane_sums(magnitude: torch.Tensor, limit: int) -> torch.Tensor:
 
 
 def split_for_int16_lanes(weight: torch.Tensor, max_code: int) -> tuple[torch.Tensor, ...]:
-    """Split int8 `weight` `[N, K]` into a part whose int16 lanes cannot overflow, plus sparse entries.
+    """Split int8 `weight` `[N, K]` into a part whose input pairs cannot saturate, plus sparse entries.
 
     Returns `(dense, rows, columns, values)`: `dense` int8 `[N, K8]` (K padded with zeros to a multiple
-    of 8) and the entries `weight - dense` (int32 values). A lane holds the weights of one output at
-    input channels `8b + 2h + {0, 1, 4, 5}`; with codes up to `max_code`, its int16 sum is exact when
-    `max_code * (sum of its positive weights) <= 32767` and likewise for the negative ones. Lanes
-    over the limit give up their excess, largest weights of that sign first.
+    of 8) and the entries `weight - dense` (int32 values). `vpmaddubsw` adds the products of input
+    channels `(2i, 2i + 1)` in int16; with codes up to `max_code` that sum is exact when
+    `max_code * (sum of the pair's positive weights) <= 32767`, and likewise for the negative ones.
+    Pairs over the limit give up their excess, the larger weight first. (Adding two pairs in int16,
+    the kernel's pairing of quads checks on `dense`.)
     """
     limit = 32767 // max_code
     n, k = weight.shape
     k8 = -(-k // 8) * 8
     dense = F.pad(weight, (0, k8 - k))  # a copy
     for start in range(0, n, _SPLIT_ROWS):  # row chunks: int32 / int64 temporaries stay small
-        w = dense[start : start + _SPLIT_ROWS].to(torch.int32)
-        # [rows, block, quad, half, pair] -> [rows, block, half, quad, pair]: one lane per (row, block, half)
-        lanes = w.reshape(-1, k8 // 8, 2, 2, 2).permute(0, 1, 3, 2, 4)
-        lanes = lanes.reshape(-1, k8 // 8, 2, 4)
-        safe = _trim_lane_sums(lanes.clamp(min=0), limit) - _trim_lane_sums((-lanes).clamp(min=0), limit)
-        dense[start : start + _SPLIT_ROWS] = safe.reshape(-1, k8 // 8, 2, 2, 2).permute(0, 1, 3, 2, 4).reshape(w.shape)
+        pairs = dense[start : start + _SPLIT_ROWS].to(torch.int32).reshape(-1, k8 // 2, 2)
+        safe = _trim_lane_sums(pairs.clamp(min=0), limit) - _trim_lane_sums((-pairs).clamp(min=0), limit)
+        dense[start : start + _SPLIT_ROWS] = safe.reshape(-1, k8)
     removed = F.pad(weight.to(torch.int32), (0, k8 - k)).sub_(dense)
     rows, columns = torch.nonzero(removed, as_tuple=True)
     return dense, rows, columns, removed[rows, columns]
@@ -325,7 +422,7 @@ class PackedInt8Weight:
         self.out_features, self.in_features = weight.shape
         dense, rows, columns, values = split_for_int16_lanes(weight, max_code)
         self.padded_features = dense.shape[1]
-        self.packed = kernel.pack_weight(dense)
+        self.packed, self.step_offsets, self.safe_steps = kernel.pack_weight(dense, 32767 // max_code)
         self.column_sums = dense.sum(1, dtype=torch.int32)
         counts = torch.bincount(rows, minlength=self.out_features)
         self.entry_offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
@@ -350,6 +447,8 @@ class PackedInt8Weight:
             codes,
             zero_point,
             self.packed,
+            self.step_offsets,
+            self.safe_steps,
             self.out_features,
             self.column_sums,
             self.entry_offsets,
