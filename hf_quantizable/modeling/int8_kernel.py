@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 ENV_VAR = "HF_QUANTIZABLE_INT8_KERNEL"
 CHOICES = ("auto", "avx2", "onednn")
-_NAME = "hf_quantizable_int8_avx2_v5"
+_NAME = "hf_quantizable_int8_avx2_v6"
 _SPLIT_ROWS = 256  # weight rows split at a time
 
 _SOURCE = r"""
@@ -265,9 +265,13 @@ torch::Tensor linear(const torch::Tensor& codes, int64_t zero_point, const torch
         const int32_t* quad_offsets = step_offset_data + block * steps * 2;
         const int64_t safe = safe_data[block];
         const int64_t n0 = block * kBlockCols, cols = std::min(kBlockCols, n_out - n0);
+        alignas(32) int32_t zero_point_terms[kBlockCols] = {};  // z * column sum
+        int64_t entry_columns[kBlockCols], num_entry_columns = 0;
         for (int64_t c = 0; c < cols; ++c) {
           const int64_t n = n0 + c;
+          zero_point_terms[c] = z * sums[n];
           if (offsets[n] == offsets[n + 1]) continue;
+          entry_columns[num_entry_columns++] = c;
           int32_t* dst = extra.data() + c * kChunkRows;
           std::fill(dst, dst + chunk, 0);
           for (int64_t e = offsets[n]; e < offsets[n + 1]; ++e) {
@@ -292,28 +296,24 @@ torch::Tensor linear(const torch::Tensor& codes, int64_t zero_point, const torch
             case 2: tile_product<2>(a_tile, k_in, panel, quad_offsets, safe, steps, tile); break;
             default: tile_product<1>(a_tile, k_in, panel, quad_offsets, safe, steps, tile);
           }
-          for (int64_t c = 0; c < cols; ++c) {
-            const int64_t n = n0 + c;
-            const int32_t offset = z * sums[n];
-            const bool has_entries = offsets[n] != offsets[n + 1];
-            for (int64_t r = 0; r < tile_rows; ++r) {
-              tile[r * kBlockCols + c] -= offset;
-              if (has_entries) tile[r * kBlockCols + c] += extra[c * kChunkRows + m - m0 + r];
-            }
+          for (int64_t j = 0; j < num_entry_columns; ++j) {
+            const int64_t c = entry_columns[j];
+            for (int64_t r = 0; r < tile_rows; ++r) tile[r * kBlockCols + c] += extra[c * kChunkRows + m - m0 + r];
           }
           for (int64_t r = 0; r < tile_rows; ++r) {
             float* dst = o + (m + r) * n_out + n0;
             if (cols == kBlockCols) {
               for (int h = 0; h < 2; ++h) {
-                const __m256 acc = _mm256_cvtepi32_ps(
-                    _mm256_load_si256(reinterpret_cast<const __m256i*>(tile + r * kBlockCols + 8 * h)));
-                __m256 y = _mm256_mul_ps(acc, _mm256_loadu_ps(s + n0 + 8 * h));
+                const __m256i sum = _mm256_sub_epi32(
+                    _mm256_load_si256(reinterpret_cast<const __m256i*>(tile + r * kBlockCols + 8 * h)),
+                    _mm256_load_si256(reinterpret_cast<const __m256i*>(zero_point_terms + 8 * h)));
+                __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(sum), _mm256_loadu_ps(s + n0 + 8 * h));
                 if (bias_data) y = _mm256_add_ps(y, _mm256_loadu_ps(bias_data + n0 + 8 * h));
                 _mm256_storeu_ps(dst + 8 * h, y);
               }
             } else {
               for (int64_t c = 0; c < cols; ++c) {
-                float y = static_cast<float>(tile[r * kBlockCols + c]) * s[n0 + c];
+                float y = static_cast<float>(tile[r * kBlockCols + c] - zero_point_terms[c]) * s[n0 + c];
                 if (bias_data) y = y + bias_data[n0 + c];
                 dst[c] = y;
               }
