@@ -189,3 +189,83 @@ def test_fused_fake_quantize_equals_the_torch_operations(kernel):
     assert int8_kernel.fake_quantize(kernel, x.t(), scale, zero_point, levels) is None  # not contiguous
     with torch.enable_grad():
         assert int8_kernel.fake_quantize(kernel, x.requires_grad_(), scale, zero_point, levels) is None
+
+
+def test_recycled_output_is_written_again_only_when_nothing_else_holds_it(kernel):
+    """The fused fake-quant writes into its previous result only when no reference, view or alias of
+    it is left (and never with autograd on); what a caller still holds never changes."""
+    output = int8_kernel.RecycledOutput()
+    first, second = torch.randn(4, 16), torch.randn(4, 16)
+
+    def run(x):
+        return int8_kernel.fake_quantize(kernel, x, 0.05, 7, 255, output)
+
+    def expected(x):
+        return x.div(0.05).round_().clamp_(-7, 248).mul_(0.05)
+
+    with torch.no_grad():
+        held = run(first)
+        address = held.data_ptr()
+        held.note = "previous life"
+        del held
+        again = run(second)
+        assert again.data_ptr() == address and not hasattr(again, "note")  # recycled, attributes dropped
+        assert torch.equal(again, expected(second))
+        for keep in (lambda t: t, lambda t: t[1:], lambda t: t.numpy(), lambda t: t.detach()):
+            kept = keep(again)
+            snapshot = torch.as_tensor(kept).clone()
+            del again
+            again = run(first)
+            assert again.data_ptr() != torch.as_tensor(kept).data_ptr()
+            assert torch.equal(torch.as_tensor(kept), snapshot)
+            del kept
+    address = again.data_ptr()
+    del again
+    with torch.enable_grad():
+        assert run(second).data_ptr() != address
+
+
+def test_recycled_activation_does_not_reuse_stale_codes(kernel, monkeypatch):
+    """An Int8Linear caches the uint8 codes of its input on the tensor; a recycled activation must
+    not hand the previous forward's codes to the next one."""
+    monkeypatch.setenv(int8_kernel.ENV_VAR, "avx2")
+    torch.manual_seed(0)
+    quantizer = int8.Int8ActivationQuantizer(bits=8)
+    quantizer.scale.fill_(0.05)
+    quantizer.zero_point.fill_(100)
+    layer = Int8Linear(32, 24, bias=True, per_channel=False, has_input_quant=True, input_bits=8)
+    layer.weight.copy_(torch.randint(-127, 128, (24, 32), dtype=torch.int8))
+    layer.bias.copy_(torch.randn(24))
+    layer.input_scale.fill_(0.05)
+    layer.input_zero_point.fill_(100)
+    first, second = torch.randn(5, 32), torch.randn(5, 32)
+    with torch.no_grad():
+        activation = quantizer(first)
+        address = activation.data_ptr()
+        first_output = layer(activation)  # caches the codes of `first` on the activation
+        del activation
+        activation = quantizer(second)
+        assert activation.data_ptr() == address  # the same tensor, now holding `second`
+        assert torch.equal(layer(activation), layer(activation.clone()))  # a clone has no cached codes
+        assert torch.equal(first_output, layer(quantizer(first).clone()))
+
+
+def test_int8_linear_recycles_its_output_safely(kernel, monkeypatch):
+    import copy
+    import pickle
+
+    monkeypatch.setenv(int8_kernel.ENV_VAR, "avx2")
+    layer = Int8Linear(16, 8, bias=False, per_channel=False, has_input_quant=True, input_bits=8)
+    layer.weight.copy_(torch.randint(-127, 128, (8, 16), dtype=torch.int8))
+    xs = [(torch.randint(0, 256, (2, 3, 16)).float() - 128) for _ in range(3)]
+    with torch.no_grad():
+        held = layer(xs[0])
+        snapshot = held.clone()
+        address = layer(xs[1]).data_ptr()  # a new output: the first one is still held
+        assert address != held.data_ptr() and torch.equal(held, snapshot)
+        assert layer(xs[2]).data_ptr() == address  # the second was released: written again
+        del held
+        assert torch.equal(layer(xs[0]), snapshot)
+    clone = copy.deepcopy(layer)
+    assert clone.avx2_weight().output._tensor is None
+    assert pickle.loads(pickle.dumps(layer)).avx2_weight() is not None

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .int8_kernel import PackedInt8Weight, fake_quantize, kernel_choice, load_avx2_kernel
+from .int8_kernel import PackedInt8Weight, RecycledOutput, fake_quantize, kernel_choice, load_avx2_kernel
 
 # `grid_codes` uses torch.quantize_per_tensor only to read uint8 codes (the fastest CPU route); its
 # deprecation notice says nothing actionable to users of a checkpoint.
@@ -57,7 +57,9 @@ def weight_scale(w_absmax: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.clamp(w_absmax / (2 ** (bits - 1) - 1), min=1e-12)
 
 
-def fake_quantize_activation(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+def fake_quantize_activation(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, output: RecycledOutput | None = None
+) -> torch.Tensor:
     """Round and clamp `x` to its asymmetric `bits`-bit grid, back in floating point.
 
     `(clamp(round(x / s) + z, 0, 2^b - 1) - z) * s` in in-place passes over one new tensor (several
@@ -67,7 +69,7 @@ def fake_quantize_activation(x: torch.Tensor, scale: torch.Tensor, zero_point: t
     passes, ~2% of a BERT-base forward, but rounds `x * (1 / s)` rather than `x / s` as ONNX's
     `QuantizeLinear` does; in a model as sensitive as the MiniLM that moved the ONNX export 10x
     further from this runtime.) Where the AVX2 kernel runs (`avx2_kernel`), the same operations in
-    one pass (`int8_kernel.fake_quantize`).
+    one pass (`int8_kernel.fake_quantize`), into `output`'s previous result where it may.
     """
     levels = 2**bits - 1
     if zero_point.numel() == 1:  # clamp to numbers: tensor bounds take a slow unvectorised path
@@ -76,7 +78,7 @@ def fake_quantize_activation(x: torch.Tensor, scale: torch.Tensor, zero_point: t
             # Division by a number: the same float32 division, ~4x faster than by a 0-dim tensor.
             scale = scale.item()
             kernel = avx2_kernel()
-            fused = None if kernel is None else fake_quantize(kernel, x, scale, int(z), levels)
+            fused = None if kernel is None else fake_quantize(kernel, x, scale, int(z), levels, output)
             if fused is not None:
                 return fused
         return x.div(scale).round_().clamp_(-z, levels - z).mul_(scale)
@@ -116,9 +118,10 @@ class Int8ActivationQuantizer(nn.Module):
         shape = () if channels is None else (channels,)
         self.register_buffer("scale", torch.ones(shape))
         self.register_buffer("zero_point", torch.zeros(shape))
+        self.output = RecycledOutput()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fake_quantize_activation(x, self.scale, self.zero_point, self.bits)
+        return fake_quantize_activation(x, self.scale, self.zero_point, self.bits, self.output)
 
 
 def rescale_accumulator(
@@ -298,6 +301,11 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8_gemm={self.has_input_quant}"
+
+    def __getstate__(self) -> dict:
+        # Pickling and deepcopy leave the packed weights behind (rebuilt on first use; the AVX2 one
+        # holds the compiled kernel module, which does not pickle).
+        return {**self.__dict__, "_packed": None, "_avx2": None}
 
     def dequantized_weight(self) -> torch.Tensor:
         scale = self.weight_scale.reshape(-1, 1) if self.weight_scale.dim() else self.weight_scale
