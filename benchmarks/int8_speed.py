@@ -3,7 +3,8 @@
 One run measures, for a BERT-base-size model (12 layers, hidden 768, FFN 3072) and an OPT-125m-size
 model (same body), batch 8 x sequence 128, base models without task heads (every method quantizes
 the same linear layers), random weights (BERT's initialisation; latency depends on the values only
-through the share of weights our AVX2 kernel splits off, recorded as `split_off_weight_share`):
+through the share of weights our AVX2 kernel splits off and the share of its steps that add two quads
+in int16, recorded as `split_off_weight_share` and `paired_step_share`):
 
     fp32 eager                PyTorch, the fp32 checkpoint
     ours int8 (PyTorch)       our INT8 checkpoint (16 calibration batches, the papers' W8A8 setting)
@@ -193,14 +194,20 @@ def child_prepare(args: argparse.Namespace, work: Path) -> None:
 
 def _int8_gemm(int8) -> dict:
     """Which GEMM our PyTorch runtime uses here (building the AVX2 kernel now, so no row pays for it)
-    and, for the AVX2 kernel, the share of weights its split moves to the exact int32 side path."""
+    and, for the AVX2 kernel, the share of weights its split moves to the exact int32 side path and
+    the share of its steps that add two quads in int16 (the others widen each quad on its own)."""
     from hf_quantizable.modeling.int8 import Int8Linear, avx2_kernel
 
     if avx2_kernel() is None:
         return {"int8_gemm": "oneDNN"}
     linears = [m for m in int8.modules() if isinstance(m, Int8Linear) and m.has_input_quant]
-    entries = sum(m.avx2_weight().num_entries for m in linears)
-    return {"int8_gemm": "AVX2 kernel", "split_off_weight_share": entries / sum(m.weight.numel() for m in linears)}
+    packed = [m.avx2_weight() for m in linears]
+    return {
+        "int8_gemm": "AVX2 kernel",
+        "split_off_weight_share": sum(p.num_entries for p in packed) / sum(m.weight.numel() for m in linears),
+        "paired_step_share": sum(int(p.safe_steps.sum()) for p in packed)
+        / sum(p.packed.numel() // 128 for p in packed),
+    }
 
 
 def _time_forwards(run, args: argparse.Namespace, work: Path, label_slug: str) -> None:
@@ -562,6 +569,7 @@ def main() -> None:
                     "file_sizes": prepare.get("file_sizes"),
                     "int8_gemm": prepare.get("int8_gemm"),
                     "split_off_weight_share": prepare.get("split_off_weight_share"),
+                    "paired_step_share": prepare.get("paired_step_share"),
                 },
             }
             results[name]["ours_vs_peers"] = summarize(rows)
