@@ -191,14 +191,14 @@ def test_fused_fake_quantize_equals_the_torch_operations(kernel):
         assert int8_kernel.fake_quantize(kernel, x.requires_grad_(), scale, zero_point, levels) is None
 
 
-def test_recycled_output_is_written_again_only_when_nothing_else_holds_it(kernel):
-    """The fused fake-quant writes into its previous result only when no reference, view or alias of
-    it is left (and never with autograd on); what a caller still holds never changes."""
-    output = int8_kernel.RecycledOutput()
+def test_pooled_output_is_written_again_only_when_nothing_else_holds_it(kernel):
+    """The fused fake-quant writes into an earlier output only when no reference, view or alias of it
+    is left (and never with autograd on); what a caller still holds never changes."""
+    pool = int8_kernel.OutputPool()
     first, second = torch.randn(4, 16), torch.randn(4, 16)
 
     def run(x):
-        return int8_kernel.fake_quantize(kernel, x, 0.05, 7, 255, output)
+        return int8_kernel.fake_quantize(kernel, x, 0.05, 7, 255, pool)
 
     def expected(x):
         return x.div(0.05).round_().clamp_(-7, 248).mul_(0.05)
@@ -225,9 +225,9 @@ def test_recycled_output_is_written_again_only_when_nothing_else_holds_it(kernel
         assert run(second).data_ptr() != address
 
 
-def test_recycled_activation_does_not_reuse_stale_codes(kernel, monkeypatch):
-    """An Int8Linear caches the uint8 codes of its input on the tensor; a recycled activation must
-    not hand the previous forward's codes to the next one."""
+def test_pooled_activation_does_not_reuse_stale_codes(kernel, monkeypatch):
+    """An Int8Linear caches the uint8 codes of its input on the tensor; an activation written into the
+    same buffer must not hand the previous forward's codes to the next one."""
     monkeypatch.setenv(int8_kernel.ENV_VAR, "avx2")
     torch.manual_seed(0)
     quantizer = int8.Int8ActivationQuantizer(bits=8)
@@ -245,12 +245,12 @@ def test_recycled_activation_does_not_reuse_stale_codes(kernel, monkeypatch):
         first_output = layer(activation)  # caches the codes of `first` on the activation
         del activation
         activation = quantizer(second)
-        assert activation.data_ptr() == address  # the same tensor, now holding `second`
+        assert activation.data_ptr() == address  # the same buffer, now holding `second`
         assert torch.equal(layer(activation), layer(activation.clone()))  # a clone has no cached codes
         assert torch.equal(first_output, layer(quantizer(first).clone()))
 
 
-def test_int8_linear_recycles_its_output_safely(kernel, monkeypatch):
+def test_int8_modules_share_one_pool_and_recycle_safely(kernel, monkeypatch):
     import copy
     import pickle
 
@@ -266,6 +266,14 @@ def test_int8_linear_recycles_its_output_safely(kernel, monkeypatch):
         assert layer(xs[2]).data_ptr() == address  # the second was released: written again
         del held
         assert torch.equal(layer(xs[0]), snapshot)
+    # One size, two buffers: the one still held above and the one written again since.
+    assert [len(buffers) for buffers in layer.output_pool._buffers.values()] == [2]
     clone = copy.deepcopy(layer)
-    assert clone.avx2_weight().output._tensor is None
+    assert clone.output_pool._buffers == {} and torch.equal(clone(xs[0]), snapshot)
     assert pickle.loads(pickle.dumps(layer)).avx2_weight() is not None
+    model = torch.nn.Sequential(int8.QuantPoint(), torch.nn.Linear(16, 8))
+    int8.convert_to_int8(
+        model,
+        {"quantized_linears": {"1": True}, "quantized_activations": ["0"], "activation_bits": 8},
+    )
+    assert model[0].output_pool is model[1].output_pool

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .int8_kernel import PackedInt8Weight, RecycledOutput, fake_quantize, kernel_choice, load_avx2_kernel
+from .int8_kernel import OutputPool, PackedInt8Weight, fake_quantize, kernel_choice, load_avx2_kernel
 
 # `grid_codes` uses torch.quantize_per_tensor only to read uint8 codes (the fastest CPU route); its
 # deprecation notice says nothing actionable to users of a checkpoint.
@@ -58,7 +58,7 @@ def weight_scale(w_absmax: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def fake_quantize_activation(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, output: RecycledOutput | None = None
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, pool: OutputPool | None = None
 ) -> torch.Tensor:
     """Round and clamp `x` to its asymmetric `bits`-bit grid, back in floating point.
 
@@ -69,7 +69,7 @@ def fake_quantize_activation(
     passes, ~2% of a BERT-base forward, but rounds `x * (1 / s)` rather than `x / s` as ONNX's
     `QuantizeLinear` does; in a model as sensitive as the MiniLM that moved the ONNX export 10x
     further from this runtime.) Where the AVX2 kernel runs (`avx2_kernel`), the same operations in
-    one pass (`int8_kernel.fake_quantize`), into `output`'s previous result where it may.
+    one pass (`int8_kernel.fake_quantize`), the output from `pool` when given.
     """
     levels = 2**bits - 1
     if zero_point.numel() == 1:  # clamp to numbers: tensor bounds take a slow unvectorised path
@@ -78,7 +78,7 @@ def fake_quantize_activation(
             # Division by a number: the same float32 division, ~4x faster than by a 0-dim tensor.
             scale = scale.item()
             kernel = avx2_kernel()
-            fused = None if kernel is None else fake_quantize(kernel, x, scale, int(z), levels, output)
+            fused = None if kernel is None else fake_quantize(kernel, x, scale, int(z), levels, pool)
             if fused is not None:
                 return fused
         return x.div(scale).round_().clamp_(-z, levels - z).mul_(scale)
@@ -118,10 +118,10 @@ class Int8ActivationQuantizer(nn.Module):
         shape = () if channels is None else (channels,)
         self.register_buffer("scale", torch.ones(shape))
         self.register_buffer("zero_point", torch.zeros(shape))
-        self.output = RecycledOutput()
+        self.output_pool = OutputPool()  # `convert_to_int8` shares one per model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fake_quantize_activation(x, self.scale, self.zero_point, self.bits, self.output)
+        return fake_quantize_activation(x, self.scale, self.zero_point, self.bits, self.output_pool)
 
 
 def rescale_accumulator(
@@ -298,6 +298,7 @@ class Int8Linear(nn.Module):
         # (weight version key, prepacked weight, saturation correction: rows, columns, values, removed)
         self._packed = None
         self._avx2 = None  # (weight version key, PackedInt8Weight)
+        self.output_pool = OutputPool()  # `convert_to_int8` shares one per model
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8_gemm={self.has_input_quant}"
@@ -382,7 +383,7 @@ class Int8Linear(nn.Module):
         packed = self.avx2_weight() if codes.device.type == "cpu" else None
         if packed is not None:  # the same arithmetic as below, in one kernel
             zero_point = int(self.input_zero_point.item())
-            out = packed.linear(codes, zero_point, self.input_scale * self.weight_scale, self.bias)
+            out = packed.linear(codes, zero_point, self.input_scale * self.weight_scale, self.bias, self.output_pool)
         else:
             acc = self.accumulator(codes, flat)
             out = rescale_accumulator(acc, self.input_scale, self.weight_scale, self.bias)
@@ -425,6 +426,7 @@ def convert_to_int8(model: nn.Module, w8a8_config: dict) -> None:
     shortcut_modules = set(w8a8_config.get("shortcut_scales", []))
     channels = w8a8_config.get("per_channel_activations", {})
     outliers = w8a8_config.get("outlier_channel_linears", {})
+    pool = OutputPool()  # the INT8 modules' outputs, recycled across the model
     for name, module in list(model.named_modules()):
         key = _strip_prefix(name, prefix)
         if key in shortcut_modules and not hasattr(module, "shortcut_scale"):
@@ -443,5 +445,6 @@ def convert_to_int8(model: nn.Module, w8a8_config: dict) -> None:
             )
         else:
             continue
+        replacement.output_pool = pool
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, replacement)

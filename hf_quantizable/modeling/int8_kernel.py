@@ -24,6 +24,7 @@ into checkpoints).
 
 import functools
 import logging
+import math
 import os
 import platform
 import sys
@@ -122,7 +123,7 @@ inline bool fits(const int16_t* first, const int16_t* second, const __m256i limi
 
 // clamp(round(x / scale), -zero_point, levels - zero_point) * scale in one pass: the float operations
 // of `fake_quantize_activation` (true division, round half to even, NaN kept), one read and one write.
-// `out`: a recycled output to write into (`RecycledOutput`), else a new tensor.
+// `out_buffer`: the output to write into (from `OutputPool`), else a new tensor.
 torch::Tensor fake_quantize(const torch::Tensor& x, double scale, int64_t zero_point, int64_t levels,
                             const c10::optional<torch::Tensor>& out_buffer) {
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "fake_quantize takes contiguous float32");
@@ -348,48 +349,45 @@ def kernel_choice() -> str:
     return choice
 
 
-class RecycledOutput:
-    """A module's previous output, written again once nothing else holds it.
+class OutputPool:
+    """float32 output buffers of the INT8 modules of one model, handed out again once nothing holds them.
 
-    A new output is fresh memory, and its first write faults in every page; in a BERT-base INT8
-    forward that cost ~15% of the time on the machine we measured (a VM). Handing back the previous
-    output is safe only when nobody can see it change, so `take` returns it only when this holder has
-    the sole reference to the tensor (no other Python reference, no C++ owner) and the tensor the sole
-    reference to its storage (no view, no `.numpy()`, no detached alias); and never in autograd or
-    tracing. Attributes set on the tensor in its previous life are dropped.
+    A new output is fresh memory whose first write faults in every page; in a BERT-base INT8 forward
+    that took ~10% of the time on the machine we measured (a VM, ~70k faults per forward). The pool
+    keeps the buffers it handed out, by size, and gives one out again (as a new view) only when the
+    pool holds the sole reference to it and it the sole reference to its storage: no tensor, view,
+    `.numpy()` or detached alias of it is left anywhere. It grows to the most buffers of a size alive
+    at once (what the forward needs at its peak anyway) and is freed with the model. Only without
+    autograd and tracing; otherwise outputs are new tensors.
     """
 
     def __init__(self) -> None:
-        self._tensor: torch.Tensor | None = None
+        self._buffers: dict[int, list[torch.Tensor]] = {}
 
-    def take(self, kernel, shape: torch.Size) -> torch.Tensor | None:
-        tensor = self._tensor
-        if (
-            tensor is None
-            or tensor.shape != shape
-            or torch.is_grad_enabled()
-            or torch.jit.is_tracing()
-            or tensor.is_inference() != torch.is_inference_mode_enabled()
-            or sys.getrefcount(tensor) != 3  # `self._tensor`, `tensor` and getrefcount's argument
-            or not kernel.unshared(tensor)
-        ):
-            return None
-        tensor.__dict__.clear()
-        return tensor
+    def empty(self, kernel, shape: tuple[int, ...]) -> torch.Tensor:
+        """An uninitialised float32 tensor of `shape`."""
+        if torch.is_grad_enabled() or torch.jit.is_tracing():
+            return torch.empty(shape)
+        numel = math.prod(shape)
+        buffers = self._buffers.setdefault(numel, [])
+        inference = torch.is_inference_mode_enabled()
+        for buffer in buffers:
+            # Referenced by the list, `buffer` and getrefcount's argument only.
+            if buffer.is_inference() == inference and sys.getrefcount(buffer) == 3 and kernel.unshared(buffer):
+                return buffer.view(shape)
+        buffer = torch.empty(numel)
+        buffers.append(buffer)
+        return buffer.view(shape)
 
-    def keep(self, tensor: torch.Tensor) -> torch.Tensor:
-        self._tensor = tensor
-        return tensor
-
-    def __getstate__(self) -> dict:  # pickling and deepcopy leave the buffer behind
-        return {"_tensor": None}
+    def __getstate__(self) -> dict:  # pickling and deepcopy leave the buffers behind
+        return {"_buffers": {}}
 
 
 def fake_quantize(
-    kernel, x: torch.Tensor, scale: float, zero_point: int, levels: int, output: RecycledOutput | None = None
+    kernel, x: torch.Tensor, scale: float, zero_point: int, levels: int, pool: OutputPool | None = None
 ) -> torch.Tensor | None:
     """`fake_quantize_activation` in one pass, where the kernel takes `x` (contiguous float32 on CPU,
-    no gradient needed, not traced); None otherwise. `output` recycles the previous result."""
+    no gradient needed, not traced); None otherwise. The output comes from `pool` when given."""
     if (
         x.dtype != torch.float32
         or x.device.type != "cpu"
@@ -398,9 +396,8 @@ def fake_quantize(
         or torch.jit.is_tracing()
     ):
         return None
-    if output is None:
-        return kernel.fake_quantize(x, scale, zero_point, levels, None)
-    return output.keep(kernel.fake_quantize(x, scale, zero_point, levels, output.take(kernel, x.shape)))
+    out = None if pool is None else pool.empty(kernel, tuple(x.shape))
+    return kernel.fake_quantize(x, scale, zero_point, levels, out)
 
 
 def _cpu_has_avx2() -> bool:
@@ -482,23 +479,28 @@ class PackedInt8Weight:
         # nonzero gives row-major order: grouped by output; inputs as positions among the used ones
         self.used_inputs, self.entry_inputs = torch.unique(columns, return_inverse=True)
         self.entry_values = values  # int32
-        self.output = RecycledOutput()
 
     @property
     def num_entries(self) -> int:
         return self.entry_inputs.numel()
 
     def linear(
-        self, codes: torch.Tensor, zero_point: int, scale: torch.Tensor, bias: torch.Tensor | None
+        self,
+        codes: torch.Tensor,
+        zero_point: int,
+        scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        pool: OutputPool | None = None,
     ) -> torch.Tensor:
-        """`((codes - zero_point) @ W.T) * scale (+ bias)` as float32 `[M, N]`; `scale` per output or one."""
+        """`((codes - zero_point) @ W.T) * scale (+ bias)` as float32 `[M, N]`; `scale` per output or one.
+        The output comes from `pool` when given."""
         codes = codes.contiguous()
         if self.padded_features != self.in_features:
             codes = F.pad(codes, (0, self.padded_features - self.in_features), value=zero_point)
         scale = scale.float().expand(self.out_features).contiguous()
         bias = None if bias is None else bias.float().contiguous()
-        out = self.output.take(self.kernel, torch.Size([codes.shape[0], self.out_features]))
-        out = self.kernel.linear(
+        out = None if pool is None else pool.empty(self.kernel, (codes.shape[0], self.out_features))
+        return self.kernel.linear(
             codes,
             zero_point,
             self.packed,
@@ -514,4 +516,3 @@ class PackedInt8Weight:
             bias,
             out,
         )
-        return self.output.keep(out)
