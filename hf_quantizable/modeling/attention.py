@@ -204,9 +204,13 @@ class AttentionCore(nn.Module):
             )  # [B, H, T_q, d_head]
             probs = None
         else:
-            scores = self.scores_quant(torch.matmul(query, key.transpose(-1, -2)) * self.scaling)  # [B, H, T_q, T_k]
+            # In place on the new products and on the quantizer's new output (the same values, two
+            # fewer [B, H, T_q, T_k] tensors; autograd keeps neither for these ops).
+            scores = self.scores_quant(
+                torch.matmul(query, key.transpose(-1, -2)).mul_(self.scaling)
+            )  # [B, H, T_q, T_k]
             if mask is not None:
-                scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+                scores = scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
             probs = self.probs_quant(self._probabilities(scores, mask))
             context = torch.matmul(F.dropout(probs, p=dropout, training=self.training), value)
         if self.gate is not None:

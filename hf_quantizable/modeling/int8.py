@@ -10,6 +10,8 @@ checkpoint whose config holds `w8a8_config` is rebuilt by `convert_to_int8` with
   weights, int32 accumulation: `int8_kernel` on x86 without VNNI, oneDNN elsewhere), then the
   simulation's rescaling and bias.
 
+Where the AVX2 kernel runs, both write their outputs into one `int8_kernel.OutputPool` per model.
+
 Self-contained: torch and relative imports only (this file is copied into checkpoints).
 """
 
