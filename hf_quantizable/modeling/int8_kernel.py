@@ -11,9 +11,8 @@ block of 16 outputs so that the two pair sums added in one int16 lane cannot ove
 (greedy: the most loaded quad first, with the most loaded partner that fits); pairs it cannot make
 safe are widened one by one. (A fixed pairing of neighbouring quads left ~0.8% of a random-init
 BERT-base weight as sparse entries, which cost ~15% of the GEMM; the greedy one pairs every quad
-safely there.) Its epilogue applies the zero
-point, the rescaling and the bias with the float operations of `rescale_accumulator`, so its outputs
-equal the simulation's bit for bit. `fake_quantize` does the activation quantizers' arithmetic in
+safely there.) Its epilogue applies the zero point, the rescaling and the bias with the float
+operations of `rescale_accumulator`, so its outputs equal the simulation's bit for bit. `fake_quantize` does the activation quantizers' arithmetic in
 one pass instead of four.
 
 The C++ source is compiled with `torch.utils.cpp_extension.load_inline` (a C++ compiler and ninja
@@ -54,10 +53,6 @@ constexpr int64_t kBlockCols = 16;  // output columns per packed block: two ymm 
 constexpr int64_t kTileRows = 4;    // rows per register tile
 constexpr int64_t kChunkRows = 128; // rows per pass over the packed weight (their codes stay in L2)
 
-// acc[r][h] (columns 8h .. 8h+7) of `rows` rows of uint8 codes `a` times one packed block `b`. Each
-// step reads two quads of input channels (byte offsets `offsets[2i]`, `offsets[2i + 1]`): vpmaddubsw
-// per quad; in the first `safe_steps` steps the two int16 results are added in int16 (exact: the
-// pairing proved it) and widened once with vpmaddwd, in the others each is widened on its own.
 // One step of `tile_product`: with `kPaired`, the two quads' int16 results are added before widening.
 template <int R, bool kPaired>
 inline void step_product(const uint8_t* a, int64_t lda, const int8_t* step, const int32_t* offsets, __m256i (&acc)[R][2]) {
