@@ -250,6 +250,32 @@ def test_pooled_activation_does_not_reuse_stale_codes(kernel, monkeypatch):
         assert torch.equal(first_output, layer(quantizer(first).clone()))
 
 
+@pytest.mark.parametrize("bits", [8, 6])
+def test_quantizer_writes_the_codes_its_linear_reads(kernel, monkeypatch, bits):
+    monkeypatch.setenv(int8_kernel.ENV_VAR, "avx2")
+    torch.manual_seed(0)
+    quantizer = int8.Int8ActivationQuantizer(bits=bits)
+    layer = Int8Linear(32, 24, bias=True, per_channel=False, has_input_quant=True, input_bits=bits)
+    layer.output_pool = quantizer.output_pool
+    layer.weight.copy_(torch.randint(-(2 ** (bits - 1)) + 1, 2 ** (bits - 1), (24, 32), dtype=torch.int8))
+    for module in (quantizer, layer):
+        module.get_buffer("scale" if module is quantizer else "input_scale").fill_(0.05)
+        module.get_buffer("zero_point" if module is quantizer else "input_zero_point").fill_(20)
+    x = torch.randn(6, 32) * 2
+    with torch.no_grad():
+        first = quantizer(x)
+        assert not quantizer.emit_codes and not hasattr(first, int8._CODES)
+        expected = layer(first)  # computes the codes itself, then asks the quantizer for them
+        assert quantizer.emit_codes
+        second = quantizer(x)
+        grid, codes = getattr(second, int8._CODES)
+        assert grid == (0.05000000074505806, 20.0) and codes.dtype == torch.uint8
+        assert torch.equal(codes, int8.grid_codes(first, quantizer.scale, quantizer.zero_point, bits))
+        assert torch.equal(second, first) and torch.equal(layer(second), expected)
+        layer.input_zero_point.fill_(21)  # another grid: the written codes are not the layer's
+        assert torch.equal(layer(second), layer(second.clone()))
+
+
 def test_int8_modules_share_one_pool_and_recycle_safely(kernel, monkeypatch):
     import copy
     import pickle
@@ -277,3 +303,56 @@ def test_int8_modules_share_one_pool_and_recycle_safely(kernel, monkeypatch):
         {"quantized_linears": {"1": True}, "quantized_activations": ["0"], "activation_bits": 8},
     )
     assert model[0].output_pool is model[1].output_pool
+
+
+def _on_grid(shape: tuple[int, ...], grid: int8.TensorGrid) -> torch.Tensor:
+    """A random activation on `grid` (as its quantizer outputs it)."""
+    codes = torch.randint(0, grid.levels + 1, shape)
+    return (codes - grid.zero_point).float() * grid.scale
+
+
+@pytest.mark.parametrize(
+    ("batch", "heads", "rows", "k", "cols", "product"),
+    [
+        (2, 3, 128, 64, 128, "scores"),  # Q.K^T of [B, T, H, d] projections, read in place
+        (2, 3, 128, 128, 64, "context"),  # P.V, written heads-last
+        (1, 2, 7, 9, 5, "scores"),  # odd K, a partial tile of rows and of columns
+        (1, 2, 6, 33, 19, "context"),
+        (2, 1, 5, 300, 8, "context"),  # partial sums over 2^24: float64 in the torch route
+    ],
+)
+def test_grid_products_equal_the_exact_integer_product(kernel, monkeypatch, batch, heads, rows, k, cols, product):
+    a_grid, b_grid = int8.TensorGrid(0.031, 117, 255), int8.TensorGrid(0.027, 200, 255)
+    if product == "scores":  # a [B, H, M, K], b = key^T [B, H, K, N], both strided views of [B, T, H, d]
+        a = _on_grid((batch, rows, heads, k), a_grid).transpose(1, 2)
+        b = _on_grid((batch, cols, heads, k), b_grid).transpose(1, 2).transpose(-1, -2)
+    else:  # a = probabilities [B, H, M, K] (contiguous), b = value [B, H, K, N] (a view of [B, K, H, N])
+        a = _on_grid((batch, heads, rows, k), a_grid)
+        b = _on_grid((batch, k, heads, cols), b_grid).transpose(1, 2)
+    out_scale = a_grid.scale * b_grid.scale * 0.125
+    steps = (a / a_grid.scale).round().double() @ (b / b_grid.scale).round().double()
+    expected = steps.float().mul_(out_scale)
+    outputs = {}
+    for choice in ("avx2", "onednn"):  # the kernel, and the torch operations of the simulation elsewhere
+        monkeypatch.setenv(int8_kernel.ENV_VAR, choice)
+        with torch.no_grad():
+            outputs[choice] = int8.grid_matmul(a, a_grid, b, b_grid, out_scale, heads_last=product == "context")
+        assert torch.equal(outputs[choice], expected), choice
+    if product == "context":  # heads-last memory: merging the heads is a view
+        assert outputs["avx2"].transpose(1, 2).is_contiguous()
+
+
+def test_int8_model_routes_agree_bit_for_bit(kernel, monkeypatch):
+    from hf_quantizable.quantization import W8A8Config, quantize_model
+    from hf_quantizable.quantization.export import build_int8_model
+    from tests.test_quant_core import tiny_model
+
+    model, batches = tiny_model("opt", "clipped_softmax")
+    simulated = quantize_model(model, W8A8Config(num_calibration_batches=2), batches)
+    int8_model = build_int8_model(simulated)
+    outputs = []
+    for choice in ("avx2", "onednn"):  # the integer attention products (and GEMMs) in the kernel, or in torch
+        monkeypatch.setenv(int8_kernel.ENV_VAR, choice)
+        with torch.no_grad():
+            outputs.append(int8_model(**batches[0]).logits)
+    assert torch.equal(outputs[0], outputs[1])

@@ -5,7 +5,8 @@
   n unmasked keys, so that the stretched probabilities of every query sum to beta.
 - `AttentionGate`: gate = sigmoid(G(x)) scaling each head's context before the output projection.
 - `AttentionCore`: SDPA for vanilla and gated attention, explicit probabilities for the clipped
-  variants, the gate, and the quantization points of scores, probabilities and context.
+  variants, the gate, and the quantization points of scores, probabilities and context; with
+  quantized Q/K/V and probabilities, the two products are exact integer products (`grid_matmul`).
 
 Self-contained: torch, transformers and relative imports only.
 """
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .int8 import QuantPoint
+from .int8 import QuantPoint, TensorGrid, grid_matmul
 
 CLIPPED_IMPLS = ("clipped_softmax", "normalized_clipped_softmax")
 
@@ -41,6 +42,12 @@ def normalized_clipped_softmax(
     # A query with a single key has nothing to clip: gamma = 0 there.
     gamma = torch.where(num_keys > 1, (beta - zeta) / (num_keys - 1).clamp(min=1), torch.zeros_like(num_keys))
     return torch.clamp((zeta - gamma) * probs + gamma, 0.0, 1.0)
+
+
+def tensor_grid(quantizer: nn.Module) -> TensorGrid | None:
+    """The per-tensor grid of a quantizer's output (its `tensor_grid()`), None for a `QuantPoint`."""
+    grid = getattr(quantizer, "tensor_grid", None)
+    return None if grid is None else grid()
 
 
 def padding_mask(attention_mask: torch.Tensor | None, query_length: int) -> torch.Tensor | None:
@@ -146,7 +153,9 @@ class AttentionCore(nn.Module):
     softmax(QK^T / sqrt(d_head)) V with the softmax variant of `attn_impl`, the gate of gated
     attention, and the quantization points of scores, probabilities and context. Vanilla and gated
     attention run `F.scaled_dot_product_attention`; the clipped variants, a request for the
-    probabilities, or quantized scores/probabilities run the explicit (eager) path.
+    probabilities, or quantized scores/probabilities run the explicit (eager) path. There, where Q
+    and K (and the probabilities and V) are on per-tensor grids (`qkv_quant`, the parent's quantizers),
+    the products are `grid_matmul`'s exact integer products times the scales.
     """
 
     def __init__(self, config, num_heads: int, head_dim: int, dropout: float):
@@ -186,6 +195,7 @@ class AttentionCore(nn.Module):
         mask: torch.Tensor | None,
         token_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
+        qkv_quant: tuple[nn.Module, nn.Module, nn.Module] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """
         Args:
@@ -193,6 +203,7 @@ class AttentionCore(nn.Module):
             query: `[B, H, T_q, d_head]`; key, value: `[B, H, T_k, d_head]`.
             mask: boolean `[B, 1, T_q, T_k]`, True where a query may attend a key, or None.
             token_mask: `[B, T_q]` padding mask for the `per_head` gate's pooling.
+            qkv_quant: the quantization points (or quantizers) that produced query, key and value.
         Returns:
             context `[B, T_q, H * d_head]` and, on the eager path, probabilities `[B, H, T_q, T_k]`.
         """
@@ -204,16 +215,32 @@ class AttentionCore(nn.Module):
             )  # [B, H, T_q, d_head]
             probs = None
         else:
-            # In place on the new products and on the quantizer's new output (the same values, two
-            # fewer [B, H, T_q, T_k] tensors; autograd keeps neither for these ops).
-            scores = self.scores_quant(
-                torch.matmul(query, key.transpose(-1, -2)).mul_(self.scaling)
-            )  # [B, H, T_q, T_k]
+            # Not for autograd (rounding has no gradient) nor the ONNX export (its QDQ graph already
+            # gets integer products from ONNX Runtime's fusion).
+            grads = torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value))
+            plain = qkv_quant is None or grads or torch.onnx.is_in_onnx_export()
+            q_grid, k_grid, v_grid = (None,) * 3 if plain else map(tensor_grid, qkv_quant)
+            if q_grid is not None and k_grid is not None:
+                scale = q_grid.scale * k_grid.scale * self.scaling
+                products = grid_matmul(query, q_grid, key.transpose(-1, -2), k_grid, scale, self._pool())
+            else:
+                products = torch.matmul(query, key.transpose(-1, -2)).mul_(self.scaling)
+            # In place on the quantizer's new output (the same values, one fewer [B, H, T_q, T_k] tensor).
+            scores = self.scores_quant(products)  # [B, H, T_q, T_k]
             if mask is not None:
                 scores = scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
             probs = self.probs_quant(self._probabilities(scores, mask))
-            context = torch.matmul(F.dropout(probs, p=dropout, training=self.training), value)
+            p_grid = tensor_grid(self.probs_quant)
+            if p_grid is not None and v_grid is not None and dropout == 0.0:
+                scale = p_grid.scale * v_grid.scale
+                context = grid_matmul(probs, p_grid, value, v_grid, scale, self._pool(), heads_last=True)
+            else:
+                context = torch.matmul(F.dropout(probs, p=dropout, training=self.training), value)
         if self.gate is not None:
             context = context * self.gate(hidden_states, token_mask)  # gate: [B, H, T_q, 1]
         context = context.transpose(1, 2).reshape(batch_size, query_length, num_heads * head_dim)
         return self.context_quant(context), probs
+
+    def _pool(self):
+        """The INT8 runtime's output pool (held by its quantizers), else None."""
+        return getattr(self.probs_quant, "output_pool", None)

@@ -11,11 +11,14 @@ checkpoint whose config holds `w8a8_config` is rebuilt by `convert_to_int8` with
   simulation's rescaling and bias.
 
 Where the AVX2 kernel runs, both write their outputs into one `int8_kernel.OutputPool` per model.
+`grid_matmul` computes the attention products of quantized activations (Q.K^T, P.V) as exact integer
+products of their grid steps, in the simulation and the runtime alike.
 
 Self-contained: torch and relative imports only (this file is copied into checkpoints).
 """
 
 import warnings
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +30,11 @@ from .int8_kernel import OutputPool, PackedInt8Weight, fake_quantize, kernel_cho
 # deprecation notice says nothing actionable to users of a checkpoint.
 warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel")
 
-# Attribute under which the first Int8Linear reading an activation leaves its uint8 codes.
+# Attribute under which the uint8 codes of an activation are left for the Int8Linears reading it
+# (by the quantizer that wrote them, or by the first of those linears).
 _CODES = "_w8a8_codes"
+# Attribute naming the Int8ActivationQuantizer that produced an activation without its codes.
+_SOURCE = "_w8a8_source"
 
 
 class QuantPoint(nn.Identity):
@@ -106,12 +112,75 @@ def quantize_weight(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Te
     return torch.clamp(torch.round(w / scale), -qmax, qmax)
 
 
+class TensorGrid(NamedTuple):
+    """One asymmetric grid for a whole tensor: values `(code - zero_point) * scale`, codes 0..levels."""
+
+    scale: float
+    zero_point: int
+    levels: int
+
+    @property
+    def max_step(self) -> int:
+        """The largest `|code - zero_point|`."""
+        return max(self.zero_point, self.levels - self.zero_point)
+
+
+def grid_matmul(
+    a: torch.Tensor,
+    a_grid: TensorGrid,
+    b: torch.Tensor,
+    b_grid: TensorGrid,
+    out_scale: float,
+    pool: OutputPool | None = None,
+    heads_last: bool = False,
+) -> torch.Tensor:
+    """`a @ b` (`[..., M, K] x [..., K, N]`) of two activations on their grids (the attention products
+    of quantized Q, K, probabilities and V): the exact integer product of their grid steps
+    `round(x / scale)`, times `out_scale` (the product of the scales and any constant factor).
+
+    Exact in float32 while every partial sum stays below 2^24 (in any summation order, so any BLAS
+    gives the same result); in float64 beyond. The simulation and the INT8 runtime therefore agree
+    bit for bit, whichever computes it: where the AVX2 kernel runs, 4-D products run there in int16
+    (`vpmaddwd`, int32 sums, ~2x the float32 throughput, strided Q/K/V read in place), the output
+    from `pool`; with `heads_last` its memory is `[B, M, H, N]` (the context's layout after the
+    heads are merged).
+    """
+    bound = a_grid.max_step * b_grid.max_step * a.shape[-1]
+    kernel = avx2_kernel() if bound < 2**31 and max(a_grid.max_step, b_grid.max_step) < 2**15 else None
+    if (
+        kernel is not None
+        and a.dim() == b.dim() == 4
+        and a.shape[:2] == b.shape[:2]
+        and a.dtype == b.dtype == torch.float32
+        and a.device.type == b.device.type == "cpu"
+        and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))
+        and not torch.jit.is_tracing()
+    ):
+        batch, heads, rows, cols = *a.shape[:3], b.shape[-1]
+        a = a if a.stride(-1) == 1 else a.contiguous()
+        b = b if 1 in (b.stride(-1), b.stride(-2)) else b.contiguous()
+        if heads_last:
+            shape = (batch, rows, heads, cols)
+            out = (torch.empty(shape) if pool is None else pool.empty(kernel, shape)).transpose(1, 2)
+        else:
+            shape = (batch, heads, rows, cols)
+            out = torch.empty(shape) if pool is None else pool.empty(kernel, shape)
+        kernel.grid_matmul(a, a_grid.scale, b, b_grid.scale, out_scale, out)
+        return out
+    steps_a = a.div(a_grid.scale).round_()
+    steps_b = b.div(b_grid.scale).round_()
+    if bound < 2**24:
+        return torch.matmul(steps_a, steps_b).mul_(out_scale)
+    return torch.matmul(steps_a.double(), steps_b.double()).float().mul_(out_scale)
+
+
 class Int8ActivationQuantizer(nn.Module):
     """Static asymmetric activation quantizer of an INT8 checkpoint (the simulation's arithmetic).
 
     One grid per tensor, or one per hidden channel (`channels`, residual-stream points only). The
     output is the dequantized activation; the consuming `Int8Linear`s compute its uint8 codes once
-    and leave them on the tensor for each other (Q, K and V share one input).
+    and leave them on the tensor for each other (Q, K and V share one input). Once an `Int8Linear`
+    has read its output (`emit_codes`), the fused AVX2 pass writes the codes with it.
     """
 
     def __init__(self, bits: int, channels: int | None = None):
@@ -121,9 +190,29 @@ class Int8ActivationQuantizer(nn.Module):
         self.register_buffer("scale", torch.ones(shape))
         self.register_buffer("zero_point", torch.zeros(shape))
         self.output_pool = OutputPool()  # `convert_to_int8` shares one per model
+        self.emit_codes = False
+
+    def tensor_grid(self) -> TensorGrid | None:
+        """The grid of the output where it is one per tensor (for `grid_matmul`), else None."""
+        if self.scale.dim():
+            return None
+        return TensorGrid(self.scale.item(), int(self.zero_point.item()), 2**self.bits - 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fake_quantize_activation(x, self.scale, self.zero_point, self.bits, self.output_pool)
+        if self.scale.dim():
+            return fake_quantize_activation(x, self.scale, self.zero_point, self.bits, self.output_pool)
+        grid = (self.scale.item(), self.zero_point.item())
+        kernel = avx2_kernel() if self.emit_codes else None
+        fused = None
+        if kernel is not None:
+            fused = fake_quantize(kernel, x, grid[0], int(grid[1]), 2**self.bits - 1, self.output_pool, codes=True)
+        if fused is not None:
+            out, codes = fused
+            setattr(out, _CODES, (grid, codes))
+            return out
+        out = fake_quantize_activation(x, self.scale, self.zero_point, self.bits, self.output_pool)
+        setattr(out, _SOURCE, self)
+        return out
 
 
 def rescale_accumulator(
@@ -351,6 +440,9 @@ class Int8Linear(nn.Module):
             return cached[1]
         codes = grid_codes(x, self.input_scale, self.input_zero_point, self.input_bits)
         setattr(x, _CODES, (key, codes))
+        source = getattr(x, _SOURCE, None)
+        if source is not None and (source.scale.item(), source.zero_point.item()) == key:
+            source.emit_codes = True  # from the next forward on, it writes the codes in its own pass
         return codes
 
     def accumulator(self, codes: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:

@@ -13,7 +13,9 @@ safe are widened one by one. (A fixed pairing of neighbouring quads left ~0.8% o
 BERT-base weight as sparse entries, which cost ~15% of the GEMM; the greedy one pairs every quad
 safely there.) Its epilogue applies the zero point, the rescaling and the bias with the float
 operations of `rescale_accumulator`, so its outputs equal the simulation's bit for bit. `fake_quantize` does the activation quantizers' arithmetic in
-one pass instead of four.
+one pass instead of four (writing the uint8 codes too where an integer GEMM reads them), and
+`grid_matmul` the attention products of activations on grids (Q.K^T, P.V) as int16 `vpmaddwd`
+products with int32 sums, reading the heads of Q, K and V in place.
 
 The C++ source is compiled with `torch.utils.cpp_extension.load_inline` (a C++ compiler and ninja
 needed; cached per machine). Where that fails, or with `HF_QUANTIZABLE_INT8_KERNEL=onednn`, the
@@ -35,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 ENV_VAR = "HF_QUANTIZABLE_INT8_KERNEL"
 CHOICES = ("auto", "avx2", "onednn")
-_NAME = "hf_quantizable_int8_avx2_v7"
+_NAME = "hf_quantizable_int8_avx2_v9"
 _SPLIT_ROWS = 256  # weight rows split at a time
 
 _SOURCE = r"""
@@ -118,30 +120,42 @@ inline bool fits(const int16_t* first, const int16_t* second, const __m256i limi
 
 // clamp(round(x / scale), -zero_point, levels - zero_point) * scale in one pass: the float operations
 // of `fake_quantize_activation` (true division, round half to even, NaN kept), one read and one write.
-// `out_buffer`: the output to write into (from `OutputPool`), else a new tensor.
+// `out_buffer`: the output to write into (from `OutputPool`), else a new tensor. `codes_out`: where
+// to also write the uint8 codes (step + zero_point; levels <= 255), for the integer GEMMs reading it.
 torch::Tensor fake_quantize(const torch::Tensor& x, double scale, int64_t zero_point, int64_t levels,
-                            const c10::optional<torch::Tensor>& out_buffer) {
+                            const c10::optional<torch::Tensor>& out_buffer, const c10::optional<torch::Tensor>& codes_out) {
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "fake_quantize takes contiguous float32");
   auto out = out_buffer.has_value() ? *out_buffer : torch::empty_like(x);
   TORCH_CHECK(out.scalar_type() == torch::kFloat32 && out.is_contiguous() && out.sizes() == x.sizes(),
               "fake_quantize: the output buffer does not match the input");
+  TORCH_CHECK(!codes_out.has_value() || (codes_out->scalar_type() == torch::kUInt8 && codes_out->is_contiguous() &&
+                                         codes_out->sizes() == x.sizes() && levels <= 255),
+              "fake_quantize: the codes buffer does not match the input (uint8, at most 8 bits)");
   const float s = static_cast<float>(scale), low = static_cast<float>(-zero_point);
   const float high = static_cast<float>(levels - zero_point);
   const float* src = x.data_ptr<float>();
   float* dst = out.data_ptr<float>();
+  uint8_t* codes = codes_out.has_value() ? codes_out->data_ptr<uint8_t>() : nullptr;
   at::parallel_for(0, x.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
     const __m256 vs = _mm256_set1_ps(s), vlow = _mm256_set1_ps(low), vhigh = _mm256_set1_ps(high);
+    const __m256i vz = _mm256_set1_epi32(static_cast<int32_t>(zero_point));
     int64_t i = begin;
     for (; i + 8 <= end; i += 8) {
       __m256 v = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(src + i), vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
       v = _mm256_min_ps(vhigh, _mm256_max_ps(vlow, v));  // max/min return the second operand for NaN
       _mm256_storeu_ps(dst + i, _mm256_mul_ps(v, vs));
+      if (codes) {
+        const __m256i c = _mm256_add_epi32(_mm256_cvtps_epi32(v), vz);
+        const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(codes + i), _mm_packus_epi16(words, words));
+      }
     }
     for (; i < end; ++i) {
       float v = std::nearbyint(src[i] / s);
       v = v < low ? low : v;
       v = v > high ? high : v;
       dst[i] = v * s;
+      if (codes) codes[i] = static_cast<uint8_t>(std::max(0.0f, std::min(255.0f, v + static_cast<float>(zero_point))));
     }
   });
   return out;
@@ -330,6 +344,134 @@ torch::Tensor linear(const torch::Tensor& codes, int64_t zero_point, const torch
   return out;
 }
 
+namespace {
+
+constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+
+// round(x / scale) of `count` floats as int16 (saturating): the grid steps of activations on a grid
+// with that scale. Computed as round(x * (1 / scale)): on the grid both are within float rounding of
+// the same integer (|step| < 2^15), so they round to it alike, at a fraction of the division's cost.
+inline void grid_steps(const float* x, int64_t count, float scale, int16_t* dst) {
+  const float inverse = 1.0f / scale;
+  const __m256 vi = _mm256_set1_ps(inverse);
+  int64_t i = 0;
+  for (; i + 16 <= count; i += 16) {
+    const __m256i lo = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), vi), kRound));
+    const __m256i hi = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i + 8), vi), kRound));
+    // packs works per 128-bit lane: (lo 0-3, hi 0-3, lo 4-7, hi 4-7) -> reorder the quarters
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xD8));
+  }
+  for (; i < count; ++i) {
+    const float v = std::nearbyint(x[i] * inverse);
+    dst[i] = static_cast<int16_t>(std::max(-32768.0f, std::min(32767.0f, v)));
+  }
+}
+
+// R rows of int16 steps (`a`, row stride `lda`, pairs of k) times 16 columns of packed pairs (`b`:
+// [pairs][ldb] int32, each two int16 of consecutive k), summed in int32 by `vpmaddwd`; written to
+// `dst` (row stride `ldo`, the first `cols` columns) as float times `scale`.
+template <int R>
+inline void pair_tile(const int16_t* a, int64_t lda, const int32_t* b, int64_t ldb, int64_t pairs, float scale,
+                      float* dst, int64_t ldo, int64_t cols) {
+  __m256i acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+  for (int64_t p = 0; p < pairs; ++p) {
+    const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + p * ldb));
+    const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + p * ldb + 8));
+    for (int r = 0; r < R; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, a + r * lda + 2 * p, 4);
+      const __m256i av = _mm256_set1_epi32(pair);
+      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(av, b0));
+      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(av, b1));
+    }
+  }
+  const __m256 vs = _mm256_set1_ps(scale);
+  alignas(32) float tail[16];
+  for (int r = 0; r < R; ++r) {
+    const __m256 y0 = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][0]), vs);
+    const __m256 y1 = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][1]), vs);
+    if (cols == 16) {
+      _mm256_storeu_ps(dst + r * ldo, y0);
+      _mm256_storeu_ps(dst + r * ldo + 8, y1);
+    } else {
+      _mm256_store_ps(tail, y0);
+      _mm256_store_ps(tail + 8, y1);
+      std::memcpy(dst + r * ldo, tail, cols * sizeof(float));
+    }
+  }
+}
+
+}  // namespace
+
+// out [B, H, M, N] = (round(a / a_scale) @ round(b / b_scale)) * out_scale for a [B, H, M, K] and
+// b [B, H, K, N] on per-tensor grids (the attention products): the integer sum exact in int32, then
+// converted to float and multiplied by `out_scale` as the simulation does. a is read with unit stride
+// along K; b with unit stride along K (keys, transposed) or along N (values); out needs unit stride
+// along N, any other strides (the context is written with the heads next to each other).
+void grid_matmul(const torch::Tensor& a, double a_scale, const torch::Tensor& b, double b_scale, double out_scale,
+                 const torch::Tensor& out) {
+  TORCH_CHECK(a.scalar_type() == torch::kFloat32 && b.scalar_type() == torch::kFloat32 &&
+                  out.scalar_type() == torch::kFloat32, "grid_matmul takes float32 tensors");
+  TORCH_CHECK(a.dim() == 4 && b.dim() == 4 && out.dim() == 4 && a.size(0) == b.size(0) && a.size(1) == b.size(1) &&
+                  out.size(0) == a.size(0) && out.size(1) == a.size(1) && a.size(3) == b.size(2) &&
+                  out.size(2) == a.size(2) && out.size(3) == b.size(3),
+              "grid_matmul takes a [B, H, M, K], b [B, H, K, N] and out [B, H, M, N]");
+  const int64_t heads = a.size(1), groups = a.size(0) * heads, m_rows = a.size(2), k_in = a.size(3), n_out = b.size(3);
+  TORCH_CHECK(a.stride(3) == 1 && (b.stride(2) == 1 || b.stride(3) == 1) && out.stride(3) == 1,
+              "grid_matmul: a needs unit stride along K, b along K or N, out along N");
+  const bool b_k_major = b.stride(3) != 1;
+  const int64_t pairs = (k_in + 1) / 2, k_even = 2 * pairs, n_padded = (n_out + 15) / 16 * 16;
+  const float sa = static_cast<float>(a_scale), sb = static_cast<float>(b_scale), so = static_cast<float>(out_scale);
+  const float* a_data = a.data_ptr<float>();
+  const float* b_data = b.data_ptr<float>();
+  float* o_data = out.data_ptr<float>();
+  at::parallel_for(0, groups, 1, [&](int64_t first, int64_t last) {
+    std::vector<int16_t> a_steps(m_rows * k_even, 0), row(std::max(k_even, n_padded) * 2, 0);
+    std::vector<int32_t> b_pairs(pairs * n_padded, 0);
+    for (int64_t g = first; g < last; ++g) {
+      const int64_t batch = g / heads, head = g % heads;
+      const float* ag = a_data + batch * a.stride(0) + head * a.stride(1);
+      const float* bg = b_data + batch * b.stride(0) + head * b.stride(1);
+      for (int64_t m = 0; m < m_rows; ++m) grid_steps(ag + m * a.stride(2), k_in, sa, a_steps.data() + m * k_even);
+      if (b_k_major) {  // column n of b is contiguous along k: its pairs are consecutive int32
+        for (int64_t n = 0; n < n_out; ++n) {
+          row[k_in] = 0;
+          grid_steps(bg + n * b.stride(3), k_in, sb, row.data());
+          const int32_t* row_pairs = reinterpret_cast<const int32_t*>(row.data());
+          for (int64_t p = 0; p < pairs; ++p) b_pairs[p * n_padded + n] = row_pairs[p];
+        }
+      } else {  // rows k and k + 1 of b, interleaved
+        int16_t* even = row.data();
+        int16_t* odd = row.data() + n_padded;
+        for (int64_t p = 0; p < pairs; ++p) {
+          grid_steps(bg + 2 * p * b.stride(2), n_out, sb, even);
+          if (2 * p + 1 < k_in) grid_steps(bg + (2 * p + 1) * b.stride(2), n_out, sb, odd);
+          else std::fill(odd, odd + n_padded, 0);
+          int32_t* dst = b_pairs.data() + p * n_padded;
+          for (int64_t n = 0; n < n_out; ++n)
+            dst[n] = static_cast<int32_t>(static_cast<uint16_t>(even[n]) | (static_cast<uint32_t>(static_cast<uint16_t>(odd[n])) << 16));
+        }
+      }
+      float* og = o_data + batch * out.stride(0) + head * out.stride(1);
+      for (int64_t n0 = 0; n0 < n_out; n0 += 16) {
+        const int64_t cols = std::min<int64_t>(16, n_out - n0);
+        for (int64_t m0 = 0; m0 < m_rows; m0 += 4) {
+          const int16_t* at = a_steps.data() + m0 * k_even;
+          const int32_t* bt = b_pairs.data() + n0;
+          float* dst = og + m0 * out.stride(2) + n0;
+          switch (std::min<int64_t>(4, m_rows - m0)) {
+            case 4: pair_tile<4>(at, k_even, bt, n_padded, pairs, so, dst, out.stride(2), cols); break;
+            case 3: pair_tile<3>(at, k_even, bt, n_padded, pairs, so, dst, out.stride(2), cols); break;
+            case 2: pair_tile<2>(at, k_even, bt, n_padded, pairs, so, dst, out.stride(2), cols); break;
+            default: pair_tile<1>(at, k_even, bt, n_padded, pairs, so, dst, out.stride(2), cols);
+          }
+        }
+      }
+    }
+  });
+}
+
 // Whether `t` holds the only reference to its storage and nothing but its Python object (and this
 // argument) holds `t`.
 bool unshared(const torch::Tensor& t) { return t.use_count() == 2 && t.storage().use_count() == 1; }
@@ -345,7 +487,8 @@ def kernel_choice() -> str:
 
 
 class OutputPool:
-    """float32 output buffers of the INT8 modules of one model, handed out again once nothing holds them.
+    """Output buffers of the INT8 modules of one model (float32 outputs, uint8 codes), handed out again
+    once nothing holds them.
 
     A new output is fresh memory whose first write faults in every page; in a BERT-base INT8 forward
     that took ~10% of the time on the machine we measured (a VM, ~70k faults per forward). The pool
@@ -357,20 +500,20 @@ class OutputPool:
     """
 
     def __init__(self) -> None:
-        self._buffers: dict[int, list[torch.Tensor]] = {}
+        self._buffers: dict[tuple[torch.dtype, int], list[torch.Tensor]] = {}
 
-    def empty(self, kernel, shape: tuple[int, ...]) -> torch.Tensor:
-        """An uninitialised float32 tensor of `shape`."""
+    def empty(self, kernel, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """An uninitialised tensor of `shape` and `dtype`."""
         if torch.is_grad_enabled() or torch.jit.is_tracing():
-            return torch.empty(shape)
+            return torch.empty(shape, dtype=dtype)
         numel = math.prod(shape)
-        buffers = self._buffers.setdefault(numel, [])
+        buffers = self._buffers.setdefault((dtype, numel), [])
         inference = torch.is_inference_mode_enabled()
         for buffer in buffers:
             # Referenced by the list, `buffer` and getrefcount's argument only.
             if buffer.is_inference() == inference and sys.getrefcount(buffer) == 3 and kernel.unshared(buffer):
                 return buffer.view(shape)
-        buffer = torch.empty(numel)
+        buffer = torch.empty(numel, dtype=dtype)
         buffers.append(buffer)
         return buffer.view(shape)
 
@@ -379,10 +522,17 @@ class OutputPool:
 
 
 def fake_quantize(
-    kernel, x: torch.Tensor, scale: float, zero_point: int, levels: int, pool: OutputPool | None = None
+    kernel,
+    x: torch.Tensor,
+    scale: float,
+    zero_point: int,
+    levels: int,
+    pool: OutputPool | None = None,
+    codes: bool = False,
 ) -> torch.Tensor | None:
     """`fake_quantize_activation` in one pass, where the kernel takes `x` (contiguous float32 on CPU,
-    no gradient needed, not traced); None otherwise. The output comes from `pool` when given."""
+    no gradient needed, not traced); None otherwise. The output comes from `pool` when given. With
+    `codes`, its uint8 codes are written in the same pass and returned with it: `(output, codes)`."""
     if (
         x.dtype != torch.float32
         or x.device.type != "cpu"
@@ -391,8 +541,12 @@ def fake_quantize(
         or torch.jit.is_tracing()
     ):
         return None
-    out = None if pool is None else pool.empty(kernel, tuple(x.shape))
-    return kernel.fake_quantize(x, scale, zero_point, levels, out)
+    shape = tuple(x.shape)
+    out = None if pool is None else pool.empty(kernel, shape)
+    if not codes:
+        return kernel.fake_quantize(x, scale, zero_point, levels, out, None)
+    code_buffer = torch.empty(shape, dtype=torch.uint8) if pool is None else pool.empty(kernel, shape, torch.uint8)
+    return kernel.fake_quantize(x, scale, zero_point, levels, out, code_buffer), code_buffer
 
 
 def _cpu_has_avx2() -> bool:
@@ -415,7 +569,7 @@ def load_avx2_kernel():
         return load_inline(
             name=_NAME,
             cpp_sources=_SOURCE,
-            functions=["fake_quantize", "pack_weight", "linear", "unshared"],
+            functions=["fake_quantize", "pack_weight", "linear", "grid_matmul", "unshared"],
             extra_cflags=["-O3", "-mavx2", "-ffp-contract=off"],
             verbose=False,
         )

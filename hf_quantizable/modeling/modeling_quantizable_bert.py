@@ -83,7 +83,8 @@ class QuantizableBertSelfAttention(nn.Module):
         query = self.query_quant(self.query(hidden_states)).view(heads_shape).transpose(1, 2)  # [B, H, T, d_head]
         key = self.key_quant(self.key(hidden_states)).view(heads_shape).transpose(1, 2)
         value = self.value_quant(self.value(hidden_states)).view(heads_shape).transpose(1, 2)
-        return self.core(hidden_states, query, key, value, mask, token_mask, output_attentions)
+        qkv_quant = (self.query_quant, self.key_quant, self.value_quant)
+        return self.core(hidden_states, query, key, value, mask, token_mask, output_attentions, qkv_quant)
 
 
 class QuantizableBertResidualOutput(nn.Module):

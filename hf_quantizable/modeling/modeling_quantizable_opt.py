@@ -56,7 +56,10 @@ class QuantizableOPTAttention(nn.Module):
         value = self.v_quant(self.v_proj(hidden_states)).view(heads_shape).transpose(1, 2)
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)  # [B, H, past + T, d_head]
-        context, probs = self.core(hidden_states, query, key, value, mask, output_attentions=output_attentions)
+        qkv_quant = (self.q_quant, self.k_quant, self.v_quant)
+        context, probs = self.core(
+            hidden_states, query, key, value, mask, output_attentions=output_attentions, qkv_quant=qkv_quant
+        )
         return self.out_quant(self.out_proj(context)), probs
 
 

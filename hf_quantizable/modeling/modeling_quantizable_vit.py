@@ -74,7 +74,10 @@ class QuantizableViTSelfAttention(nn.Module):
         query = self.q_quant(self.query(hidden_states)).view(heads_shape).transpose(1, 2)  # [B, H, T, d_head]
         key = self.k_quant(self.key(hidden_states)).view(heads_shape).transpose(1, 2)
         value = self.v_quant(self.value(hidden_states)).view(heads_shape).transpose(1, 2)
-        return self.core(hidden_states, query, key, value, None, output_attentions=output_attentions)
+        qkv_quant = (self.q_quant, self.k_quant, self.v_quant)
+        return self.core(
+            hidden_states, query, key, value, None, output_attentions=output_attentions, qkv_quant=qkv_quant
+        )
 
 
 class QuantizableViTProjection(nn.Module):

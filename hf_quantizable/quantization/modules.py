@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..modeling.int8 import (
+    TensorGrid,
     activation_qparams,
     add_outlier_channels,
     fake_quantize_activation,
@@ -84,6 +85,12 @@ class ActivationQuantizer(nn.Module):
         """The representable range `[min, max]` of the current grid (over all channels)."""
         levels = 2**self.bits - 1
         return (-self.zero_point * self.scale).min().item(), ((levels - self.zero_point) * self.scale).max().item()
+
+    def tensor_grid(self) -> TensorGrid | None:
+        """The calibrated grid of the output while quantizing with one grid per tensor, else None."""
+        if self.mode != "quantize" or self.per_channel or self.scale_factor is not None:
+            return None
+        return TensorGrid(self.scale.item(), int(self.zero_point.item()), 2**self.bits - 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "calibrate":
