@@ -33,8 +33,6 @@ warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, torch\.q
 # Attribute under which the uint8 codes of an activation are left for the Int8Linears reading it
 # (by the quantizer that wrote them, or by the first of those linears).
 _CODES = "_w8a8_codes"
-# Attribute naming the Int8ActivationQuantizer that produced an activation without its codes.
-_SOURCE = "_w8a8_source"
 
 
 class QuantPoint(nn.Identity):
@@ -141,9 +139,9 @@ def grid_matmul(
     Exact in float32 while every partial sum stays below 2^24 (in any summation order, so any BLAS
     gives the same result); in float64 beyond. The simulation and the INT8 runtime therefore agree
     bit for bit, whichever computes it: where the AVX2 kernel runs, 4-D products run there in int16
-    (`vpmaddwd`, int32 sums, ~2x the float32 throughput, strided Q/K/V read in place), the output
-    from `pool`; with `heads_last` its memory is `[B, M, H, N]` (the context's layout after the
-    heads are merged).
+    (`vpmaddwd`, int32 sums; the heads of Q, K and V read in place, without copies), the output from
+    `pool`; with `heads_last` its memory is `[B, M, H, N]` (the context's layout once the heads are
+    merged).
     """
     bound = a_grid.max_step * b_grid.max_step * a.shape[-1]
     kernel = avx2_kernel() if bound < 2**31 and max(a_grid.max_step, b_grid.max_step) < 2**15 else None
@@ -191,6 +189,7 @@ class Int8ActivationQuantizer(nn.Module):
         self.register_buffer("zero_point", torch.zeros(shape))
         self.output_pool = OutputPool()  # `convert_to_int8` shares one per model
         self.emit_codes = False
+        self._recorded: int | None = None  # data pointer of the output last recorded in the pool
 
     def tensor_grid(self) -> TensorGrid | None:
         """The grid of the output where it is one per tensor (for `grid_matmul`), else None."""
@@ -199,19 +198,21 @@ class Int8ActivationQuantizer(nn.Module):
         return TensorGrid(self.scale.item(), int(self.zero_point.item()), 2**self.bits - 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.scale.dim():
-            return fake_quantize_activation(x, self.scale, self.zero_point, self.bits, self.output_pool)
-        grid = (self.scale.item(), self.zero_point.item())
-        kernel = avx2_kernel() if self.emit_codes else None
-        fused = None
-        if kernel is not None:
+        kernel = None if self.scale.dim() else avx2_kernel()
+        if kernel is not None and self.emit_codes:
+            grid = (self.scale.item(), self.zero_point.item())
             fused = fake_quantize(kernel, x, grid[0], int(grid[1]), 2**self.bits - 1, self.output_pool, codes=True)
-        if fused is not None:
-            out, codes = fused
-            setattr(out, _CODES, (grid, codes))
-            return out
+            if fused is not None:
+                out, codes = fused
+                setattr(out, _CODES, (grid, codes))
+                return out
         out = fake_quantize_activation(x, self.scale, self.zero_point, self.bits, self.output_pool)
-        setattr(out, _SOURCE, self)
+        if kernel is not None and not self.emit_codes:  # an Int8Linear reading `out` will ask for its codes
+            producers = self.output_pool.producers
+            if producers.get(self._recorded) is self:
+                del producers[self._recorded]
+            self._recorded = out.data_ptr()
+            producers[self._recorded] = self
         return out
 
 
@@ -440,7 +441,7 @@ class Int8Linear(nn.Module):
             return cached[1]
         codes = grid_codes(x, self.input_scale, self.input_zero_point, self.input_bits)
         setattr(x, _CODES, (key, codes))
-        source = getattr(x, _SOURCE, None)
+        source = self.output_pool.producers.get(x.data_ptr())
         if source is not None and (source.scale.item(), source.zero_point.item()) == key:
             source.emit_codes = True  # from the next forward on, it writes the codes in its own pass
         return codes

@@ -501,6 +501,9 @@ class OutputPool:
 
     def __init__(self) -> None:
         self._buffers: dict[tuple[torch.dtype, int], list[torch.Tensor]] = {}
+        # Data pointer of an activation quantizer's latest output -> that quantizer (`Int8Linear`s
+        # reading the output ask it to write the codes; a stale entry costs only unread codes).
+        self.producers: dict[int, object] = {}
 
     def empty(self, kernel, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """An uninitialised tensor of `shape` and `dtype`."""
@@ -518,7 +521,7 @@ class OutputPool:
         return buffer.view(shape)
 
     def __getstate__(self) -> dict:  # pickling and deepcopy leave the buffers behind
-        return {"_buffers": {}}
+        return {"_buffers": {}, "producers": {}}
 
 
 def fake_quantize(
