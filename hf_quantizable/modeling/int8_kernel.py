@@ -3,7 +3,7 @@
 Without VNNI, x86 int8 kernels (oneDNN, MLAS, fbgemm) multiply uint8 x int8 with `vpmaddubsw`, which
 adds input pairs in int16, and widen every pair sum to int32 at once (`vpmaddwd`): two multiplier
 instructions per 32 multiply-adds. This kernel adds two pair sums in int16 before widening (three
-instructions per 64); a whole INT8 BERT-base forward here is ~1.35x as fast with it as with
+instructions per 64); a whole INT8 BERT-base forward here is ~1.3x as fast with it as with
 oneDNN's GEMM (benchmarks/int8_speed.py). It stays exact in two steps. First
 `split_for_int16_lanes` takes off the few weights that would let one pair saturate (same-sign pairs
 whose magnitudes times the largest activation code exceed int16); they come back as sparse entries
