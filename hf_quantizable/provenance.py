@@ -1,0 +1,37 @@
+"""Fingerprints that tie derived artefacts (INT8 checkpoints, result records) to the model they came from."""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+# config.json fields that change when the same weights are saved again (not part of the model's identity).
+_VOLATILE_CONFIG_FIELDS = ("transformers_version", "_name_or_path", "auto_map", "dtype", "torch_dtype")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def model_fingerprint(folder: str | os.PathLike) -> str:
+    """sha256 over a model folder's config (volatile fields dropped) and its weight files' bytes.
+
+    The same folder always gives the same fingerprint; any change of a weight or of an architecture
+    field gives another. Raises FileNotFoundError when the folder has no config.json.
+    """
+    folder = Path(folder)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"no model at {folder!s}: {config_file} does not exist")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{config_file} is not valid JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file} must hold a JSON object, not {type(config).__name__}")
+    digest = hashlib.sha256()
+    identity = {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_FIELDS}
+    digest.update(json.dumps(identity, sort_keys=True).encode())
+    for weights in sorted(p for p in folder.iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file()):
+        digest.update(weights.name.encode())
+        with weights.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
