@@ -15,9 +15,21 @@ import argparse
 import sys
 from pathlib import Path
 
-from .evaluation.results import ResultRecord, write_results
+from .cli import given_options, refuse_unused
+from .evaluation.results import ResultRecord, read_results, write_results
 
 TASK_CHOICES = ("mlm", "clm", "image", "embedding", "glue")
+# Options of one kind of task that another kind would accept and ignore: refused there instead.
+GLUE_ONLY = ("glue_task", "glue_data", "preset", "max_train_samples", "max_eval_samples", "max_steps")
+NOT_GLUE = (
+    "int8", "append", "dataset", "dataset_config", "data_files", "split", "calibration_split", "text_column",
+    "image_column", "label_column", "max_sequences", "max_length", "batch_size", "mlm_probability",
+    "no_plots", "attention_layer", "attention_head",
+)  # fmt: skip
+W8A8_OPTIONS = (
+    "outlier_suppression", "per_channel_weights", "per_channel_residuals", "outlier_channels",
+    "num_calibration_batches", "clipping_steps", "calibration_split",
+)  # fmt: skip
 DEFAULT_DATASETS = {
     "mlm": ("wikitext", "wikitext-2-raw-v1"),
     "clm": ("wikitext", "wikitext-2-raw-v1"),
@@ -49,6 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", type=Path, help="folder for results.json and plots/ (default: MODEL if a local folder)"
     )
     parser.add_argument("--append", action="store_true", help="add to the records already in OUTPUT/results.json")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier OUTPUT/results.json (or GLUE output folder)"
+    )
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow MODEL / --int8 folders or repos to run their own Python code (needed only for model types "
+        "this package does not register)",
+    )
     data = parser.add_argument_group("data (mlm, clm, image, embedding)")
     data.add_argument(
         "--dataset", help="Hub dataset name or local file/folder (default: wikitext / mnist from the Hub)"
@@ -121,6 +142,51 @@ def format_table(records: list[ResultRecord]) -> str:
     return "\n".join(lines)
 
 
+def check_options(args: argparse.Namespace, given: set[str]) -> None:
+    """Refuse every option the chosen task (or --no-w8a8) would ignore."""
+    unused = {}
+    if args.task == "glue":
+        unused.update({name: "does not apply to --task glue" for name in NOT_GLUE})
+    else:
+        unused.update({name: f"applies to --task glue only, not {args.task}" for name in GLUE_ONLY})
+        if args.task != "mlm":
+            unused["mlm_probability"] = f"applies to --task mlm only, not {args.task}"
+        if args.task == "image":
+            unused["text_column"] = "applies to text tasks, not --task image"
+        else:
+            unused.update(
+                {name: f"applies to --task image only, not {args.task}" for name in ("image_column", "label_column")}
+            )
+    if args.no_w8a8:
+        unused.update({name: "has no effect with --no-w8a8" for name in W8A8_OPTIONS})
+    elif not args.outlier_suppression:
+        unused["clipping_steps"] = "applies only with --outlier-suppression"
+    if args.append and args.overwrite:
+        unused["overwrite"] = "and --append exclude each other: keep the earlier records or replace them"
+    refuse_unused(given, unused)
+
+
+def w8a8_overrides(args: argparse.Namespace) -> dict:
+    """W8A8Config fields set on the command line."""
+    fields = (
+        ("num_calibration_batches", args.num_calibration_batches),
+        ("clipping_steps", args.clipping_steps),
+        ("per_channel_weights", args.per_channel_weights or None),
+        ("per_channel_residuals", args.per_channel_residuals or None),
+        ("outlier_channels", args.outlier_channels),
+    )
+    return {key: value for key, value in fields if value is not None}
+
+
+def check_results_file(path: Path, args: argparse.Namespace) -> None:
+    """An existing results file is extended (--append) or replaced (--overwrite) only when it is ours."""
+    if not path.exists():
+        return
+    read_results(path)  # ValueError naming the file when it is not a results file of this package
+    if not (args.append or args.overwrite):
+        raise ValueError(f"{path} exists: pass --append to add to its records or --overwrite to replace them")
+
+
 def _output_dir(args: argparse.Namespace) -> Path:
     if args.output is not None:
         return args.output
@@ -132,39 +198,11 @@ def _output_dir(args: argparse.Namespace) -> Path:
 def run(args: argparse.Namespace) -> tuple[list[ResultRecord], Path]:
     from .evaluation.harness import EvalSettings, check_model_for_task, evaluate_model
 
-    check_model_for_task(args.model, args.task)
+    check_model_for_task(args.model, args.task, args.trust_remote_code)
     output = _output_dir(args)
     if args.task == "glue":
-        from .evaluation.glue import finetune_glue, get_preset, get_task
-
-        if not args.glue_task:
-            raise ValueError("--task glue needs --glue-task (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli)")
-        if args.int8:
-            raise ValueError(
-                "--int8 does not apply to --task glue: the fine-tuned model is quantized (W8A8) after training"
-            )
-        get_task(args.glue_task), get_preset(args.preset)  # fail fast on bad names
-        if args.glue_data and not Path(args.glue_data).is_dir():
-            raise FileNotFoundError(f"--glue-data folder {args.glue_data!r} does not exist")
-        w8a8 = False if args.no_w8a8 else None
-        if w8a8 is None and args.num_calibration_batches:
-            from .quantization import W8A8Config
-
-            w8a8 = W8A8Config(num_calibration_batches=args.num_calibration_batches)
-        target = args.output or Path("glue-runs") / f"{Path(args.model).name}-{args.glue_task}"
-        records = finetune_glue(
-            args.model,
-            args.glue_task,
-            target,
-            args.preset,
-            args.glue_data,
-            args.max_train_samples,
-            args.max_eval_samples,
-            args.max_steps,
-            args.seed,
-            w8a8,
-        )
-        return records, target / "results.json"
+        return run_glue(args)
+    check_results_file(output / "results.json", args)
     dataset, dataset_config = args.dataset, args.dataset_config
     if dataset is None:
         dataset, default_config = DEFAULT_DATASETS[args.task]
@@ -186,18 +224,7 @@ def run(args: argparse.Namespace) -> tuple[list[ResultRecord], Path]:
         seed=args.seed,
         w8a8=not args.no_w8a8,
         outlier_suppression=args.outlier_suppression,
-        w8a8_config={
-            key: value
-            for key, value in (
-                ("num_calibration_batches", args.num_calibration_batches),
-                ("clipping_steps", args.clipping_steps),
-                ("per_channel_weights", args.per_channel_weights or None),
-                ("per_channel_residuals", args.per_channel_residuals or None),
-                ("outlier_channels", args.outlier_channels),
-            )
-            if value is not None
-        }
-        or None,
+        w8a8_config=w8a8_overrides(args) or None,
     )
     records, _ = evaluate_model(
         args.model,
@@ -206,13 +233,51 @@ def run(args: argparse.Namespace) -> tuple[list[ResultRecord], Path]:
         plots_dir=None if args.no_plots else output / "plots",
         attention_layer=args.attention_layer,
         attention_head=args.attention_head,
+        trust_remote_code=args.trust_remote_code,
     )
     return records, write_results(records, output / "results.json", append=args.append)
 
 
+def run_glue(args: argparse.Namespace) -> tuple[list[ResultRecord], Path]:
+    """Fine-tune MODEL on a GLUE task and evaluate it FP and W8A8 (the quantization flags apply)."""
+    from .evaluation.glue import finetune_glue, get_preset, get_task, is_glue_output
+    from .paths import check_output_folder
+
+    if not args.glue_task:
+        raise ValueError("--task glue needs --glue-task (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli)")
+    get_task(args.glue_task), get_preset(args.preset)  # fail fast on bad names
+    if args.glue_data and not Path(args.glue_data).is_dir():
+        raise FileNotFoundError(f"--glue-data folder {args.glue_data!r} does not exist")
+    target = args.output or Path("glue-runs") / f"{Path(args.model).name}-{args.glue_task}"
+    check_output_folder(
+        target, option="--output", is_own_output=is_glue_output, overwrite=args.overwrite, inputs=[args.model]
+    )
+    w8a8 = False
+    if not args.no_w8a8:
+        from .quantization import W8A8Config
+
+        suppression = dict(gamma_migration=True, token_wise_clipping=True) if args.outlier_suppression else {}
+        w8a8 = W8A8Config(**w8a8_overrides(args), **suppression)
+    records = finetune_glue(
+        args.model,
+        args.glue_task,
+        target,
+        args.preset,
+        args.glue_data,
+        args.max_train_samples,
+        args.max_eval_samples,
+        args.max_steps,
+        args.seed,
+        w8a8,
+    )
+    return records, target / "results.json"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
+        check_options(args, given_options(parser, argv))
         records, path = run(args)
     except (ValueError, OSError) as error:  # bad input, missing files, unreachable Hub
         print(f"error: {error}", file=sys.stderr)

@@ -79,8 +79,11 @@ def test_schema_rejects_bad_documents(tmp_path):
     with pytest.raises(jsonschema.ValidationError):
         validate_results({"schema_version": 2, "records": []})
     (tmp_path / "bad.json").write_text(json.dumps(missing))
-    with pytest.raises(jsonschema.ValidationError):
-        read_results(tmp_path / "bad.json")
+    (tmp_path / "garbage.json").write_text("{not json")
+    (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00")
+    for name in ("bad.json", "garbage.json", "binary.json"):  # one line naming the file, not a parser error
+        with pytest.raises(ValueError, match=rf"{name} is not a valid results file"):
+            read_results(tmp_path / name)
 
 
 def test_atomic_writers_never_leave_a_half_written_file(tmp_path):

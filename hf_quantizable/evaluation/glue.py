@@ -10,7 +10,6 @@ import csv
 import dataclasses
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,8 @@ from transformers import (
     TrainingArguments,
 )
 
+from ..paths import atomic_folder
+from ..provenance import model_fingerprint
 from .results import ResultRecord, write_results
 
 csv.field_size_limit(1 << 24)
@@ -349,6 +350,11 @@ def training_arguments(
     )
 
 
+def is_glue_output(folder: Path) -> bool:
+    """Whether `folder` is an earlier `finetune_glue` output (a saved classifier with its results)."""
+    return (folder / "results.json").is_file() and (folder / "config.json").is_file()
+
+
 def finetune_glue(
     model_name_or_path: str,
     task_name: str,
@@ -364,7 +370,8 @@ def finetune_glue(
 ) -> list[ResultRecord]:
     """Fine-tune on a GLUE task with `Trainer`, evaluate FP and W8A8 (simulated) on the dev set.
 
-    Writes to `output_dir` (atomically: a temporary folder renamed at the end) the fine-tuned model
+    Writes to `output_dir` (atomically: a temporary folder that replaces it at the end; callers check
+    it with `paths.check_output_folder` first) the fine-tuned model
     and tokenizer (`save_pretrained`) and `results.json` with one record per metric and precision.
 
     Args:
@@ -393,9 +400,8 @@ def finetune_glue(
     train_tokenized = tokenize_glue(train, task, tokenizer, settings.max_length)
     validation_tokenized = tokenize_glue(validation, task, tokenizer, settings.max_length)
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    try:
+    fingerprint = model_fingerprint(model_name_or_path) if Path(model_name_or_path).is_dir() else None
+    with atomic_folder(output_dir) as tmp_dir:
         args = training_arguments(settings, tmp_dir / "trainer", max_steps=max_steps, seed=seed, progress=progress)
         trainer = Trainer(
             model=model,
@@ -412,6 +418,7 @@ def finetune_glue(
         references = np.asarray(validation["label"])
         common = dict(
             model=str(model_name_or_path),
+            model_fingerprint=fingerprint,
             attn_impl=getattr(model.config, "attn_impl", "softmax"),
             task="glue",
             dataset=dataset_name,
@@ -451,10 +458,4 @@ def finetune_glue(
         model.save_pretrained(tmp_dir)
         tokenizer.save_pretrained(tmp_dir)
         write_results(records, tmp_dir / "results.json")
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(tmp_dir, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
     return records

@@ -9,6 +9,7 @@ records its task metric and its outlier statistics.
 
 import copy
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from .. import (
     QuantizableOPTForCausalLM,
     QuantizableViTForImageClassification,
 )
+from ..provenance import model_fingerprint
 from .attention_view import attention_mass, attention_probabilities, delimiter_token_ids
 from .data import load_split
 from .outliers import OutlierStatsCollector
@@ -90,9 +92,36 @@ def _family(config) -> str:
     return config.model_type.removeprefix("quantizable_")
 
 
-def check_model_for_task(model_name_or_path: str, task: str) -> Any:
+def load_config(model_name_or_path: str, option: str = "MODEL", trust_remote_code: bool = False) -> Any:
+    """The config of a local folder or Hub id, with one-line errors for a missing folder or foreign code.
+
+    Model types of this package (and stock BERT/OPT/ViT) load without remote code; a config whose
+    `auto_map` needs code from the folder or repo loads only with `trust_remote_code=True`.
+    """
+    path = Path(model_name_or_path)
+    if not path.is_dir():
+        if path.exists():
+            raise ValueError(f"{option} {model_name_or_path} is a file; expected a model folder or a Hub repo id")
+        looks_like_path = model_name_or_path.startswith((".", "/", "~")) or model_name_or_path.count("/") > 1
+        if looks_like_path:
+            raise FileNotFoundError(f"{option} folder {model_name_or_path} does not exist")
+    try:
+        return AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+    except ValueError as error:
+        if "trust_remote_code" in str(error):
+            raise ValueError(
+                f"{option} {model_name_or_path} needs its own Python code to load (config `auto_map` of an "
+                "unregistered model type); pass --trust-remote-code if you trust it"
+            ) from None
+        raise ValueError(f"{option} {model_name_or_path}: {error}") from None
+    except OSError as error:  # missing config.json, unreachable Hub, unknown repo
+        where = "" if path.is_dir() else "no such local folder, and as a Hub repo id: "
+        raise OSError(f"{option} {model_name_or_path}: {where}{str(error).splitlines()[0]}") from None
+
+
+def check_model_for_task(model_name_or_path: str, task: str, trust_remote_code: bool = False) -> Any:
     """Fail fast when `model_name_or_path` cannot run `task` (wrong family, or an INT8 checkpoint)."""
-    config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=True)
+    config = load_config(model_name_or_path, "MODEL", trust_remote_code)
     family = _family(config)
     if task not in TASKS and task != "glue":
         raise ValueError(f"unknown task {task!r}; choose one of {sorted([*TASKS, 'glue'])}")
@@ -108,9 +137,26 @@ def check_model_for_task(model_name_or_path: str, task: str) -> Any:
     return config
 
 
-def load_fp_model(model_name_or_path: str, task: str) -> nn.Module:
+def check_int8_source(model_name_or_path: str, int8_path: str, int8_config: dict) -> bool:
+    """Refuse an INT8 checkpoint made from another model than `model_name_or_path`.
+
+    Returns True when verified, False when it cannot be (a Hub id as MODEL, or a checkpoint that
+    records no `source_fingerprint`).
+    """
+    recorded = int8_config.get("source_fingerprint")
+    if not recorded or not Path(model_name_or_path).is_dir():
+        return False
+    if model_fingerprint(model_name_or_path) != recorded:
+        raise ValueError(
+            f"--int8 {int8_path} was not quantized from {model_name_or_path} (its `source_fingerprint` differs "
+            "from the model's): give the INT8 checkpoint of this model"
+        )
+    return True
+
+
+def load_fp_model(model_name_or_path: str, task: str, trust_remote_code: bool = False) -> nn.Module:
     """The FP model in its quantizable class; fails when the task head is missing from the checkpoint."""
-    check_model_for_task(model_name_or_path, task)
+    check_model_for_task(model_name_or_path, task, trust_remote_code)
     model_class = TASKS[task][1]
     model, info = model_class.from_pretrained(model_name_or_path, output_loading_info=True)
     # a stock checkpoint keeps its model_type: it is now a quantizable model (and saves as one)
@@ -124,9 +170,9 @@ def load_fp_model(model_name_or_path: str, task: str) -> nn.Module:
     return model.eval()
 
 
-def load_int8_model(path: str, task: str) -> nn.Module:
-    """The real INT8 checkpoint (reloaded through `trust_remote_code`)."""
-    config = AutoConfig.from_pretrained(path, trust_remote_code=True)
+def load_int8_model(path: str, task: str, trust_remote_code: bool = False) -> nn.Module:
+    """The real INT8 checkpoint, in our class (its own copy of the code runs only with `trust_remote_code`)."""
+    config = load_config(path, "--int8", trust_remote_code)
     if not getattr(config, "w8a8_config", None):
         raise ValueError(f"--int8 {path} is not an INT8 checkpoint: its config.json has no `w8a8_config`")
     expected = TASKS[task][0]
@@ -237,10 +283,11 @@ def _evaluate_variant(
 
 
 def _records(
-    model_name: str, attn_impl: str, settings: EvalSettings, variant: Variant, extra: dict
+    model_name: str, fingerprint: str | None, attn_impl: str, settings: EvalSettings, variant: Variant, extra: dict
 ) -> list[ResultRecord]:
     common = dict(
         model=model_name,
+        model_fingerprint=fingerprint,
         attn_impl=attn_impl,
         precision=variant.precision,
         dataset=settings.dataset,
@@ -284,14 +331,20 @@ def evaluate_model(
     plots_dir: str | Path | None = None,
     attention_layer: int | None = None,
     attention_head: int | None = None,
+    trust_remote_code: bool = False,
 ) -> tuple[list[ResultRecord], list[Variant]]:
     """Evaluate FP, simulated W8A8 (optionally + Outlier Suppression) and the INT8 checkpoint `int8`.
 
+    Every record names the evaluated model by path and, for a local folder, by `model_fingerprint`.
     Returns the result records and the evaluated variants. With `plots_dir`, writes
     `layers.png`, `outlier_dims.png`, `head_mass.png` and (for text or images) `attention.png`.
     """
-    fp_model = load_fp_model(model_name_or_path, settings.task)
-    int8_model = load_int8_model(int8, settings.task) if int8 else None
+    fp_model = load_fp_model(model_name_or_path, settings.task, trust_remote_code)
+    int8_model = load_int8_model(int8, settings.task, trust_remote_code) if int8 else None
+    int8_verified = check_int8_source(model_name_or_path, int8, int8_model.config.w8a8_config) if int8 else None
+    if int8 and not int8_verified:
+        print(f"warning: cannot check that --int8 {int8} was made from {model_name_or_path}", file=sys.stderr)
+    fingerprint = model_fingerprint(model_name_or_path) if Path(model_name_or_path).is_dir() else None
     processor = _processor(model_name_or_path, settings.task)
     if settings.task in ("clm", "embedding") and getattr(processor, "pad_token", "x") is None:
         processor.pad_token = processor.eos_token
@@ -329,8 +382,8 @@ def evaluate_model(
     for variant in variants:
         variant_extra = {**extra, **({"w8a8": variant.result["w8a8"]} if "w8a8" in variant.result else {})}
         if variant.name == "int8":
-            variant_extra["int8_checkpoint"] = str(int8)
-        records += _records(str(model_name_or_path), attn_impl, settings, variant, variant_extra)
+            variant_extra.update(int8_checkpoint=str(int8), int8_source_verified=int8_verified)
+        records += _records(str(model_name_or_path), fingerprint, attn_impl, settings, variant, variant_extra)
     if plots_dir is not None:
         write_plots(fp_model, variants, batches, processor, settings, Path(plots_dir), attention_layer, attention_head)
     return records, variants

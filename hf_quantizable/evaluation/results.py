@@ -75,6 +75,7 @@ class ResultRecord:
     n: int
     dataset_config: str | None = None
     seed: int | None = None
+    model_fingerprint: str | None = None
     versions: dict[str, str] = dataclasses.field(default_factory=lambda: dict(package_versions()))
     timestamp: str = dataclasses.field(default_factory=_now)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -122,7 +123,10 @@ def write_results(records: Iterable[ResultRecord], path: str | os.PathLike, appe
 
 
 def read_results(path: str | os.PathLike) -> list[ResultRecord]:
-    """Read and validate a results file."""
-    document = json.loads(Path(path).read_text())
-    validate_results(document)
+    """Read and validate a results file (ValueError naming the file when it is not one)."""
+    try:
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+        validate_results(document)
+    except (ValueError, UnicodeDecodeError, jsonschema.ValidationError) as error:
+        raise ValueError(f"{path} is not a valid results file: {str(error).splitlines()[0]}") from None
     return [ResultRecord.from_dict(record) for record in document["records"]]
