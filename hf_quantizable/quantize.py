@@ -5,7 +5,9 @@
     python -m hf_quantizable.quantize MINILM_DIR --output OUT --gamma-migration --token-wise-clipping
 
 The output folder reloads with `AutoModel*.from_pretrained(OUT, trust_remote_code=True)`; it is
-written to a temporary folder and renamed, so a failed run leaves nothing behind.
+written to a temporary folder and renamed, so a failed or interrupted run leaves nothing behind.
+OUT must be new or empty; `--overwrite` replaces a previous output of this command, never anything
+else. Bad input exits with status 2 and one `error: ...` line, Ctrl-C with status 130.
 """
 
 import argparse
@@ -17,14 +19,39 @@ from tqdm.auto import tqdm
 
 from .quantization.config import ACTIVATION_ESTIMATORS, WEIGHT_ESTIMATORS, W8A8Config
 
+DEFAULT_MAX_LENGTH = 128
+# Fields only some settings read: accepted only with those settings (no value is silently ignored).
+_ESTIMATOR_OF_FIELD = {"percentile": "percentile", "momentum": "running_minmax"}
+_CLIPPING_FIELDS = ("clipping_quantiles", "clipping_steps", "clipping_lr")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one `error: ...` line, as every other error of the command."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m hf_quantizable.quantize",
         description="W8A8 post-training quantization (static ranges from calibration) to an INT8 checkpoint.",
     )
     parser.add_argument("model_dir", help="save_pretrained folder of a quantizable (or stock BERT/OPT/ViT) model")
-    parser.add_argument("--output", required=True, help="folder of the INT8 checkpoint")
+    parser.add_argument("--output", required=True, help="folder of the INT8 checkpoint (new or empty)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace --output if it holds a previous INT8 output of this command"
+    )
     parser.add_argument(
         "--calibration-data",
         help="text file, one example per line (default: WikiText-2 validation), or an image folder for ViT",
@@ -35,9 +62,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--estimator", help=f"activation range estimator: {', '.join(ACTIVATION_ESTIMATORS)}")
     parser.add_argument("--weight-estimator", help=f"weight range estimator: {', '.join(WEIGHT_ESTIMATORS)}")
     parser.add_argument("--percentile", type=float, help="percentile of the `percentile` estimator (99.99)")
-    parser.add_argument("--num-batches", type=int, help="calibration batches (default 16)")
-    parser.add_argument("--batch-size", type=int, default=16, help="calibration batch size (default 16)")
-    parser.add_argument("--max-length", type=int, default=128, help="calibration sequence length (default 128)")
+    parser.add_argument("--num-batches", type=_positive_int, help="calibration batches (default 16)")
+    parser.add_argument("--batch-size", type=_positive_int, default=16, help="calibration batch size (default 16)")
+    parser.add_argument(
+        "--max-length",
+        type=_positive_int,
+        help=f"calibration sequence length of text models (default {DEFAULT_MAX_LENGTH}, at most the model's positions)",
+    )
     parser.add_argument("--per-channel", action="store_true", help="per-output-channel weight scales")
     parser.add_argument(
         "--per-channel-residuals", action="store_true", help="per-channel grids for the residual-stream activations"
@@ -51,9 +82,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def read_config_file(path: str) -> dict:
+    """The W8A8Config fields of a `--config` JSON file (errors name the file)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--config file {path} does not exist") from None
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"--config file {path} is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"--config file {path} must hold a JSON object of W8A8Config fields, not a {type(data).__name__}"
+        )
+    return data
+
+
+def check_fields_used(given: set[str], config: W8A8Config) -> None:
+    """Refuse settings given explicitly that this configuration would not read."""
+    for name, estimator in _ESTIMATOR_OF_FIELD.items():
+        if name in given and config.activation_estimator != estimator:
+            raise ValueError(
+                f"`{name}` is read only by the `{estimator}` activation estimator, not by "
+                f"{config.activation_estimator!r}: pass --estimator {estimator} or drop it"
+            )
+    unused = [name for name in _CLIPPING_FIELDS if name in given and not config.token_wise_clipping]
+    if unused:
+        raise ValueError(f"{', '.join(f'`{n}`' for n in unused)} are read only with --token-wise-clipping")
+
+
 def build_config(args: argparse.Namespace) -> W8A8Config:
-    """W8A8Config from `--config` and the flags (raises ValueError on bad values)."""
-    fields = json.loads(Path(args.config).read_text()) if args.config else {}
+    """W8A8Config from `--config` and the flags (raises ValueError on bad or unused values)."""
+    if args.bits is not None and args.weight_bits is not None and args.activation_bits is not None:
+        raise ValueError("--bits would be ignored: --weight-bits and --activation-bits are both given")
+    fields = read_config_file(args.config) if args.config else {}
     flags = {
         "weight_bits": args.weight_bits if args.weight_bits is not None else args.bits,
         "activation_bits": args.activation_bits if args.activation_bits is not None else args.bits,
@@ -68,7 +129,21 @@ def build_config(args: argparse.Namespace) -> W8A8Config:
         "token_wise_clipping": args.token_wise_clipping or None,
     }
     fields.update({k: v for k, v in flags.items() if v is not None})
-    return W8A8Config.from_dict(fields)
+    config = W8A8Config.from_dict(fields)
+    check_fields_used(set(fields), config)
+    return config
+
+
+def max_length_for(args: argparse.Namespace, model_config: dict, model_type: str) -> int | None:
+    """The calibration sequence length: refused for ViT (it reads images), bounded by the positions."""
+    if model_type in ("quantizable_vit", "vit"):
+        if args.max_length is not None:
+            raise ValueError("--max-length applies to text models only; ViT calibrates on whole images")
+        return None
+    positions = model_config.get("max_position_embeddings")
+    if args.max_length is not None and positions is not None and args.max_length > positions:
+        raise ValueError(f"--max-length {args.max_length} exceeds the model's max_position_embeddings ({positions})")
+    return args.max_length or min(DEFAULT_MAX_LENGTH, positions or DEFAULT_MAX_LENGTH)
 
 
 def _mib(n: int) -> str:
@@ -107,20 +182,28 @@ def summary(report: dict, config: W8A8Config, output: Path, source_bytes: int) -
     return "\n".join(lines)
 
 
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = build_config(args)
         model_dir = Path(args.model_dir)
         from .quantization.data import calibration_batches
-        from .quantization.quantizer import W8A8Quantizer, model_class_for
+        from .quantization.export import check_output_dir
+        from .quantization.quantizer import W8A8Quantizer, check_weight_files, model_class_for, read_model_config
 
         model_type = model_class_for(model_dir).config_class.model_type
+        max_length = max_length_for(args, read_model_config(model_dir), model_type)
+        check_weight_files(model_dir)
+        check_output_dir(args.output, model_dir, args.overwrite)
         batches, processor = calibration_batches(
             model_dir,
             args.calibration_data,
             args.batch_size,
-            args.max_length,
+            max_length,
             config.num_calibration_batches,
             model_type,
         )
@@ -129,11 +212,19 @@ def main(argv: list[str] | None = None) -> int:
         quantizer = W8A8Quantizer.from_pretrained(model_dir)
         with tqdm(total=len(batches), desc="calibrating", unit="batch") as bar:
             output = quantizer.quantize(
-                args.output, quantization_config=config, calibration_dataset=batches, progress=bar, processor=processor
+                args.output,
+                quantization_config=config,
+                calibration_dataset=batches,
+                progress=bar,
+                processor=processor,
+                overwrite=args.overwrite,
             )
-    except (ValueError, FileNotFoundError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (ValueError, OSError) as error:
+        print(f"error: {_one_line(error)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"error: interrupted; nothing was written to {args.output}", file=sys.stderr)
+        return 130
     source_bytes = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
     print(summary(quantizer.report, config, output, source_bytes))
     return 0

@@ -63,6 +63,22 @@ class W8A8Config:
     clipping_lr: float = 1e-3
 
     def __post_init__(self):
+        for name in ("momentum", "percentile", "clipping_lr"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"`{name}` must be a number, got {value!r}")
+        for name in ("per_channel_weights", "per_channel_residuals", "gamma_migration", "token_wise_clipping"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.keep_fp_modules, (list, tuple)) or not all(
+            isinstance(m, str) for m in self.keep_fp_modules
+        ):
+            raise ValueError(f"`keep_fp_modules` must be a list of module names, got {self.keep_fp_modules!r}")
+        quantiles = self.clipping_quantiles
+        if not isinstance(quantiles, (list, tuple)) or not all(
+            isinstance(q, (int, float)) and not isinstance(q, bool) for q in quantiles
+        ):
+            raise ValueError(f"`clipping_quantiles` must be a non-empty list in (0, 1], got {quantiles!r}")
         for name in ("weight_bits", "activation_bits"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not MIN_BITS <= value <= MAX_BITS:

@@ -16,7 +16,10 @@ def default_calibration_data() -> Path:
 
 def read_lines(path: str | Path, min_chars: int = 20) -> list[str]:
     """Non-empty, non-heading lines of a text file (WikiText headings start with ' = ')."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path!s} is not UTF-8 text (byte {error.start}: {error.reason})") from None
     return [line.strip() for line in lines if len(line.strip()) >= min_chars and not line.strip().startswith("=")]
 
 
@@ -68,6 +71,8 @@ def calibration_batches(
     from transformers import AutoTokenizer
 
     data = Path(data) if data is not None else default_calibration_data()
+    if data.is_dir():
+        raise ValueError(f"calibration data {data!s} is a folder; a text model reads a text file, one example a line")
     if not data.is_file():
         raise FileNotFoundError(f"calibration text file {data!s} does not exist")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -1,6 +1,7 @@
 """Export a calibrated (simulated) model as a real INT8 checkpoint."""
 
 import copy
+import json
 import os
 import shutil
 import tempfile
@@ -18,13 +19,18 @@ def _strip(name: str, prefix: str) -> str:
     return name[len(prefix) + 1 :] if prefix and name.startswith(prefix + ".") else name
 
 
-def int8_config_dict(model: nn.Module) -> dict:
-    """The `w8a8_config` stored in config.json: quantizer settings plus which modules are quantized."""
+def int8_config_dict(model: nn.Module, source_fingerprint: str | None = None) -> dict:
+    """The `w8a8_config` stored in config.json: quantizer settings plus which modules are quantized.
+
+    `source_fingerprint` (`provenance.model_fingerprint` of the folder the FP model came from, None
+    for a model object) ties the checkpoint to its source model.
+    """
     prefix = model.base_model_prefix
     sources = activation_quantizers(model)
     return {
         **model.w8a8_config.to_dict(),
         "format_version": FORMAT_VERSION,
+        "source_fingerprint": source_fingerprint,
         "quantized_linears": {
             _strip(name, prefix): linear.input_quantizer is not None
             for name, linear in quantized_linears(model).items()
@@ -67,10 +73,10 @@ def int8_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def build_int8_model(model: nn.Module) -> nn.Module:
+def build_int8_model(model: nn.Module, source_fingerprint: str | None = None) -> nn.Module:
     """An INT8 model (same class, `config.w8a8_config` set) holding the calibrated quantization of `model`."""
     config = copy.deepcopy(model.config)
-    config.w8a8_config = int8_config_dict(model)
+    config.w8a8_config = int8_config_dict(model, source_fingerprint)
     # A BERT base model built without its pooler is rebuilt the same way.
     kwargs = {"add_pooling_layer": False} if getattr(model, "pooler", True) is None else {}
     int8_model = type(model)(config, **kwargs)
@@ -83,27 +89,134 @@ def build_int8_model(model: nn.Module) -> nn.Module:
     return int8_model.eval()
 
 
-def save_atomically(save_fn, save_dir: str | Path) -> Path:
+def save_int8_checkpoint(int8_model: nn.Module, folder: Path, processor=None) -> None:
+    """`save_pretrained` the INT8 model (and `processor`) into `folder`, listing the files written in
+    `w8a8_config["files"]` (how `is_int8_output` recognises the folder later)."""
+    int8_model.save_pretrained(folder)
+    if processor is not None:
+        processor.save_pretrained(folder)
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    files = sorted(entry.name for entry in folder.iterdir() if entry.is_file())
+    config["w8a8_config"]["files"] = int8_model.config.w8a8_config["files"] = files
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _is_inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def is_int8_output(folder: str | Path) -> bool:
+    """Whether `folder` holds an INT8 checkpoint written by `W8A8Quantizer` and nothing else.
+
+    Its config.json has a `w8a8_config` listing the files the quantizer wrote (`files`); any other
+    entry (a file the user added, a sub-folder) makes it foreign, so it is never replaced.
+    """
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        written = set(config["w8a8_config"]["files"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return False
+    return all(entry.name in written and entry.is_file() and not entry.is_symlink() for entry in folder.iterdir())
+
+
+def check_output_dir(save_dir: str | Path, source_dir: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Refuse an output folder whose writing would delete or overwrite anything the quantizer did not write.
+
+    Allowed: a missing or empty folder, or (with `overwrite`) a previous INT8 output (`is_int8_output`).
+    Refused: the source model's folder or a folder containing it, a file, any other non-empty folder.
+    Raises ValueError naming the folder and the reason; returns the resolved path.
+    """
+    path = Path(save_dir).resolve()
+    if source_dir is not None:
+        source = Path(source_dir).resolve()
+        if path == source:
+            raise ValueError(f"the output folder {save_dir!s} is the input model folder: choose another --output")
+        if _is_inside(source, path):
+            raise ValueError(
+                f"the output folder {save_dir!s} contains the input model {source_dir!s}: choose another --output"
+            )
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"the output {save_dir!s} exists and is not a folder")
+    if not path.exists() or not any(path.iterdir()):
+        return path
+    if not is_int8_output(path):
+        raise ValueError(
+            f"the output folder {save_dir!s} is not empty and is not an INT8 checkpoint written by "
+            "hf_quantizable.quantize: refusing to replace it (choose a new or empty folder)"
+        )
+    if not overwrite:
+        raise ValueError(
+            f"the output folder {save_dir!s} already holds an INT8 checkpoint: pass --overwrite "
+            "(overwrite=True) to replace it"
+        )
+    return path
+
+
+def _temp_prefixes(save_dir: Path) -> tuple[str, str]:
+    return f".{save_dir.name}.tmp-", f".{save_dir.name}.old-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # another user's process, or a platform without signals: leave its folder alone
+    return True
+
+
+def remove_stale_temp_dirs(save_dir: Path) -> list[Path]:
+    """Remove the temporary folders that interrupted writes of `save_dir` left beside it.
+
+    Their names carry the writer's process id (`.NAME.tmp-PID-*`, `.NAME.old-PID-*`); folders of a
+    process still running are left alone.
+    """
+    removed = []
+    for prefix in _temp_prefixes(save_dir):
+        for candidate in save_dir.parent.glob(f"{prefix}*"):
+            pid = candidate.name[len(prefix) :].partition("-")[0]
+            if candidate.is_dir() and not candidate.is_symlink() and pid.isdigit() and not _pid_alive(int(pid)):
+                shutil.rmtree(candidate)
+                removed.append(candidate)
+    return removed
+
+
+def save_atomically(save_fn, save_dir: str | Path, overwrite: bool = False) -> Path:
     """Run `save_fn(tmp_dir)` in a temporary folder beside `save_dir`, then rename it into place.
 
-    An existing `save_dir` is replaced only after the new folder is complete.
+    `save_dir` must pass `check_output_dir` (checked again here, just before the rename); a previous
+    INT8 output is replaced (with `overwrite`) only once the new folder is complete. Temporary folders
+    left by interrupted writes are removed first.
     """
-    save_dir = Path(save_dir).resolve()
+    save_dir = check_output_dir(save_dir, overwrite=overwrite)
     save_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{save_dir.name}.tmp-", dir=save_dir.parent))
+    remove_stale_temp_dirs(save_dir)
+    tmp_prefix, old_prefix = _temp_prefixes(save_dir)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f"{tmp_prefix}{os.getpid()}-", dir=save_dir.parent))
     try:
         save_fn(tmp_dir)
-        if save_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{save_dir.name}.old-", dir=save_dir.parent))
+        tmp_dir.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the output gets the usual permissions
+        check_output_dir(save_dir, overwrite=overwrite)
+        if save_dir.exists() and any(save_dir.iterdir()):
+            old = Path(tempfile.mkdtemp(prefix=f"{old_prefix}{os.getpid()}-", dir=save_dir.parent))
             os.replace(save_dir, old / save_dir.name)
             os.replace(tmp_dir, save_dir)
             shutil.rmtree(old)
         else:
-            os.replace(tmp_dir, save_dir)
+            os.replace(tmp_dir, save_dir)  # fails, rather than replaces, if a non-empty folder appeared
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     return save_dir
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def weight_bytes(model: nn.Module) -> dict[str, int]:

@@ -12,9 +12,10 @@ from transformers import PreTrainedModel
 
 from .. import modeling  # noqa: F401  (the model classes below register with the Auto classes)
 from ..modeling.int8 import QuantPoint
+from ..provenance import model_fingerprint
 from .calibration import activation_quantizers, quantize_model, quantized_linears, take_batches
 from .config import W8A8Config
-from .export import build_int8_model, save_atomically, weight_bytes
+from .export import build_int8_model, check_output_dir, save_atomically, save_int8_checkpoint, weight_bytes
 
 # Stock architectures whose checkpoints load into a quantizable class (Outlier Suppression targets).
 _STOCK_TO_QUANTIZABLE = {
@@ -28,14 +29,51 @@ _STOCK_TO_QUANTIZABLE = {
 }
 
 
+def read_model_config(path: str | Path) -> dict:
+    """The parsed config.json of the model folder `path` (errors name the file)."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"no model at {path!s}: {config_file} does not exist")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{config_file} is not valid JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file} must hold a JSON object, not a {type(config).__name__}")
+    return config
+
+
+def check_weight_files(path: str | Path) -> list[Path]:
+    """The safetensors weight files of the model folder `path`, each checked to open (not truncated).
+
+    Pickle-only folders (`pytorch_model.bin`) are refused: unpickling can run arbitrary code.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(path)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in folder.glob("*.bin"))
+        if pickles:
+            raise ValueError(
+                f"{path!s} holds only pickle weights ({', '.join(pickles)}); only safetensors weights are "
+                "loaded (unpickling can run code): save the model with `save_pretrained` (safetensors)"
+            )
+        raise FileNotFoundError(f"no weights in {path!s}: no *.safetensors file")
+    for file in files:
+        try:
+            with safe_open(file, framework="pt"):
+                pass
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupt?): {error}") from None
+    return files
+
+
 def model_class_for(path: str | Path) -> type[PreTrainedModel]:
     """The hf_quantizable class for the checkpoint at `path` (quantizable or stock BERT/OPT/ViT)."""
     import hf_quantizable
 
-    config_file = Path(path) / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"no model at {path!s}: {config_file} does not exist")
-    config = json.loads(config_file.read_text())
+    config = read_model_config(path)
     if config.get("w8a8_config"):
         raise ValueError(f"{path!s} is already an INT8 checkpoint (its config.json has `w8a8_config`)")
     architectures = config.get("architectures") or []
@@ -67,14 +105,29 @@ class W8A8Quantizer(OptimumQuantizer):
             )
         self.model = model
         self.report: dict = {}
+        # The folder the model was loaded from and its `model_fingerprint` (None for a model object).
+        self.source_dir: Path | None = None
+        self.source_fingerprint: str | None = None
 
     @classmethod
     def from_pretrained(cls, model_or_path: str | Path | PreTrainedModel, file_name: str | None = None):
-        """Load a quantizable (or stock BERT/OPT/ViT) checkpoint folder, or wrap a model object."""
+        """Load a quantizable (or stock BERT/OPT/ViT) checkpoint folder, or wrap a model object.
+
+        A folder must hold safetensors weights (pickle files are refused); its fingerprint is recorded
+        in the INT8 checkpoint (`w8a8_config["source_fingerprint"]`).
+        """
         if isinstance(model_or_path, nn.Module):
             return cls(model_or_path)
         model_class = model_class_for(model_or_path)
-        return cls(model_class.from_pretrained(model_or_path, dtype=torch.float32))
+        check_weight_files(model_or_path)
+        fingerprint = model_fingerprint(model_or_path)
+        try:
+            model = model_class.from_pretrained(model_or_path, dtype=torch.float32, use_safetensors=True)
+        except (OSError, ValueError, RuntimeError) as error:
+            raise ValueError(f"cannot load the model in {model_or_path!s}: {error}") from None
+        quantizer = cls(model)
+        quantizer.source_dir, quantizer.source_fingerprint = Path(model_or_path), fingerprint
+        return quantizer
 
     def quantize(
         self,
@@ -85,8 +138,12 @@ class W8A8Quantizer(OptimumQuantizer):
         file_prefix: str | None = None,
         progress=None,
         processor=None,
+        overwrite: bool = False,
     ) -> Path:
         """Calibrate, then write an INT8 checkpoint to `save_dir` (atomically: temp folder, then rename).
+
+        `save_dir` must be new or empty, or (with `overwrite`) a previous output of this method; it is
+        checked before calibrating, and nothing else is ever deleted or overwritten (`check_output_dir`).
 
         Args:
             save_dir: output folder (`save_pretrained` layout, reloads with `trust_remote_code=True`).
@@ -95,23 +152,21 @@ class W8A8Quantizer(OptimumQuantizer):
             calibration_dataset: batches (dicts of tensors the model's forward accepts).
             progress: optional tqdm-like bar advanced once per calibration batch.
             processor: optional tokenizer / image processor saved with the checkpoint.
+            overwrite: replace `save_dir` when it holds a previous INT8 output (only then).
         Returns:
             the checkpoint folder. `self.report` holds nodes, ranges, sizes and timings.
         """
+        check_output_dir(save_dir, self.source_dir, overwrite)
         config = quantization_config or W8A8Config()
         batches = take_batches(calibration_dataset, config)
         start = time.perf_counter()
         quantize_model(self.model, config, batches, progress=progress)
         calibration_s = time.perf_counter() - start
-        int8_model = build_int8_model(self.model)
+        int8_model = build_int8_model(self.model, self.source_fingerprint)
         sizes = weight_bytes(self.model)
-
-        def save(tmp_dir: Path) -> None:
-            int8_model.save_pretrained(tmp_dir)
-            if processor is not None:
-                processor.save_pretrained(tmp_dir)
-
-        save_dir = save_atomically(save, save_dir)
+        save_dir = save_atomically(
+            lambda tmp_dir: save_int8_checkpoint(int8_model, tmp_dir, processor), save_dir, overwrite
+        )
         self.int8_model = int8_model
         self.report = {
             "calibration_batches": len(batches),
