@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .hub.publish import RepoPlan, default_int8_dir, plan_push, write_plan
+from .hub.publish import RepoPlan, check_plan_targets, default_int8_dir, plan_push, write_plan
 from .hub.upload import resolve_token, upload_repo_folder
 
 
@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plots", type=Path, help="folder of plots for the card (default: RUN_DIR/plots)")
     parser.add_argument("--private", action="store_true", help="create the repos as private")
     parser.add_argument("--local-dir", type=Path, help="write the repo folders here instead of uploading")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace repo folders an earlier push wrote in --local-dir"
+    )
     parser.add_argument("--dry-run", action="store_true", help="check everything and list the files; upload nothing")
     return parser
 
@@ -47,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.int8_repo_id and args.int8_dir is None:
         args.int8_dir = default_int8_dir(args.run_dir)
     try:
+        if args.overwrite and args.local_dir is None:
+            raise ValueError("--overwrite applies to --local-dir only (an upload adds a commit, it replaces nothing)")
+        if args.local_dir is not None and args.dry_run:
+            raise ValueError("--dry-run and --local-dir exclude each other: --local-dir already uploads nothing")
+        if args.private and (args.local_dir is not None or args.dry_run):
+            raise ValueError("--private applies only when uploading (not with --local-dir or --dry-run)")
         plans = plan_push(
             args.run_dir,
             args.repo_id,
@@ -57,13 +66,19 @@ def main(argv: list[str] | None = None) -> int:
         )
         upload = args.local_dir is None and not args.dry_run
         token = resolve_token() if upload else None
-    except ValueError as error:
+        if args.local_dir is not None:
+            check_plan_targets(plans, args.local_dir, args.overwrite)
+    except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
     if args.local_dir is not None:
         for plan in plans:
-            folder = write_plan(plan, args.local_dir / plan.name)
+            try:
+                folder = write_plan(plan, args.local_dir / plan.name)
+            except OSError as error:  # a full disk, a folder that turned read-only
+                print(f"error: writing {args.local_dir / plan.name} failed: {error}", file=sys.stderr)
+                return 1
             print(_describe(plan, folder))
             print(f"wrote {folder}")
         return 0
@@ -73,7 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         for plan, folder in zip(plans, folders):
             print(_describe(plan, folder))
             if upload:
-                commit = upload_repo_folder(folder, plan.repo_id, token=token, private=args.private)
+                try:
+                    commit = upload_repo_folder(folder, plan.repo_id, token=token, private=args.private)
+                except OSError as error:
+                    print(f"error: {error}", file=sys.stderr)
+                    return 1
                 print(f"uploaded {plan.repo_id}: {commit.commit_url}")
             else:
                 print(f"dry run: nothing uploaded to {plan.repo_id}")

@@ -21,6 +21,7 @@ from transformers import AutoTokenizer
 from hf_quantizable import QuantizableBertConfig, QuantizableBertForMaskedLM
 from hf_quantizable.evaluation import compute_outlier_stats
 from hf_quantizable.evaluation.results import ResultRecord, write_results
+from hf_quantizable.provenance import model_fingerprint
 from hf_quantizable.hub.card import validate_model_card
 from hf_quantizable.hub.publish import plan_push, write_plan
 from hf_quantizable.hub.upload import upload_repo_folder
@@ -60,6 +61,7 @@ def run_dir(tmp_path_factory):
     records = [
         ResultRecord(
             model=str(run),
+            model_fingerprint=model_fingerprint(run),
             attn_impl="gated",
             precision="fp32",
             task="outliers",

@@ -37,17 +37,49 @@ def test_actionlint_catches_a_broken_workflow(tmp_path):
     assert result.returncode != 0 and "secret" in result.stdout
 
 
-def test_evaluate_hub_triggers_and_entry_point():
+def run_step(step: dict, env: dict[str, str], tmp_path: Path) -> list[list[str]]:
+    """Run a step's bash script with `python` and `hf` recorded instead of run; their argument lists."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    log = tmp_path / "calls.jsonl"
+    stubs = f"""
+python() {{ printf '%s\\0' python "$@" >> {log}; printf '\\n' >> {log}; }}
+hf() {{ printf '%s\\0' hf "$@" >> {log}; printf '\\n' >> {log}; }}
+"""
+    subprocess.run(["bash", "-euo", "pipefail", "-c", stubs + step["run"]], env=env, check=True, timeout=60)
+    return [line.rstrip("\0").split("\0") for line in log.read_text().splitlines() if line]
+
+
+def test_evaluate_hub_triggers_and_entry_point(tmp_path):
     workflow = yaml.safe_load(EVALUATE_HUB.read_text())
     triggers = workflow[True]  # YAML 1.1 reads the `on` key as True
     assert "workflow_dispatch" in triggers and triggers["schedule"][0]["cron"]
     steps = workflow["jobs"]["evaluate"]["steps"]
     install = next(s["run"] for s in steps if s.get("name", "").startswith("Install"))
     assert "pip install -e ." in install and "whl/cpu" in install
-    run = next(s["run"] for s in steps if "hf_quantizable.hub_eval" in s.get("run", ""))
-    assert "python -m hf_quantizable.hub_eval" in run
-    # The arguments the workflow builds are accepted by the entry point.
-    args = build_parser().parse_args(
-        shlex.split("--repos org/a=org/a-w8a8 org/b --max-sequences 256 --output eval-out --push")
-    )
-    assert args.repos == ["org/a=org/a-w8a8", "org/b"] and args.push and args.max_sequences == 256
+    env = {"PATH": "/usr/bin:/bin", "REPOS": "org/a=org/a-w8a8 org/b", "MAX_SEQUENCES": "256", "PUSH": "true"}
+    by_name = {s.get("name"): s for s in steps}
+    # The commands the workflow's own scripts build, and the entry point accepts them.
+    downloads = run_step(by_name["Download the repos"], env, tmp_path / "download")
+    assert downloads == [
+        ["hf", "download", repo, "--local-dir", f"models/{repo.split('/')[1]}"]
+        for repo in ("org/a", "org/a-w8a8", "org/b")
+    ]
+    (evaluate,) = run_step(by_name["Evaluate FP and INT8, refresh cards"], env, tmp_path / "evaluate")
+    assert evaluate[:3] == ["python", "-m", "hf_quantizable.hub_eval"]
+    args = build_parser().parse_args(evaluate[3:])
+    assert args.repos == ["org/a=org/a-w8a8", "org/b"] and args.models_dir == Path("models")
+    assert args.max_sequences == 256 and not args.push and not args.trust_remote_code
+    (upload,) = run_step(by_name["Push the refreshed cards"], env, tmp_path / "push")
+    assert build_parser().parse_args(upload[3:]).upload_from == Path("eval-out")
+
+
+def test_token_only_in_the_download_and_upload_steps():
+    """Evaluated code never runs with HF_TOKEN in its environment."""
+    workflow = yaml.safe_load(EVALUATE_HUB.read_text())
+    job = workflow["jobs"]["evaluate"]
+    assert "HF_TOKEN" not in job.get("env", {}) and "HF_TOKEN" not in workflow.get("env", {})
+    with_token = {s["name"] for s in job["steps"] if "HF_TOKEN" in s.get("env", {})}
+    assert with_token == {"Download the repos", "Push the refreshed cards"}
+    for step in job["steps"]:
+        if step.get("name") in with_token:
+            assert "--upload-from" in step["run"] or step["run"].count("hf download") == 1

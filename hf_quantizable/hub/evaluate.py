@@ -54,6 +54,7 @@ def evaluate_for_card(
     split: str | None = None,
     max_sequences: int = 128,
     seed: int = 0,
+    trust_remote_code: bool = False,
 ) -> Path:
     """FP (fp32 on CPU), simulated W8A8 and the INT8 checkpoint on the same batches; return results.json."""
     fp_dir, output_dir = Path(fp_dir), Path(output_dir)
@@ -72,6 +73,10 @@ def evaluate_for_card(
         seed=seed,
     )
     records, _ = evaluate_model(
-        str(fp_dir), settings, int8=str(int8_dir) if int8_dir else None, plots_dir=output_dir / PLOTS_DIR
+        str(fp_dir),
+        settings,
+        int8=str(int8_dir) if int8_dir else None,
+        plots_dir=output_dir / PLOTS_DIR,
+        trust_remote_code=trust_remote_code,
     )
     return write_results(records, output_dir / RESULTS_FILE)

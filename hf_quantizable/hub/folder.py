@@ -4,12 +4,13 @@ import fnmatch
 import json
 import re
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import ModelCard
+
+from ..paths import atomic_folder
 
 RECIPE_FILE = "training_recipe.json"
 RESULTS_FILE = "results.json"
@@ -110,6 +111,22 @@ def plot_paths_in_repo(plots: Sequence[Path]) -> list[str]:
     return [f"{PLOTS_DIR}/{p.name}" for p in plots]
 
 
+def is_repo_folder(folder: str | Path) -> bool:
+    """Whether `folder` is an earlier `write_repo_folder` output: a card, results, and only repo files."""
+    folder = Path(folder)
+    if not ((folder / "README.md").is_file() and (folder / RESULTS_FILE).is_file()):
+        return False
+    patterns = (*MODEL_FILES, "README.md", RESULTS_FILE)
+    for path in folder.rglob("*"):
+        relative = path.relative_to(folder)
+        if relative.parts[0] == PLOTS_DIR and len(relative.parts) <= 2:
+            if path.is_dir() or path.suffix.lower() in PLOT_SUFFIXES:
+                continue
+        if not (len(relative.parts) == 1 and path.is_file() and any(fnmatch.fnmatch(path.name, g) for g in patterns)):
+            return False
+    return True
+
+
 def write_repo_folder(
     target: str | Path,
     model_dir: str | Path,
@@ -120,13 +137,11 @@ def write_repo_folder(
 ) -> Path:
     """Write the repo folder: model files, README.md (the card), results.json, plots/.
 
-    `shared_from`: see `model_files`. The folder is built next to `target` and renamed into place, so `target` is never half written;
-    an existing `target` is replaced.
+    `shared_from`: see `model_files`. The folder is built beside `target` and renamed into place, so
+    `target` is never half written; callers check an existing `target` first (`check_output_folder`
+    with `is_repo_folder`).
     """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_folder(target) as tmp:
         for path in model_files(model_dir, shared_from):
             shutil.copy2(path, tmp / path.name)
         card.save(tmp / "README.md")
@@ -135,15 +150,4 @@ def write_repo_folder(
             (tmp / PLOTS_DIR).mkdir()
             for plot in plots:
                 shutil.copy2(plot, tmp / PLOTS_DIR / plot.name)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+    return Path(target)

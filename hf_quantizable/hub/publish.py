@@ -11,12 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from ..evaluation.results import ResultRecord, read_results
+from ..paths import check_output_folder
+from ..provenance import model_fingerprint
 from .card import CardInputs, render_model_card
 from .folder import (
     PLOTS_DIR,
     RECIPE_FILE,
     RESULTS_FILE,
     find_plots,
+    is_repo_folder,
     plot_paths_in_repo,
     read_model_config,
     write_repo_folder,
@@ -51,13 +54,22 @@ def _read_records(results_path: Path) -> list[ResultRecord]:
             f"no results file at {results_path}: evaluate the model first (python -m hf_quantizable.evaluate) "
             "or pass --results"
         )
-    try:
-        records = read_results(results_path)
-    except Exception as error:  # jsonschema / JSON errors: say which file
-        raise ValueError(f"{results_path} is not a valid results file: {error}") from None
+    records = read_results(results_path)
     if not records:
         raise ValueError(f"{results_path} holds no records: a card needs at least one measured result")
     return records
+
+
+def _check_records_belong_to(records: list[ResultRecord], results_path: Path, run_dir: Path) -> None:
+    """Refuse records measured on another model than `run_dir` (compared by `model_fingerprint`)."""
+    fingerprint = model_fingerprint(run_dir)
+    foreign = next((r for r in records if r.model_fingerprint != fingerprint), None)
+    if foreign is not None:
+        which = "records no model fingerprint" if foreign.model_fingerprint is None else "belongs to another model"
+        raise ValueError(
+            f"{results_path}: a record of {foreign.model!r} ({foreign.metric}, {foreign.precision}) {which}; "
+            f"a card shows only results of {run_dir}: evaluate it with python -m hf_quantizable.evaluate"
+        )
 
 
 def _read_recipe(model_dir: Path) -> dict[str, Any] | None:
@@ -88,6 +100,7 @@ def plan_push(
         raise ValueError(f"{run_dir} holds an INT8 checkpoint; pass the floating-point run folder as RUN_DIR")
     results_path = Path(results_path) if results_path else run_dir / RESULTS_FILE
     records = _read_records(results_path)
+    _check_records_belong_to(records, results_path, run_dir)
     plots = find_plots(plots_dir if plots_dir is not None else run_dir / PLOTS_DIR)
     recipe = _read_recipe(run_dir)
     if not any(run_dir.glob("tokenizer*")) and not (run_dir / "preprocessor_config.json").is_file():
@@ -99,6 +112,9 @@ def plan_push(
         int8_config = read_model_config(int8_dir)
         if not int8_config.get("w8a8_config"):
             raise ValueError(f"{int8_dir} is not an INT8 checkpoint (its config.json has no `w8a8_config`)")
+        source = int8_config["w8a8_config"].get("source_fingerprint")
+        if source is not None and source != model_fingerprint(run_dir):
+            raise ValueError(f"{int8_dir} was not quantized from {run_dir} (its `source_fingerprint` differs)")
 
     common = dict(records=records, recipe=recipe, plots=plot_paths_in_repo(plots), int8_config=int8_config)
     fp_inputs = CardInputs(repo_id=repo_id, config=config, int8_repo_id=int8_repo_id, **common)
@@ -111,7 +127,20 @@ def plan_push(
     return plans
 
 
+def check_plan_targets(plans: list[RepoPlan], local_dir: Path, overwrite: bool) -> None:
+    """Refuse `local_dir/NAME` targets that hold anything but an earlier repo folder (ValueError)."""
+    for plan in plans:
+        inputs = [plan.model_dir, *([plan.shared_from] if plan.shared_from else [])]
+        check_output_folder(
+            local_dir / plan.name,
+            option="--local-dir",
+            is_own_output=is_repo_folder,
+            overwrite=overwrite,
+            inputs=inputs,
+        )
+
+
 def write_plan(plan: RepoPlan, target: str | Path) -> Path:
-    """Write the repo folder of `plan` to `target` (atomically)."""
+    """Write the repo folder of `plan` to `target` (atomically; check it first with `check_plan_targets`)."""
     card = render_model_card(plan.card_inputs)
     return write_repo_folder(target, plan.model_dir, card, plan.results_path, plan.plots, plan.shared_from)

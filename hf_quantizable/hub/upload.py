@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import httpx2
 from huggingface_hub import CommitInfo, HfApi, get_token
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
@@ -38,13 +39,27 @@ def upload_repo_folder(
     allow_patterns: list[str] | None = None,
     commit_message: str = "Upload model, card and results with hf_quantizable",
 ) -> CommitInfo:
-    """Create `repo_id` (if needed) and upload `folder` (the files matching `allow_patterns`) as one commit."""
+    """Create `repo_id` (if needed) and upload `folder` (the files matching `allow_patterns`) as one commit.
+
+    Raises OSError with a one-line message when the Hub refuses (401, 403, ...) or cannot be reached.
+    """
     api = HfApi(endpoint=endpoint, token=token)
-    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    return api.upload_folder(
-        folder_path=str(folder),
-        repo_id=repo_id,
-        repo_type="model",
-        commit_message=commit_message,
-        allow_patterns=allow_patterns,
-    )
+    try:
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        return api.upload_folder(
+            folder_path=str(folder),
+            repo_id=repo_id,
+            repo_type="model",
+            commit_message=commit_message,
+            allow_patterns=allow_patterns,
+        )
+    except (OSError, httpx2.HTTPError) as error:  # HfHubHTTPError, OfflineModeIsEnabled, connection errors
+        raise OSError(f"upload to {repo_id} failed: {hub_error_line(error)}") from None
+
+
+def hub_error_line(error: BaseException) -> str:
+    """The first line of a Hub or network error, with the HTTP status when there is one."""
+    response = getattr(error, "response", None)
+    status = getattr(response, "status_code", None)
+    line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return f"HTTP {status}: {line}" if status and str(status) not in line else line
