@@ -143,6 +143,8 @@ def grid_matmul(
     `pool`; with `heads_last` its memory is `[B, M, H, N]` (the context's layout once the heads are
     merged).
     """
+    if a.dtype != torch.float32 or b.dtype != torch.float32:  # fp16 would overflow: exact in float32
+        return grid_matmul(a.float(), a_grid, b.float(), b_grid, out_scale, pool, heads_last).to(a.dtype)
     bound = a_grid.max_step * b_grid.max_step * a.shape[-1]
     kernel = avx2_kernel() if bound < 2**31 and max(a_grid.max_step, b_grid.max_step) < 2**15 else None
     if (
@@ -198,6 +200,10 @@ class Int8ActivationQuantizer(nn.Module):
         return TensorGrid(self.scale.item(), int(self.zero_point.item()), 2**self.bits - 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32:  # fp16 / bf16 models: the grid arithmetic in float32, as calibrated
+            return fake_quantize_activation(x.float(), self.scale.float(), self.zero_point.float(), self.bits).to(
+                x.dtype
+            )
         kernel = None if self.scale.dim() else avx2_kernel()
         if kernel is not None and self.emit_codes:
             grid = (self.scale.item(), self.zero_point.item())
@@ -472,6 +478,8 @@ class Int8Linear(nn.Module):
         if not self.has_input_quant:
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
+        if x.dtype != torch.float32:  # fp16 / bf16 models: codes and rescaling in float32
+            return self.forward(x.float()).to(x.dtype)
         leading = x.shape[:-1]
         flat = x.reshape(-1, self.in_features)
         codes = self._input_codes(x).reshape(-1, self.in_features)
@@ -543,3 +551,107 @@ def convert_to_int8(model: nn.Module, w8a8_config: dict) -> None:
         replacement.output_pool = pool
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, replacement)
+
+
+# Floating-point tensors of the INT8 modules: quantization parameters (and the bias added to the
+# float32 accumulator), kept in float32 whatever dtype the rest of the model loads in.
+_FP32_TENSORS = {
+    "Int8Linear": ("weight_scale", "bias", "input_scale", "input_zero_point", "outlier_scale"),
+    "Int8ActivationQuantizer": ("scale", "zero_point"),
+}
+
+
+def int8_fp32_tensor_names(model: nn.Module) -> set[str]:
+    """State-dict names of the INT8 modules' floating-point tensors (to load in float32)."""
+    names = set()
+    for name, module in model.named_modules():
+        for tensor in _FP32_TENSORS.get(type(module).__name__, ()):
+            if getattr(module, tensor, None) is not None:
+                names.add(f"{name}.{tensor}" if name else tensor)
+    return names
+
+
+def check_int8_config(model: nn.Module, w8a8_config: dict) -> None:
+    """Refuse a `w8a8_config` naming modules the model lacks (or that are not linears / quantization points).
+
+    Run on the full model after `convert_to_int8`: each name must have become an INT8 module.
+    """
+    prefix = getattr(model, "base_model_prefix", "")
+    found = {"Int8Linear": set(), "Int8ActivationQuantizer": set()}
+    for name, module in model.named_modules():
+        if type(module).__name__ in found:
+            found[type(module).__name__].add(_strip_prefix(name, prefix))
+    expected = {
+        "quantized_linears": (w8a8_config.get("quantized_linears", {}), found["Int8Linear"]),
+        "quantized_activations": (w8a8_config.get("quantized_activations", []), found["Int8ActivationQuantizer"]),
+        "per_channel_activations": (w8a8_config.get("per_channel_activations", {}), found["Int8ActivationQuantizer"]),
+        "outlier_channel_linears": (w8a8_config.get("outlier_channel_linears", {}), found["Int8Linear"]),
+    }
+    for field, (names, modules) in expected.items():
+        unknown = sorted(set(names) - modules)
+        if unknown:
+            raise ValueError(
+                f"w8a8_config[{field!r}] names {len(unknown)} module(s) that {type(model).__name__} has no "
+                f"quantizable module for, e.g. {unknown[0]!r}: the checkpoint's config.json does not match its model"
+            )
+    modules = {name for name, _ in model.named_modules()}
+    unknown = sorted(
+        n for n in w8a8_config.get("shortcut_scales", []) if n not in modules and f"{prefix}.{n}" not in modules
+    )
+    if unknown:
+        raise ValueError(f"w8a8_config['shortcut_scales'] names modules that do not exist, e.g. {unknown[0]!r}")
+
+
+def _check_grid(name: str, scale: torch.Tensor, zero_point: torch.Tensor | None, bits: int) -> None:
+    if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+        bad = scale[~(torch.isfinite(scale) & (scale > 0))].flatten()[0].item()
+        raise ValueError(f"INT8 tensor {name}.scale holds {bad}: quantization scales must be finite and > 0")
+    if zero_point is not None:
+        levels = 2**bits - 1
+        valid = (
+            torch.isfinite(zero_point) & (zero_point == zero_point.round()) & (zero_point >= 0) & (zero_point <= levels)
+        )
+        if not bool(valid.all()):
+            bad = zero_point[~valid].flatten()[0].item()
+            raise ValueError(
+                f"INT8 tensor {name}.zero_point holds {bad}: zero points must be integers in [0, {levels}]"
+            )
+
+
+def check_int8_tensors(model: nn.Module) -> None:
+    """Refuse INT8 modules whose loaded tensors would give wrong outputs: non-positive or non-finite
+    scales, zero points off the grid, weights that are not int8 codes, outlier channels out of range."""
+    for name, module in model.named_modules():
+        if isinstance(module, Int8ActivationQuantizer):
+            _check_grid(name, module.scale, module.zero_point, module.bits)
+        elif isinstance(module, Int8Linear):
+            if module.weight.dtype != torch.int8:
+                raise ValueError(f"INT8 tensor {name}.weight is {module.weight.dtype}, not int8 codes")
+            _check_grid(f"{name}.weight", module.weight_scale, None, 8)
+            if module.has_input_quant:
+                _check_grid(f"{name}.input", module.input_scale, module.input_zero_point, module.input_bits)
+            if module.outlier_channels is not None:
+                _check_grid(f"{name}.outlier", module.outlier_scale, None, 8)
+                channels = module.outlier_channels
+                if bool(((channels < 0) | (channels >= module.in_features)).any()):
+                    raise ValueError(
+                        f"INT8 tensor {name}.outlier_channels holds channels outside [0, {module.in_features})"
+                    )
+
+
+def check_int8_loading(model: nn.Module, missing: list[str], unexpected: list[str]) -> None:
+    """Refuse an INT8 checkpoint whose tensors do not fit the modules its `w8a8_config` describes:
+    INT8 tensors missing (they would keep their initial values), or quantization tensors of modules the
+    config does not list as quantized (their int8 codes would load as float weights)."""
+    int8_modules = {name for name, m in model.named_modules() if isinstance(m, (Int8Linear, Int8ActivationQuantizer))}
+    for key in missing:
+        if key.rpartition(".")[0] in int8_modules:
+            raise ValueError(f"INT8 checkpoint lacks the tensor {key}: the checkpoint is incomplete")
+    suffixes = {tensor for tensors in _FP32_TENSORS.values() for tensor in tensors} - {"bias"}
+    for key in unexpected:
+        module, _, tensor = key.rpartition(".")
+        if tensor in suffixes | {"outlier_channels"}:
+            raise ValueError(
+                f"INT8 checkpoint holds {key}, but w8a8_config does not list the module {module} as quantized: "
+                "the checkpoint's config.json does not match its weights"
+            )

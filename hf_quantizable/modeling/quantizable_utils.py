@@ -7,11 +7,11 @@ import torch
 from transformers import initialization as init
 
 from .attention import AttentionGate
-from .int8 import convert_to_int8
+from .int8 import check_int8_config, check_int8_loading, check_int8_tensors, convert_to_int8, int8_fp32_tensor_names
 
 
 class QuantizableModelMixin:
-    """`auto_map` for remote code, gate initialisation from `pi_init`, INT8 rebuild on load.
+    """`auto_map` for remote code, gate initialisation from `pi_init`, INT8 rebuild and checks on load.
 
     Mixed in before the stock `*PreTrainedModel`; subclasses set `auto_map`.
     """
@@ -29,6 +29,39 @@ class QuantizableModelMixin:
         super().post_init()
         if self.config.w8a8_config:
             convert_to_int8(self, self.config.w8a8_config)
+            # Scales and zero points stay float32 under `from_pretrained(..., dtype=torch.float16)` (the
+            # names are matched as patterns; unescaped dots still match themselves).
+            self._keep_in_fp32_modules_strict = set(self._keep_in_fp32_modules_strict) | int8_fp32_tensor_names(self)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`; an INT8 checkpoint is checked before it is returned.
+
+        Unreadable (truncated) safetensors raise ValueError. Refused for INT8 checkpoints (ValueError
+        naming the tensor or module): a `w8a8_config` naming modules the model
+        lacks, INT8 tensors missing from the weights or present for modules the config does not
+        quantize, scales that are zero, negative or not finite, zero points off the grid.
+        """
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, loading_info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+            )
+        except Exception as error:  # safetensors' error class, by name: modeling/ imports only torch and transformers
+            if type(error).__name__ != "SafetensorError":
+                raise
+            raise ValueError(
+                f"{pretrained_model_name_or_path!s}: a weight file is not readable safetensors (truncated or "
+                f"corrupt?): {error}"
+            ) from None
+        if model.config.w8a8_config:
+            try:
+                check_int8_config(model, model.config.w8a8_config)
+                check_int8_loading(model, loading_info["missing_keys"], loading_info["unexpected_keys"])
+                check_int8_tensors(model)
+            except ValueError as error:
+                raise ValueError(f"{pretrained_model_name_or_path!s}: {error}") from None
+        return (model, loading_info) if output_loading_info else model
 
     @torch.no_grad()
     def _init_weights(self, module):
