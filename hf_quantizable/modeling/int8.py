@@ -83,7 +83,7 @@ def fake_quantize_activation(
         if scale.numel() == 1 and not scale.requires_grad:
             # Division by a number: the same float32 division, ~4x faster than by a 0-dim tensor.
             scale = scale.item()
-            kernel = avx2_kernel()
+            kernel = avx2_kernel(pool)
             fused = None if kernel is None else fake_quantize(kernel, x, scale, int(z), levels, pool)
             if fused is not None:
                 return fused
@@ -146,7 +146,7 @@ def grid_matmul(
     if a.dtype != torch.float32 or b.dtype != torch.float32:  # fp16 would overflow: exact in float32
         return grid_matmul(a.float(), a_grid, b.float(), b_grid, out_scale, pool, heads_last).to(a.dtype)
     bound = a_grid.max_step * b_grid.max_step * a.shape[-1]
-    kernel = avx2_kernel() if bound < 2**31 and max(a_grid.max_step, b_grid.max_step) < 2**15 else None
+    kernel = avx2_kernel(pool) if bound < 2**31 and max(a_grid.max_step, b_grid.max_step) < 2**15 else None
     if (
         kernel is not None
         and a.dim() == b.dim() == 4
@@ -204,7 +204,7 @@ class Int8ActivationQuantizer(nn.Module):
             return fake_quantize_activation(x.float(), self.scale.float(), self.zero_point.float(), self.bits).to(
                 x.dtype
             )
-        kernel = None if self.scale.dim() else avx2_kernel()
+        kernel = None if self.scale.dim() else avx2_kernel(self.output_pool)
         if kernel is not None and self.emit_codes:
             grid = (self.scale.item(), self.zero_point.item())
             fused = fake_quantize(kernel, x, grid[0], int(grid[1]), 2**self.bits - 1, self.output_pool, codes=True)
@@ -342,13 +342,14 @@ def int8_gemm_saturates() -> bool:
     return _PAIRS_SATURATE[0]
 
 
-def avx2_kernel():
+def avx2_kernel(pool: OutputPool | None = None):
     """The AVX2 kernel module (`int8_kernel`) where the INT8 runtime uses it, else None.
 
     It runs where the CPU's int8 GEMM saturates (x86 without VNNI or AMX; there it is faster than
-    oneDNN), or everywhere it builds with `HF_QUANTIZABLE_INT8_KERNEL=avx2`.
+    oneDNN), or everywhere it builds with `avx2` asked for. `onednn` never compiles it: asked for by
+    the model's loader (`pool.kernel_choice`) or else by `HF_QUANTIZABLE_INT8_KERNEL`.
     """
-    choice = kernel_choice()
+    choice = kernel_choice(None if pool is None else pool.kernel_choice)
     if choice == "onednn" or (choice == "auto" and not int8_gemm_saturates()):
         return None
     return load_avx2_kernel()
@@ -431,7 +432,7 @@ class Int8Linear(nn.Module):
 
     def avx2_weight(self) -> PackedInt8Weight | None:
         """The weight prepared for the AVX2 kernel where the runtime uses it (`avx2_kernel`), else None."""
-        kernel = avx2_kernel()
+        kernel = avx2_kernel(self.output_pool)
         if kernel is None:
             return None
         key = (self.weight.data_ptr(), self.weight._version, self.input_bits)
@@ -602,20 +603,19 @@ def check_int8_config(model: nn.Module, w8a8_config: dict) -> None:
         raise ValueError(f"w8a8_config['shortcut_scales'] names modules that do not exist, e.g. {unknown[0]!r}")
 
 
-def _check_grid(name: str, scale: torch.Tensor, zero_point: torch.Tensor | None, bits: int) -> None:
-    if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
-        bad = scale[~(torch.isfinite(scale) & (scale > 0))].flatten()[0].item()
-        raise ValueError(f"INT8 tensor {name}.scale holds {bad}: quantization scales must be finite and > 0")
-    if zero_point is not None:
-        levels = 2**bits - 1
-        valid = (
-            torch.isfinite(zero_point) & (zero_point == zero_point.round()) & (zero_point >= 0) & (zero_point <= levels)
-        )
-        if not bool(valid.all()):
-            bad = zero_point[~valid].flatten()[0].item()
-            raise ValueError(
-                f"INT8 tensor {name}.zero_point holds {bad}: zero points must be integers in [0, {levels}]"
-            )
+def _check_scale(name: str, scale: torch.Tensor) -> None:
+    valid = torch.isfinite(scale) & (scale > 0)
+    if not bool(valid.all()):
+        bad = scale[~valid].flatten()[0].item()
+        raise ValueError(f"INT8 tensor {name} holds {bad}: quantization scales must be finite and > 0")
+
+
+def _check_zero_point(name: str, zero_point: torch.Tensor, bits: int) -> None:
+    levels = 2**bits - 1
+    valid = torch.isfinite(zero_point) & (zero_point == zero_point.round()) & (zero_point >= 0) & (zero_point <= levels)
+    if not bool(valid.all()):
+        bad = zero_point[~valid].flatten()[0].item()
+        raise ValueError(f"INT8 tensor {name} holds {bad}: zero points must be integers in [0, {levels}]")
 
 
 def check_int8_tensors(model: nn.Module) -> None:
@@ -623,15 +623,17 @@ def check_int8_tensors(model: nn.Module) -> None:
     scales, zero points off the grid, weights that are not int8 codes, outlier channels out of range."""
     for name, module in model.named_modules():
         if isinstance(module, Int8ActivationQuantizer):
-            _check_grid(name, module.scale, module.zero_point, module.bits)
+            _check_scale(f"{name}.scale", module.scale)
+            _check_zero_point(f"{name}.zero_point", module.zero_point, module.bits)
         elif isinstance(module, Int8Linear):
             if module.weight.dtype != torch.int8:
                 raise ValueError(f"INT8 tensor {name}.weight is {module.weight.dtype}, not int8 codes")
-            _check_grid(f"{name}.weight", module.weight_scale, None, 8)
+            _check_scale(f"{name}.weight_scale", module.weight_scale)
             if module.has_input_quant:
-                _check_grid(f"{name}.input", module.input_scale, module.input_zero_point, module.input_bits)
+                _check_scale(f"{name}.input_scale", module.input_scale)
+                _check_zero_point(f"{name}.input_zero_point", module.input_zero_point, module.input_bits)
             if module.outlier_channels is not None:
-                _check_grid(f"{name}.outlier", module.outlier_scale, None, 8)
+                _check_scale(f"{name}.outlier_scale", module.outlier_scale)
                 channels = module.outlier_channels
                 if bool(((channels < 0) | (channels >= module.in_features)).any()):
                     raise ValueError(
@@ -655,3 +657,11 @@ def check_int8_loading(model: nn.Module, missing: list[str], unexpected: list[st
                 f"INT8 checkpoint holds {key}, but w8a8_config does not list the module {module} as quantized: "
                 "the checkpoint's config.json does not match its weights"
             )
+
+
+def set_kernel_choice(model: nn.Module, choice: str) -> None:
+    """Run the INT8 modules of `model` on the GEMM `choice` (`auto`, `avx2`, `onednn`), whatever the environment says."""
+    choice = kernel_choice(choice)
+    for module in model.modules():
+        if isinstance(module, (Int8Linear, Int8ActivationQuantizer)):
+            module.output_pool.kernel_choice = choice

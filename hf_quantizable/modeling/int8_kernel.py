@@ -19,8 +19,10 @@ one pass instead of four (writing the uint8 codes too where an integer GEMM read
 products with int32 sums, reading the heads of Q, K and V in place.
 
 The C++ source is compiled with `torch.utils.cpp_extension.load_inline` (a C++ compiler and ninja
-needed; cached per machine). Where that fails, or with `HF_QUANTIZABLE_INT8_KERNEL=onednn`, the
-INT8 runtime uses oneDNN. Self-contained: torch and the standard library only (this file is copied
+needed; cached per machine) on the first INT8 forward, only on x86 CPUs without VNNI/AMX (or with
+`avx2` asked for). Where that fails, or with `HF_QUANTIZABLE_INT8_KERNEL=onednn` (environment) or
+`from_pretrained(..., int8_kernel="onednn")` (one model), nothing is compiled and the INT8 runtime
+uses oneDNN. Self-contained: torch and the standard library only (this file is copied
 into checkpoints).
 """
 
@@ -479,11 +481,14 @@ bool unshared(const torch::Tensor& t) { return t.use_count() == 2 && t.storage()
 """
 
 
-def kernel_choice() -> str:
-    """The INT8 GEMM asked for by `HF_QUANTIZABLE_INT8_KERNEL`: `auto` (default), `avx2` or `onednn`."""
-    choice = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+def kernel_choice(requested: str | None = None) -> str:
+    """The INT8 GEMM asked for: `requested` (`from_pretrained(..., int8_kernel=...)`), else
+    `HF_QUANTIZABLE_INT8_KERNEL`: `auto` (default), `avx2` or `onednn` (never compiles anything)."""
+    source = "int8_kernel" if requested is not None else ENV_VAR
+    choice = requested if requested is not None else os.environ.get(ENV_VAR, "auto")
+    choice = str(choice).strip().lower() or "auto"
     if choice not in CHOICES:
-        raise ValueError(f"{ENV_VAR}={choice!r} is not supported; allowed values: {', '.join(CHOICES)}")
+        raise ValueError(f"{source}={choice!r} is not supported; allowed values: {', '.join(CHOICES)}")
     return choice
 
 
@@ -502,6 +507,8 @@ class OutputPool:
 
     def __init__(self) -> None:
         self._buffers: dict[tuple[torch.dtype, int], list[torch.Tensor]] = {}
+        # The INT8 GEMM this model's loader asked for (`kernel_choice`); None: the environment's.
+        self.kernel_choice: str | None = None
         # Data pointer of an activation quantizer's latest output -> that quantizer (`Int8Linear`s
         # reading the output ask it to write the codes; a stale entry costs only unread codes).
         self.producers: dict[int, object] = {}
@@ -522,7 +529,7 @@ class OutputPool:
         return buffer.view(shape)
 
     def __getstate__(self) -> dict:  # pickling and deepcopy leave the buffers behind
-        return {"_buffers": {}, "producers": {}}
+        return {"_buffers": {}, "producers": {}, "kernel_choice": self.kernel_choice}
 
 
 def fake_quantize(

@@ -7,7 +7,15 @@ import torch
 from transformers import initialization as init
 
 from .attention import AttentionGate
-from .int8 import check_int8_config, check_int8_loading, check_int8_tensors, convert_to_int8, int8_fp32_tensor_names
+from .int8 import (
+    check_int8_config,
+    check_int8_loading,
+    check_int8_tensors,
+    convert_to_int8,
+    int8_fp32_tensor_names,
+    set_kernel_choice,
+)
+from .int8_kernel import kernel_choice
 
 
 class QuantizableModelMixin:
@@ -41,8 +49,14 @@ class QuantizableModelMixin:
         naming the tensor or module): a `w8a8_config` naming modules the model
         lacks, INT8 tensors missing from the weights or present for modules the config does not
         quantize, scales that are zero, negative or not finite, zero points off the grid.
+
+        `int8_kernel` (INT8 checkpoints only): `"onednn"` never compiles the C++ kernel shipped in
+        `int8_kernel.py`; `"auto"` / `"avx2"` as `HF_QUANTIZABLE_INT8_KERNEL` (which it overrides).
         """
         output_loading_info = kwargs.pop("output_loading_info", False)
+        int8_kernel = kwargs.pop("int8_kernel", None)
+        if int8_kernel is not None:
+            kernel_choice(int8_kernel)  # a bad value is refused before loading
         try:
             model, loading_info = super().from_pretrained(
                 pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
@@ -61,6 +75,12 @@ class QuantizableModelMixin:
                 check_int8_tensors(model)
             except ValueError as error:
                 raise ValueError(f"{pretrained_model_name_or_path!s}: {error}") from None
+            if int8_kernel is not None:
+                set_kernel_choice(model, int8_kernel)
+        elif int8_kernel is not None:
+            raise ValueError(
+                f"int8_kernel={int8_kernel!r} applies to INT8 checkpoints only; {pretrained_model_name_or_path!s} is not one"
+            )
         return (model, loading_info) if output_loading_info else model
 
     @torch.no_grad()
