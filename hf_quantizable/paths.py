@@ -125,3 +125,20 @@ def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
             os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def apply_umask(root: str | os.PathLike) -> None:
+    """Give `root` and everything under it the permissions of a new file / folder under the user's umask.
+
+    Some writers (safetensors' temporary file, `tempfile.mkdtemp`) create files 0600 / folders 0700;
+    outputs meant to be shared or served should carry the user's normal permissions instead.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    root = Path(root)
+    os.chmod(root, 0o777 & ~umask if root.is_dir() else 0o666 & ~umask)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            os.chmod(os.path.join(dirpath, name), 0o777 & ~umask)
+        for name in filenames:
+            os.chmod(os.path.join(dirpath, name), 0o666 & ~umask)

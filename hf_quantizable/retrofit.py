@@ -16,6 +16,9 @@ original (|gamma| is small).
 import argparse
 import contextlib
 import json
+import math
+import os
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,17 +27,31 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoTokenizer, TrainingArguments, default_data_collator
+from transformers import AutoConfig, AutoModel, PretrainedConfig, TrainingArguments, default_data_collator
 
-from .modeling.configuration_quantizable import QuantizableBertConfig
+from .modeling.configuration_quantizable import GATE_TYPES, QuantizableBertConfig
 from .modeling.modeling_quantizable_bert import QuantizableBertModel
-from .training.data import load_text_datasets
+from .paths import apply_umask
+from .train import OneLineErrorParser, one_line, positive_int
+from .training.data import load_text_datasets, load_tokenizer
 from .training.presets import DataSpec
-from .training.runner import RunDirectoryError, check_output_dir, write_json_atomic
+from .training.runner import (
+    FINAL_TMP_PREFIX,
+    RunDirectoryError,
+    check_output_dir,
+    fixed_batches,
+    remove_leftovers,
+    write_json_atomic,
+)
 from .training.trainer import QuantizableTrainer
 
 # `softmax` keeps the original attention: the control run (distillation with the outlier term only).
 RETROFIT_IMPLS = ("gated", "clipped_softmax", "normalized_clipped_softmax", "softmax")
+# Flags that only one attention implementation reads, with their defaults there.
+ATTENTION_FLAGS = {
+    "gated": {"gate_type": "linear", "pi_init": 0.5, "gate_learning_rate": 1e-3},
+    "clipped_softmax": {"clip_gamma": -0.025},
+}
 
 
 @contextlib.contextmanager
@@ -50,19 +67,39 @@ def capture_ffn_outputs(model: nn.Module) -> Iterator[list[torch.Tensor]]:
             handle.remove()
 
 
+def load_stock_config(path: str) -> PretrainedConfig:
+    """The config of the stock checkpoint `path`; ValueError naming it when it is missing or not BERT."""
+    try:
+        stock = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"could not load the model {path!r}: {one_line(err)} (give a folder holding config.json, or a Hub id "
+            "with network access)"
+        ) from None
+    if stock.model_type not in ("bert", QuantizableBertConfig.model_type):
+        raise ValueError(f"retrofitting supports BERT checkpoints (model_type bert), got {stock.model_type!r}")
+    return stock
+
+
+def retrofit_config(path: str, attn_impl: str, **attention: Any) -> QuantizableBertConfig:
+    """The stock config of `path` as a `QuantizableBertConfig` with `attn_impl` and its fields (validated)."""
+    if attn_impl not in RETROFIT_IMPLS:
+        raise ValueError(f"`attn_impl` must be one of {RETROFIT_IMPLS}, got {attn_impl!r}")
+    stock = load_stock_config(path)
+    fields = {k: v for k, v in stock.to_dict().items() if k not in ("model_type", "architectures", "auto_map")}
+    return QuantizableBertConfig(**{**fields, "attn_impl": attn_impl, **attention})
+
+
 def retrofit_model(path: str, attn_impl: str, **attention: Any) -> QuantizableBertModel:
     """Load the stock BERT checkpoint at `path` into `QuantizableBertModel` with `attn_impl`.
 
     Extra keyword arguments are attention config fields (`gate_type`, `pi_init`, `clip_gamma`, ...).
     """
-    if attn_impl not in RETROFIT_IMPLS:
-        raise ValueError(f"`attn_impl` must be one of {RETROFIT_IMPLS}, got {attn_impl!r}")
-    stock = AutoConfig.from_pretrained(path)
-    if stock.model_type not in ("bert", QuantizableBertConfig.model_type):
-        raise ValueError(f"retrofitting supports BERT checkpoints (model_type bert), got {stock.model_type!r}")
-    fields = {k: v for k, v in stock.to_dict().items() if k not in ("model_type", "architectures", "auto_map")}
-    config = QuantizableBertConfig(**{**fields, "attn_impl": attn_impl, **attention})
-    model = QuantizableBertModel.from_pretrained(path, config=config)
+    config = retrofit_config(path, attn_impl, **attention)
+    try:
+        model = QuantizableBertModel.from_pretrained(path, config=config)
+    except OSError as err:
+        raise ValueError(f"could not load the weights of {path!r}: {one_line(err)}") from None
     if attn_impl == "gated":
         with torch.no_grad():
             for layer in model.encoder.layer:
@@ -135,26 +172,60 @@ class DistillationTrainer(QuantizableTrainer):
         return optimizer
 
 
+def _number(text: str, minimum: float, strict: bool) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+        raise argparse.ArgumentTypeError(f"must be a {'positive' if strict else 'non-negative'} number, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    return _number(text, 0.0, strict=True)
+
+
+def non_negative_float(text: str) -> float:
+    return _number(text, 0.0, strict=False)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m hf_quantizable.retrofit", description=__doc__.split("\n\n")[0])
+    parser = OneLineErrorParser(prog="python -m hf_quantizable.retrofit", description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="stock BERT checkpoint (folder or Hub id)")
     parser.add_argument("--output", required=True, help="folder for the retrofitted, Hub-ready model")
     parser.add_argument("--attn-impl", default="gated", choices=RETROFIT_IMPLS)
-    parser.add_argument("--gate-type", default="linear", help="gate of gated attention (linear, mlp, ...)")
-    parser.add_argument("--pi-init", type=float, default=0.5, help="initial gate probability")
-    parser.add_argument("--clip-gamma", type=float, default=-0.025, help="clipped softmax gamma")
+    parser.add_argument("--gate-type", choices=GATE_TYPES, help="gate of gated attention (default linear)")
+    parser.add_argument("--pi-init", type=float, help="initial gate probability in (0, 1) (gated; default 0.5)")
+    parser.add_argument("--clip-gamma", type=float, help="clipped softmax gamma <= 0 (default -0.025)")
     parser.add_argument("--dataset-path", required=True, help="local text file / folder used for distillation")
-    parser.add_argument("--seq-length", type=int, default=128)
-    parser.add_argument("--max-steps", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--learning-rate", type=float, default=5e-5)
+    parser.add_argument("--seq-length", type=positive_int, default=128)
+    parser.add_argument("--max-steps", type=positive_int, default=200)
+    parser.add_argument("--batch-size", type=positive_int, default=16)
+    parser.add_argument("--learning-rate", type=positive_float, default=5e-5)
     parser.add_argument(
-        "--gate-learning-rate", type=float, default=1e-3, help="learning rate of the new gate parameters"
+        "--gate-learning-rate", type=positive_float, help="learning rate of the new gate parameters (default 1e-3)"
     )
-    parser.add_argument("--outlier-weight", type=float, default=0.1, help="weight of the FFN inf-norm term (0 = off)")
+    parser.add_argument(
+        "--outlier-weight", type=non_negative_float, default=0.1, help="weight of the FFN inf-norm term (0 = off)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
+
+
+def resolve_attention_flags(args: argparse.Namespace) -> None:
+    """Refuse attention flags `--attn-impl` does not read; fill in the defaults of those it does."""
+    used = ATTENTION_FLAGS.get(args.attn_impl, {})
+    for flags in ATTENTION_FLAGS.values():
+        for name in flags:
+            if getattr(args, name) is not None and name not in used:
+                flag = "--" + name.replace("_", "-")
+                owner = next(impl for impl, names in ATTENTION_FLAGS.items() if name in names)
+                raise ValueError(f"{flag} is only used with --attn-impl {owner} (this run: {args.attn_impl})")
+    for name, default in used.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
 
 
 def attention_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -166,6 +237,11 @@ def attention_fields(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def retrofit(args: argparse.Namespace) -> dict[str, Any]:
+    """Check every flag and input, load data and models, then write the recipe, distil and save.
+
+    Nothing is written before the checks pass and the data and both models are loaded.
+    """
+    resolve_attention_flags(args)
     output = Path(args.output)
     recipe = {
         "name": "retrofit",
@@ -178,15 +254,27 @@ def retrofit(args: argparse.Namespace) -> dict[str, Any]:
         "tracking": {},
     }
     check_output_dir(output, recipe, resume=False)
-    output.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(output / "training_recipe.json", recipe)
+    try:
+        config = retrofit_config(args.model, args.attn_impl, **attention_fields(args))
+    except (ValueError, TypeError) as err:
+        raise ValueError(one_line(err)) from None
+    if args.seq_length > config.max_position_embeddings:
+        raise ValueError(
+            f"--seq-length {args.seq_length} exceeds the model's max_position_embeddings={config.max_position_embeddings}"
+        )
+    if not Path(args.dataset_path).expanduser().exists():
+        raise ValueError(f"--dataset-path {args.dataset_path} does not exist")
     torch.manual_seed(args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer = load_tokenizer(args.model)
+    tokenizer.model_max_length = min(tokenizer.model_max_length, config.max_position_embeddings)
     data = load_text_datasets(
         DataSpec(dataset=args.dataset_path, seq_length=args.seq_length), "bert", seed=args.seed, tokenizer=tokenizer
     )
     student = retrofit_model(args.model, args.attn_impl, **attention_fields(args))
-    teacher = AutoModel.from_pretrained(args.model)
+    try:
+        teacher = AutoModel.from_pretrained(args.model)
+    except OSError as err:
+        raise ValueError(f"could not load the weights of {args.model!r}: {one_line(err)}") from None
     training_args = TrainingArguments(
         output_dir=str(output / "checkpoints"),
         max_steps=args.max_steps,
@@ -205,6 +293,10 @@ def retrofit(args: argparse.Namespace) -> dict[str, Any]:
         use_cpu=not torch.accelerator.is_available(),
         remove_unused_columns=False,
     )
+    eval_batches = fixed_batches(data.validation, default_data_collator, args.batch_size, 4, keep_labels=False)
+    output.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(output)
+    write_json_atomic(output / "training_recipe.json", recipe)
     trainer = DistillationTrainer(
         model=student,
         args=training_args,
@@ -215,10 +307,6 @@ def retrofit(args: argparse.Namespace) -> dict[str, Any]:
         outlier_weight=args.outlier_weight,
         gate_learning_rate=args.gate_learning_rate if args.attn_impl == "gated" else None,
     )
-    eval_batches = [
-        default_data_collator([data.validation[j] for j in range(i, i + args.batch_size)])
-        for i in range(0, 4 * args.batch_size, args.batch_size)
-    ]
 
     def evaluate() -> dict[str, float]:
         student.eval()
@@ -237,13 +325,23 @@ def retrofit(args: argparse.Namespace) -> dict[str, Any]:
         **{f"after/{k}": v for k, v in after.items()},
         **result.metrics,
     }
-    tmp = output / ".final.tmp"
-    trainer.save_model(str(tmp))
-    write_json_atomic(tmp / "retrofit_results.json", metrics)
-    for item in tmp.iterdir():
-        item.replace(output / item.name)
-    tmp.rmdir()
+    save_final(trainer, output, metrics)
     return metrics
+
+
+def save_final(trainer: QuantizableTrainer, output: Path, metrics: dict[str, Any]) -> None:
+    """Write the Hub-ready model and `retrofit_results.json` into `output` through a temporary folder."""
+    tmp = output / f"{FINAL_TMP_PREFIX}{os.getpid()}"
+    try:
+        trainer.save_model(str(tmp))
+        write_json_atomic(tmp / "retrofit_results.json", metrics)
+        apply_umask(tmp)
+        for item in tmp.iterdir():
+            item.replace(output / item.name)
+        tmp.rmdir()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,8 +349,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         metrics = retrofit(args)
     except (ValueError, RunDirectoryError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full disk or a folder made read-only while distilling
+        print(f"error: retrofit stopped: {one_line(err)}; fix the cause and rerun", file=sys.stderr)
+        return 1
     print(json.dumps({"output": args.output, **metrics}, indent=2))
     return 0
 

@@ -12,19 +12,37 @@ An interrupted run continues with the same command plus `--resume`.
 import argparse
 import json
 import sys
+from pathlib import Path
 
-from .training.presets import PRESETS, allowed_fields, apply_overrides, get_preset, list_presets
+from .training.presets import PRESETS, allowed_fields, apply_overrides, get_preset, list_presets, validate_preset
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """ArgumentParser whose errors are a single `error: ...` line on stderr (exit code 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="python -m hf_quantizable.train",
         description="Pre-train a quantizable BERT / OPT / ViT with the papers' recipes (transformers Trainer).",
         epilog="Presets: " + ", ".join(list_presets()),
     )
     parser.add_argument("--preset", help="recipe name (see --list-presets)")
     parser.add_argument("--output", help="run folder: checkpoints, tracking log and the final Hub-ready model")
-    parser.add_argument("--max-steps", type=int, help="override the preset's number of optimizer steps")
+    parser.add_argument("--max-steps", type=positive_int, help="override the preset's number of optimizer steps")
     parser.add_argument("--dataset-path", help="local text file / folder / image folder (sets data.dataset)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
     parser.add_argument("--list-presets", action="store_true", help="print the presets and exit")
@@ -35,13 +53,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_flags(args: argparse.Namespace) -> None:
+    """Refuse flags the chosen mode would ignore (listing, --show, or training)."""
+    recipe = {"--preset": args.preset, "--max-steps": args.max_steps, "--dataset-path": args.dataset_path}
+    recipe["field=value"] = args.overrides or None
+    run = {"--output": args.output, "--resume": args.resume or None, "--no-progress": args.no_progress or None}
+    modes = [m for m, on in (("--list-presets", args.list_presets), ("--list-fields", args.list_fields)) if on]
+    modes += ["--show"] if args.show else []
+    if len(modes) > 1:
+        raise ValueError(f"{' and '.join(modes)} cannot be combined: pass one of them")
+    ignored = {**recipe, **run} if modes and modes[0] != "--show" else run if modes else {}
+    given = [flag for flag, value in ignored.items() if value is not None]
+    if given:
+        raise ValueError(f"{modes[0]} does not use {', '.join(given)}: drop it")
+    if args.dataset_path and not Path(args.dataset_path).expanduser().exists():
+        raise ValueError(f"--dataset-path {args.dataset_path} does not exist")
+
+
+def one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
+
+
+def rerun_hint(run) -> str:
+    """What to do after a failed write: resume from the newest complete checkpoint, or start again."""
+    from .training.runner import CHECKPOINT_DIR
+    from .training.trainer import latest_complete_checkpoint
+
+    root = run.output_dir / CHECKPOINT_DIR
+    checkpoint = latest_complete_checkpoint(root)[0] if root.is_dir() else None
+    if checkpoint is None:
+        return "no checkpoint was completed: fix the cause and rerun the same command"
+    return (
+        f"fix the cause and rerun with --resume (it continues from {checkpoint.name}, the newest complete checkpoint)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.list_presets:
-        for name in list_presets():
-            print(f"{name:24s} {PRESETS[name].description}")
-        return 0
     try:
+        check_flags(args)
+        if args.list_presets:
+            for name in list_presets():
+                print(f"{name:24s} {PRESETS[name].description}")
+            return 0
         if args.list_fields:
             print("\n".join(allowed_fields(get_preset(args.list_fields).family)))
             return 0
@@ -53,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dataset_path:
             overrides.append(f"data.dataset={json.dumps(args.dataset_path)}")
         preset = apply_overrides(get_preset(args.preset), overrides)
+        validate_preset(preset)
         if args.show:
             print(json.dumps(preset.to_dict(), indent=2))
             return 0
@@ -62,12 +117,17 @@ def main(argv: list[str] | None = None) -> int:
 
         run = build_run(preset, args.output, resume=args.resume, training_overrides={"disable_tqdm": args.no_progress})
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     if run.resume_from:
-        print(f"resuming from {run.resume_from}", file=sys.stderr)
-    result = run.trainer.train(resume_from_checkpoint=run.resume_from)
-    metrics = finish_run(run, result.metrics)
+        skipped = f" (skipped {'; '.join(run.skipped_checkpoints)})" if run.skipped_checkpoints else ""
+        print(f"resuming from {run.resume_from}, the newest complete checkpoint{skipped}", file=sys.stderr)
+    try:
+        result = run.trainer.train(resume_from_checkpoint=run.resume_from)
+        metrics = finish_run(run, result.metrics)
+    except OSError as err:  # a full disk, a folder made read-only, an unreachable streamed dataset
+        print(f"error: training stopped: {one_line(err)}; {rerun_hint(run)}", file=sys.stderr)
+        return 1
     if run.trainer.is_world_process_zero():
         print(json.dumps({"output": str(run.output_dir), "train": result.metrics, "eval": metrics}, indent=2))
     return 0

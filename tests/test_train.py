@@ -33,13 +33,12 @@ TINY = [
     "warmup_steps=0",
     "logging_steps=5",
     "data.embedded_size=600",
-    "data.vocab_size=400",
-    "data.seq_length=32",
     "tracking.outlier_every_n_steps=0",
 ]
+TINY_TEXT = ["data.vocab_size=400", "data.seq_length=32"]
 TINY_FAMILY = {
-    "bert": ["model.num_hidden_layers=1", "intermediate_size=64"],
-    "opt": ["model.num_hidden_layers=1", "ffn_dim=64", "word_embed_proj_dim=32"],
+    "bert": ["model.num_hidden_layers=1", "intermediate_size=64", *TINY_TEXT],
+    "opt": ["model.num_hidden_layers=1", "ffn_dim=64", "word_embed_proj_dim=32", *TINY_TEXT],
     "vit": [
         "model.num_hidden_layers=1",
         "hidden_size=64",
@@ -363,9 +362,11 @@ def test_local_text_file_and_streaming(tmp_path, streaming):
         "save_steps=100",
         f"data.dataset={corpus}",
         f"data.streaming={str(streaming).lower()}",
-        "data.stream_eval_examples=40",
+        *(["data.stream_eval_examples=40"] if streaming else []),
     ]
-    run = build_run(tiny("bert-tiny-gated", *overrides), tmp_path / "run", training_overrides=NO_PROGRESS)
+    local = [o for o in TINY + TINY_FAMILY["bert"] if not o.startswith("data.embedded_size")]  # not generated
+    preset = apply_overrides(get_preset("bert-tiny-gated"), local + overrides)
+    run = build_run(preset, tmp_path / "run", training_overrides=NO_PROGRESS)
     assert type(run.trainer.train_dataset).__name__ == ("IterableDataset" if streaming else "Dataset")
     assert all(len(row["input_ids"]) == 32 for row in run.trainer.eval_dataset)  # packed blocks
     result = run.trainer.train()

@@ -5,6 +5,7 @@ skips it) and packed into fixed-length blocks (the `group_texts` of the transfor
 Images are decoded and augmented on the fly with `with_transform`.
 """
 
+import codecs
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,12 +17,13 @@ import torch.nn.functional as F
 from datasets import ClassLabel, Dataset, DatasetDict, Features, IterableDataset, concatenate_datasets, load_dataset
 from datasets import Image as ImageFeature
 from datasets.config import HF_DATASETS_CACHE
+from datasets.exceptions import DatasetsError
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from ..paths import write_text_atomic
 from . import embedded
-from .presets import DataSpec
+from .presets import DataSpec, is_local_path
 
 # Hub corpora of the papers: name -> [(dataset, config)], concatenated.
 HUB_CORPORA: dict[str, list[tuple[str, str | None]]] = {
@@ -56,20 +58,61 @@ def _split(dataset: Dataset, eval_fraction: float, seed: int) -> DatasetDict:
     return DatasetDict(train=parts["train"], validation=parts["test"])
 
 
+_SNIFF_BYTES = 1 << 16
+
+
+def check_data_file(path: Path) -> None:
+    """Refuse a data file that is empty, binary or not UTF-8 (judged on its head), naming the file."""
+    with path.open("rb") as handle:
+        head = handle.read(_SNIFF_BYTES)
+    if not head:
+        raise ValueError(f"data file {path} is empty")
+    if b"\0" in head:
+        raise ValueError(f"data file {path} is binary, not UTF-8 text")
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) < _SNIFF_BYTES)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"data file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    if len(head) < _SNIFF_BYTES and not text.strip():
+        raise ValueError(f"data file {path} holds only whitespace")
+
+
 def _local_builder(path: Path) -> tuple[str, dict[str, Any]]:
-    """`load_dataset` builder and kwargs for a local file or folder."""
+    """`load_dataset` builder and kwargs for a local file or folder (whose text files are checked)."""
     if path.is_file():
         builder = TEXT_SUFFIXES.get(path.suffix.lower())
         if builder is None:
             raise ValueError(f"unsupported data file {path}: use one of {sorted(TEXT_SUFFIXES)} or an image folder")
+        check_data_file(path)
         return builder, {"data_files": str(path)}
     files = [p for p in sorted(path.rglob("*")) if p.is_file()]
     if any(p.suffix.lower() in IMAGE_SUFFIXES for p in files):
         return "imagefolder", {"data_dir": str(path)}
-    text_files = [str(p) for p in files if TEXT_SUFFIXES.get(p.suffix.lower()) == "text"]
+    text_files = [p for p in files if TEXT_SUFFIXES.get(p.suffix.lower()) == "text"]
     if not text_files:
         raise ValueError(f"{path} holds neither images nor text files ({sorted(TEXT_SUFFIXES)})")
-    return "text", {"data_files": text_files}
+    for text_file in text_files:
+        check_data_file(text_file)
+    return "text", {"data_files": [str(p) for p in text_files]}
+
+
+def _load_local(path: Path, streaming: bool) -> DatasetDict:
+    builder, kwargs = _local_builder(path)
+    try:
+        return load_dataset(builder, **kwargs, streaming=streaming)
+    except (UnicodeDecodeError, DatasetsError, ValueError) as err:
+        raise ValueError(f"could not read the dataset {path}: {' '.join(str(err).split())}") from None
+
+
+def _load_hub(name: str, config: str | None, **kwargs) -> DatasetDict | Dataset:
+    try:
+        return load_dataset(name, config, **kwargs)
+    except (OSError, DatasetsError) as err:  # offline, unreachable, unknown or gated dataset
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise ValueError(
+            f"could not load the Hub dataset {name!r} ({reason}): a Hub dataset needs the Hugging Face Hub "
+            "(network access or a cached copy); for local data pass --dataset-path FILE_OR_FOLDER"
+        ) from None
 
 
 def load_raw_datasets(spec: DataSpec, seed: int) -> DatasetDict:
@@ -80,18 +123,19 @@ def load_raw_datasets(spec: DataSpec, seed: int) -> DatasetDict:
         )
     path = Path(spec.dataset).expanduser()
     if path.exists():
-        builder, kwargs = _local_builder(path)
-        loaded = load_dataset(builder, **kwargs, streaming=spec.streaming)
+        loaded = _load_local(path, spec.streaming)
+    elif is_local_path(spec.dataset):
+        raise ValueError(f"data.dataset {spec.dataset!r} does not exist (a local file or folder was expected)")
     elif spec.dataset in HUB_CORPORA:
         sources = HUB_CORPORA[spec.dataset]
         if len(sources) == 1:
-            loaded = load_dataset(sources[0][0], sources[0][1], streaming=spec.streaming)
+            loaded = _load_hub(*sources[0], streaming=spec.streaming)
         else:  # concatenated corpora: train splits only, text column only
-            parts = [load_dataset(n, c, split="train", streaming=spec.streaming) for n, c in sources]
+            parts = [_load_hub(n, c, split="train", streaming=spec.streaming) for n, c in sources]
             parts = [p.select_columns(["text"]) for p in parts]
             loaded = DatasetDict(train=concatenate_datasets(parts))
     else:
-        loaded = load_dataset(spec.dataset, spec.dataset_config, streaming=spec.streaming)
+        loaded = _load_hub(spec.dataset, spec.dataset_config, streaming=spec.streaming)
     train = loaded["train"]
     for name in ("validation", "valid", "test"):
         if name in loaded:
@@ -171,6 +215,23 @@ def train_tokenizer(family: str, texts: Iterator[str], vocab_size: int) -> PreTr
     raise ValueError(f"no tokenizer to train for family {family!r}; allowed: bert, opt")
 
 
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    """`AutoTokenizer.from_pretrained(name)`; ValueError naming the tokenizer when it cannot be loaded."""
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"could not load the tokenizer {name!r}: {' '.join(str(err).split())}") from None
+
+
+def _cap(train: Dataset | IterableDataset, max_samples: int | None) -> Dataset | IterableDataset:
+    """The first `max_samples` training examples (all when None)."""
+    if max_samples is None:
+        return train
+    if isinstance(train, IterableDataset):
+        return train.take(max_samples)
+    return train.select(range(min(max_samples, len(train))))
+
+
 @dataclass
 class TextData:
     train: Dataset | IterableDataset
@@ -194,19 +255,13 @@ def load_text_datasets(
         raw = _split(load_dataset("text", data_files=str(corpus), split="train"), spec.eval_fraction, seed)
     else:
         raw = load_raw_datasets(spec, seed)
-    if spec.max_train_samples is not None:
-        train = raw["train"]
-        raw["train"] = (
-            train.take(spec.max_train_samples)
-            if isinstance(train, IterableDataset)
-            else train.select(range(min(spec.max_train_samples, len(train))))
-        )
+    raw["train"] = _cap(raw["train"], spec.max_train_samples)
     column = _text_column(raw["train"], spec)
     if tokenizer is None:
         if spec.tokenizer == "train":
             tokenizer = train_tokenizer(family, _texts(raw["train"], column, limit=200_000), spec.vocab_size)
         else:
-            tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer)
+            tokenizer = load_tokenizer(spec.tokenizer)
     if family == "opt" and tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
 
@@ -301,6 +356,7 @@ def load_image_datasets(spec: DataSpec, seed: int) -> ImageData:
         if spec.dataset == "embedded"
         else load_raw_datasets(spec, seed)
     )
+    raw["train"] = _cap(raw["train"], spec.max_train_samples)
     image_col, label_col = _image_columns(raw["train"], spec)
     features = raw["train"].features or {}
     label_feature = features.get(label_col)

@@ -11,10 +11,16 @@ outlier-free-transformers: `scripts/*.sh`, `model_configs/*.yaml`), Liao & Monz 
 import copy
 import dataclasses
 import difflib
+import enum
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from huggingface_hub.errors import StrictDataclassError
 from transformers import TrainingArguments
 
 from ..modeling.configuration_quantizable import (
@@ -47,7 +53,7 @@ class DataSpec:
         mlm_probability: masking probability of the MLM collator.
         image_size: square input size of image models.
         augmentation: `timm` (the paper's pipeline, needs the `timm` extra), `basic` (built-in random
-            resized crop + flip) or `none`.
+            resized crop + flip) or `none` (None).
         eval_fraction: share of a training set held out for evaluation when there is no eval split.
         stream_eval_examples: examples held out from the head of a streamed training set without an
             eval split.
@@ -67,7 +73,7 @@ class DataSpec:
     seq_length: int = 128
     mlm_probability: float = 0.15
     image_size: int = 224
-    augmentation: str = "basic"
+    augmentation: str | None = "basic"
     eval_fraction: float = 0.05
     stream_eval_examples: int = 1000
     max_train_samples: int | None = None
@@ -408,6 +414,7 @@ def apply_overrides(preset: TrainingPreset, overrides: list[str] | dict[str, Any
         overrides = parsed
     preset = copy.deepcopy(preset)
     groups = _field_names(preset.family)
+    applied = []
     for key, value in overrides.items():
         group, _, name = key.rpartition(".")
         if group:
@@ -428,6 +435,11 @@ def apply_overrides(preset: TrainingPreset, overrides: list[str] | dict[str, Any
             setattr(getattr(preset, group), name, value)
         else:
             getattr(preset, group)[name] = value
+        applied.append((group, name))
+    for group, name in applied:
+        reason = _unused_reason(preset, group, name)
+        if reason:
+            raise ValueError(f"override {group}.{name} would be ignored: {reason}")
     return preset
 
 
@@ -450,3 +462,193 @@ def _unknown_field_message(key: str, name: str, groups: dict[str, set[str]]) -> 
 def allowed_fields(family: str) -> list[str]:
     """Every `group.name` override accepted for `family`."""
     return sorted(f"{g}.{n}" for g, names in _field_names(family).items() for n in names)
+
+
+# --- validation: every field is checked before a run writes anything ---
+
+_TEXT_ONLY_DATA = {"tokenizer", "vocab_size", "seq_length", "mlm_probability", "text_column", "num_proc"}
+_IMAGE_ONLY_DATA = {"image_size", "augmentation", "image_column", "label_column"}
+_HUB_ONLY_DATA = {"dataset_config"}
+_ATTENTION_FIELDS = {
+    "gated": {"gate_type", "gate_n_hid", "pi_init"},
+    "clipped_softmax": {"clip_gamma", "clip_alpha", "clip_zeta"},
+    "normalized_clipped_softmax": {"ncs_zeta", "ncs_beta"},
+}
+_SET_FROM_DATA = {
+    "bert": {"vocab_size": "data.vocab_size / the tokenizer", "pad_token_id": "the tokenizer"},
+    "opt": {
+        "vocab_size": "data.vocab_size / the tokenizer",
+        **dict.fromkeys(("pad_token_id", "bos_token_id", "eos_token_id"), "the tokenizer"),
+    },
+    "vit": {
+        "image_size": "data.image_size",
+        **dict.fromkeys(("num_labels", "id2label", "label2id"), "the dataset's labels"),
+    },
+}
+# TrainingArguments fields that only example scripts read; Trainer itself ignores them.
+_SCRIPT_ONLY_TRAINING = {
+    "do_train": "training always runs",
+    "do_eval": "the run evaluates at the end (set eval_strategy for periodic evaluation)",
+    "do_predict": "there is no prediction step",
+    "resume_from_checkpoint": "use --resume to continue the run in --output",
+}
+FSDP_REFUSAL = (
+    "FSDP is not supported: the outlier tracking, the periodic W8A8 check and the checkpoints need the full, "
+    "unsharded model in every process, so multi-process runs use DDP (torchrun, or accelerate launch without "
+    "--use_fsdp)"
+)
+
+
+def is_local_path(dataset: str) -> bool:
+    """Whether `dataset` names a local file or folder (it exists, or it is written like a path)."""
+    return (
+        Path(dataset).expanduser().exists()
+        or dataset.startswith(("/", "./", "../", "~"))
+        or (Path(dataset).suffix.lower() in (".txt", ".json", ".jsonl", ".csv", ".tokens", ".raw"))
+    )
+
+
+def _unused_reason(preset: TrainingPreset, group: str, name: str) -> str | None:
+    """Why the override `group.name` would have no effect on this preset (None when it is used)."""
+    family, data, tracking = preset.family, preset.data, preset.tracking
+    if group == "data":
+        if family == "vit" and name in _TEXT_ONLY_DATA:
+            return "it is a text-model field and this preset trains an image model (vit)"
+        if family != "vit" and name in _IMAGE_ONLY_DATA:
+            return f"it is an image-model field and this preset trains a text model ({family})"
+        if family == "opt" and name == "mlm_probability":
+            return "it is the masking rate of masked-LM (bert); opt trains a causal LM"
+        if name == "vocab_size" and data.tokenizer != "train":
+            return f"it sizes a trained tokenizer, and data.tokenizer={data.tokenizer!r} is loaded"
+        embedded = str(data.dataset).startswith("embedded")
+        if name == "embedded_size" and not embedded:
+            return f"it sizes the embedded dataset, and data.dataset={data.dataset!r}"
+        if embedded and name in _HUB_ONLY_DATA | {"streaming", "text_column", "image_column", "label_column"}:
+            return f"data.dataset={data.dataset!r} is generated in memory"
+        if name in _HUB_ONLY_DATA and is_local_path(str(data.dataset)):
+            return "it selects a Hub dataset configuration and data.dataset is a local path"
+        if name == "stream_eval_examples" and not data.streaming:
+            return "it applies to data.streaming=true only"
+        if name == "num_proc" and data.streaming:
+            return "streamed datasets are tokenized on the fly, without worker processes"
+    if group == "tracking" and name != "outlier_every_n_steps" and not tracking.outlier_every_n_steps:
+        return "tracking is off (tracking.outlier_every_n_steps=0)"
+    if group == "tracking" and name == "calibration_batches" and not tracking.w8a8_every_n_steps:
+        return "it calibrates the periodic W8A8 check, which is off (tracking.w8a8_every_n_steps=0)"
+    if group == "model":
+        if name in _SET_FROM_DATA[family]:
+            return f"it is set from {_SET_FROM_DATA[family][name]}"
+        attn_impl = preset.model.get("attn_impl", "softmax")
+        for impl, names in _ATTENTION_FIELDS.items():
+            if name in names and attn_impl != impl:
+                return f"it is a field of attn_impl={impl!r} and this run uses attn_impl={attn_impl!r}"
+        if name == "gate_n_hid" and preset.model.get("gate_type") != "mlp":
+            return f"it sizes the `mlp` gate and this run uses gate_type={preset.model.get('gate_type')!r}"
+    if group == "training" and name in _SCRIPT_ONLY_TRAINING:
+        return f"Trainer does not read it ({_SCRIPT_ONLY_TRAINING[name]})"
+    return None
+
+
+def _describe(annotation: Any) -> str:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(annotation))
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return f"one of {[m.value for m in annotation]}"
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    return names.get(annotation, getattr(typing.get_origin(annotation) or annotation, "__name__", str(annotation)))
+
+
+def _matches(value: Any, annotation: Any) -> bool:
+    """Whether `value` (parsed from the command line) fits a dataclass field annotation."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return isinstance(value, annotation) or value in {m.value for m in annotation}
+    if origin is not None:
+        return isinstance(value, origin)
+    return not isinstance(annotation, type) or isinstance(value, annotation)
+
+
+def _check_types(group: str, values: dict[str, Any], cls: type) -> None:
+    hints = typing.get_type_hints(cls)
+    for name, value in values.items():
+        if name in hints and not _matches(value, hints[name]):
+            raise ValueError(f"{group}.{name} must be {_describe(hints[name])}, got {value!r}")
+
+
+def _check_range(label: str, value: Any, low: float, *, strict: bool = True, high: float | None = None) -> None:
+    if value is None:
+        return
+    if (value <= low if strict else value < low) or (high is not None and value >= high):
+        bound = f"> {low}" if strict else f">= {low}"
+        raise ValueError(f"{label} must be {bound}{f' and < {high}' if high is not None else ''}, got {value!r}")
+
+
+def _check_training(training: dict[str, Any]) -> None:
+    if training.get("fsdp") or training.get("fsdp_config"):
+        raise ValueError(f"training.fsdp / training.fsdp_config: {FSDP_REFUSAL}")
+    _check_types("training", training, TrainingArguments)
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        _check_range(f"training.{name}", training.get(name), 0)
+    for name in ("learning_rate", "num_train_epochs", "save_steps", "logging_steps", "eval_steps"):
+        _check_range(f"training.{name}", training.get(name), 0)
+    for name in ("weight_decay", "max_grad_norm", "warmup_steps"):
+        _check_range(f"training.{name}", training.get(name), 0, strict=False)
+    max_steps = training.get("max_steps", -1)
+    if max_steps <= 0 and max_steps != -1:
+        raise ValueError(f"training.max_steps must be > 0 (or -1: train num_train_epochs epochs), got {max_steps}")
+
+
+def _check_data(data: DataSpec, family: str) -> None:
+    _check_types("data", dataclasses.asdict(data), DataSpec)
+    for name in ("vocab_size", "seq_length", "image_size", "embedded_size", "stream_eval_examples"):
+        _check_range(f"data.{name}", getattr(data, name), 0)
+    for name in ("max_train_samples", "num_proc"):
+        _check_range(f"data.{name}", getattr(data, name), 0)
+    _check_range("data.mlm_probability", data.mlm_probability, 0, high=1)
+    _check_range("data.eval_fraction", data.eval_fraction, 0, high=1)
+    if not data.dataset:
+        raise ValueError("data.dataset must name a dataset (embedded, a Hub dataset or a local path)")
+    if family == "vit" and data.augmentation not in ("timm", "basic", "none", None):
+        raise ValueError(f"data.augmentation must be one of timm, basic, none; got {data.augmentation!r}")
+
+
+def _check_tracking(tracking: TrackingSpec) -> None:
+    _check_types("tracking", dataclasses.asdict(tracking), TrackingSpec)
+    for name in ("outlier_every_n_steps", "w8a8_every_n_steps"):
+        _check_range(f"tracking.{name}", getattr(tracking, name), 0, strict=False)
+    for name in ("probe_batches", "calibration_batches"):
+        _check_range(f"tracking.{name}", getattr(tracking, name), 0)
+
+
+def build_config(preset: TrainingPreset, **fields: Any):
+    """The family's config from the preset's model fields (and `fields`); ValueError names a bad field."""
+    try:
+        return CONFIG_CLASSES[preset.family](**{**preset.model, **fields})
+    except (ValueError, TypeError, StrictDataclassError) as err:
+        raise ValueError(f"model: {' '.join(str(err).split())}") from None
+
+
+def validate_preset(preset: TrainingPreset) -> None:
+    """Check every field of `preset` (types, ranges, the model config); raise ValueError naming the field.
+
+    Runs before anything is written, so a bad value never leaves a half-started run behind.
+    """
+    _check_training(preset.training)
+    _check_data(preset.data, preset.family)
+    _check_tracking(preset.tracking)
+    config = build_config(preset)
+    if preset.family != "vit" and preset.data.seq_length > (limit := config.max_position_embeddings):
+        raise ValueError(
+            f"data.seq_length={preset.data.seq_length} exceeds model.max_position_embeddings={limit}: "
+            "lower data.seq_length or raise model.max_position_embeddings"
+        )

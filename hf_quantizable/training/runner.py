@@ -1,8 +1,11 @@
 """Assemble a training run from a preset: data, model, TrainingArguments, Trainer, callbacks.
 
+Every field and input is checked, and the data, tokenizer and model are built, before the first
+byte is written: a refused run leaves the output folder as it was, so the corrected command runs.
+
 Output layout (`output_dir`):
-    training_recipe.json   the preset after overrides (the run's identity, written first)
-    checkpoints/           Trainer checkpoints (resumable; `save_total_limit` newest kept)
+    training_recipe.json   the preset after overrides (the run's identity, written before training)
+    checkpoints/           Trainer checkpoints, written atomically (resumable; `save_total_limit` kept)
     outlier_tracking.jsonl one record per tracking step
     config.json, model.safetensors, tokenizer / image processor files, modeling code (auto_map),
     training_args.bin, train_results.json, eval_results.json   written when training finishes
@@ -28,21 +31,21 @@ from transformers import (
     default_data_collator,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 from ..modeling.modeling_quantizable_bert import QuantizableBertForMaskedLM
 from ..modeling.modeling_quantizable_opt import QuantizableOPTForCausalLM
 from ..modeling.modeling_quantizable_vit import QuantizableViTForImageClassification
-from ..paths import write_text_atomic
+from ..paths import apply_umask, write_text_atomic
 from .callbacks import TRACKING_FILE, OutlierTrackingCallback
 from .data import load_image_datasets, load_text_datasets
-from .presets import CONFIG_CLASSES, TrainingPreset
-from .trainer import TRAINERS
+from .presets import FSDP_REFUSAL, TrainingPreset, build_config, validate_preset
+from .trainer import TRAINERS, latest_complete_checkpoint
 
 logger = logging.getLogger(__name__)
 
 RECIPE_FILE = "training_recipe.json"
 CHECKPOINT_DIR = "checkpoints"
+FINAL_TMP_PREFIX = ".final.tmp"
 MODEL_CLASSES = {
     "bert": QuantizableBertForMaskedLM,
     "opt": QuantizableOPTForCausalLM,
@@ -54,21 +57,42 @@ class RunDirectoryError(ValueError):
     """The output directory cannot hold this run."""
 
 
-def check_output_dir(output_dir: Path, recipe: dict[str, Any], resume: bool) -> str | None:
-    """Validate `output_dir` for `recipe`; return the checkpoint to resume from (or None).
+def check_writable(output_dir: Path) -> None:
+    """Refuse an `output_dir` that is a file, lies under a file, or cannot be written (without writing)."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise RunDirectoryError(f"--output {output_dir} is a file, not a folder: choose a folder")
+    existing = output_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RunDirectoryError(f"--output {output_dir} lies under the file {existing}: choose a folder")
+    if not os.access(existing, os.W_OK | os.X_OK) or os.statvfs(existing).f_flag & os.ST_RDONLY:
+        raise RunDirectoryError(f"--output {output_dir} is not writable ({existing} is read-only)")
 
-    Raises RunDirectoryError when the folder holds another run or unrelated files, or holds this
-    run without `resume`. A run may be resumed with a different `max_steps` (to extend it).
+
+def check_output_dir(output_dir: Path, recipe: dict[str, Any], resume: bool) -> tuple[str | None, list[str]]:
+    """Validate `output_dir` for `recipe`; return the checkpoint to resume from and the ones skipped.
+
+    Raises RunDirectoryError when the folder cannot be written, holds another run or unrelated
+    files, holds this run without `resume` (unless an earlier attempt saved nothing: it starts
+    over), or has nothing to resume. A run may be resumed with a different `max_steps` (to extend
+    it), from its newest complete checkpoint.
     """
+    check_writable(output_dir)
     if not output_dir.exists() or not any(output_dir.iterdir()):
-        return None
+        if resume:
+            raise RunDirectoryError(f"--resume: {output_dir} holds no run to resume; drop --resume to start one")
+        return None, []
     recipe_path = output_dir / RECIPE_FILE
     if not recipe_path.exists():
         raise RunDirectoryError(f"{output_dir} is not empty and holds no {RECIPE_FILE}: choose a new or empty --output")
-    previous = json.loads(recipe_path.read_text())
+    try:
+        previous = json.loads(recipe_path.read_text())
+    except (OSError, ValueError) as err:
+        raise RunDirectoryError(f"{recipe_path} is unreadable ({err}): choose another --output") from None
 
     def identity(r: dict) -> dict:
-        return {**r, "training": {k: v for k, v in r["training"].items() if k != "max_steps"}}
+        return {**r, "training": {k: v for k, v in r.get("training", {}).items() if k != "max_steps"}}
 
     if identity(previous) != identity(recipe):
         diff = sorted(
@@ -81,12 +105,29 @@ def check_output_dir(output_dir: Path, recipe: dict[str, Any], resume: bool) -> 
             f"{output_dir} holds another run (preset {previous.get('name')!r}; differing fields: "
             f"{', '.join(diff) or 'name'}): choose another --output"
         )
+    checkpoint_root = output_dir / CHECKPOINT_DIR
+    checkpoint, skipped = latest_complete_checkpoint(checkpoint_root) if checkpoint_root.is_dir() else (None, [])
+    kept = checkpoint is not None or (output_dir / "config.json").exists()
     if not resume:
+        if not kept:  # an earlier attempt stopped before saving anything: start over
+            return None, skipped
         raise RunDirectoryError(
             f"{output_dir} already holds this run: pass --resume to continue it, or choose another --output"
         )
-    checkpoint_root = output_dir / CHECKPOINT_DIR
-    return get_last_checkpoint(str(checkpoint_root)) if checkpoint_root.exists() else None
+    if checkpoint is None:
+        found = f" ({'; '.join(skipped)})" if skipped else ""
+        raise RunDirectoryError(f"--resume: {checkpoint_root} holds no complete checkpoint to resume from{found}")
+    return str(checkpoint), skipped
+
+
+def remove_leftovers(output_dir: Path) -> None:
+    """Remove what an interrupted earlier attempt of this run left half-written (its temporary folders)."""
+    leftovers = [
+        *output_dir.glob(f"{FINAL_TMP_PREFIX}*"),
+        *(output_dir / CHECKPOINT_DIR).glob(".checkpoint-*.incomplete"),
+    ]
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -94,7 +135,11 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def build_model(preset: TrainingPreset, processing: Any, labels: list[str] | None = None) -> PreTrainedModel:
-    """A freshly initialised model of the preset's family sized to the tokenizer / label set."""
+    """A freshly initialised model of the preset's family sized to the tokenizer / label set.
+
+    A tokenizer's `model_max_length` is set to the model's position limit, so the saved tokenizer
+    truncates to what the model can read.
+    """
     kwargs = dict(preset.model)
     if preset.family in ("bert", "opt"):
         kwargs["vocab_size"] = len(processing)
@@ -102,15 +147,18 @@ def build_model(preset: TrainingPreset, processing: Any, labels: list[str] | Non
         if preset.family == "opt":
             kwargs["bos_token_id"] = processing.bos_token_id
             kwargs["eos_token_id"] = processing.eos_token_id
-        limit = kwargs.get("max_position_embeddings", 512)
-        if preset.data.seq_length > limit:
-            raise ValueError(f"data.seq_length={preset.data.seq_length} exceeds model.max_position_embeddings={limit}")
     else:
         kwargs.update(
             num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)}
         )
         kwargs["image_size"] = preset.data.image_size
-    config = CONFIG_CLASSES[preset.family](**kwargs)
+    config = build_config(preset, **kwargs)
+    if preset.family in ("bert", "opt"):
+        limit = config.max_position_embeddings
+        if preset.data.seq_length > limit:
+            raise ValueError(f"data.seq_length={preset.data.seq_length} exceeds model.max_position_embeddings={limit}")
+        trained = preset.data.tokenizer == "train"
+        processing.model_max_length = limit if trained else min(processing.model_max_length, limit)
     return MODEL_CLASSES[preset.family](config)
 
 
@@ -141,6 +189,7 @@ class TrainingRun:
     tracker: OutlierTrackingCallback | None
     output_dir: Path
     resume_from: str | None
+    skipped_checkpoints: list[str]
 
 
 def build_run(
@@ -149,14 +198,18 @@ def build_run(
     resume: bool = False,
     training_overrides: dict[str, Any] | None = None,
 ) -> TrainingRun:
-    """Check the output folder, load data, build model, TrainingArguments, Trainer and tracker.
+    """Validate the preset and the output folder, load data, build the model, then write and set up the Trainer.
 
+    Nothing is written until every check has passed and the data and model are built.
     `training_overrides` are extra TrainingArguments kwargs that are not part of the run's
     identity (e.g. `disable_tqdm`, `report_to`).
     """
     output_dir = Path(output_dir)
+    validate_preset(preset)
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes"):
+        raise ValueError(f"accelerate launch --use_fsdp: {FSDP_REFUSAL}")
     recipe = preset.to_dict()
-    resume_from = check_output_dir(output_dir, recipe, resume)
+    resume_from, skipped = check_output_dir(output_dir, recipe, resume)
     training = {
         "report_to": "none",
         "save_strategy": "steps",
@@ -171,10 +224,10 @@ def build_run(
         raise ValueError(
             f"preset {preset.name!r} trains in fp16, which needs a CUDA GPU: add the override fp16=false to run on CPU"
         )
-    args = TrainingArguments(output_dir=str(output_dir / CHECKPOINT_DIR), **training)
-    if args.process_index == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(output_dir / RECIPE_FILE, recipe)
+    try:
+        args = TrainingArguments(output_dir=str(output_dir / CHECKPOINT_DIR), **training)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"training: {' '.join(str(err).split())}") from None
     set_seed(args.seed)
     family = preset.family
     with args.main_process_first(desc="dataset preparation"):
@@ -187,6 +240,15 @@ def build_run(
             data = load_text_datasets(preset.data, family, seed=args.seed, tokenizer=tokenizer)
             processing = data.tokenizer
             model = build_model(preset, processing)
+    if args.process_index == 0:
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise RunDirectoryError(f"cannot create --output {output_dir}: {err.strerror}") from None
+        remove_leftovers(output_dir)
+        if resume_from is None:  # a fresh start: no tracking records of an earlier, failed attempt
+            (output_dir / TRACKING_FILE).unlink(missing_ok=True)
+        write_json_atomic(output_dir / RECIPE_FILE, recipe)
     trainer_kwargs: dict[str, Any] = {"processing_class": processing}
     if family == "bert":
         trainer_kwargs["mlm_probability"] = preset.data.mlm_probability
@@ -217,7 +279,9 @@ def build_run(
             log_file=output_dir / TRACKING_FILE,
         )
         trainer.add_callback(tracker)
-    return TrainingRun(trainer=trainer, tracker=tracker, output_dir=output_dir, resume_from=resume_from)
+    return TrainingRun(
+        trainer=trainer, tracker=tracker, output_dir=output_dir, resume_from=resume_from, skipped_checkpoints=skipped
+    )
 
 
 def finish_run(run: TrainingRun, train_metrics: dict[str, float]) -> dict[str, float]:
@@ -226,15 +290,19 @@ def finish_run(run: TrainingRun, train_metrics: dict[str, float]) -> dict[str, f
     eval_metrics = trainer.evaluate()
     if not trainer.is_world_process_zero():
         return eval_metrics
-    tmp = run.output_dir / f".final.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    trainer.save_model(str(tmp))  # model (with auto_map and modeling code), processor, training_args.bin
-    write_json_atomic(tmp / "train_results.json", train_metrics)
-    write_json_atomic(tmp / "eval_results.json", eval_metrics)
-    for item in tmp.iterdir():
-        target = run.output_dir / item.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        item.replace(target)
-    tmp.rmdir()
+    tmp = run.output_dir / f"{FINAL_TMP_PREFIX}{os.getpid()}"
+    try:
+        trainer.save_model(str(tmp))  # model (with auto_map and modeling code), processor, training_args.bin
+        write_json_atomic(tmp / "train_results.json", train_metrics)
+        write_json_atomic(tmp / "eval_results.json", eval_metrics)
+        apply_umask(tmp)
+        for item in tmp.iterdir():
+            target = run.output_dir / item.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            item.replace(target)
+        tmp.rmdir()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return eval_metrics
