@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m hf_quantizable.pipeline --local-dir $(DEMO_DIR)
+	HF_HUB_OFFLINE=1 $(PY) -m hf_quantizable.pipeline --local-dir $(DEMO_DIR) --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -83,6 +83,20 @@ def fetch(repo_id: str, models_dir: Path | None) -> Path:
         raise ValueError(f"cannot download {repo_id}: {hub_error_line(error)}") from None
 
 
+def check_pair(fp_repo: str, int8_repo: str | None, folders: dict[str, Path], trust_remote_code: bool) -> None:
+    """Refuse an INT8 part that is not an INT8 checkpoint, an FP part that is one, or foreign code."""
+    from .evaluation.harness import load_config
+
+    for repo, want_int8 in ((fp_repo, False), (int8_repo, True)):
+        if repo is None:
+            continue
+        config = load_config(str(folders[repo]), repo, trust_remote_code)
+        if bool(getattr(config, "w8a8_config", None)) != want_int8:
+            part = "INT8 part" if want_int8 else "FP part"
+            kind = "is not an INT8 checkpoint (no `w8a8_config`)" if want_int8 else "is an INT8 checkpoint"
+            raise ValueError(f"--repos {part} {repo} {kind}")
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Refuse missing or contradictory options before anything is downloaded or written."""
     if args.upload_from is not None:
@@ -156,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         pairs = [parse_entry(entry) for entry in args.repos]
         token = resolve_token() if args.push else None
         folders = {repo: fetch(repo, args.models_dir) for pair in pairs for repo in pair if repo}
+        for pair in pairs:
+            check_pair(*pair, folders, args.trust_remote_code)
         refresh(args, pairs, folders)
         if args.push:
             upload_refreshed(args.output, token)

@@ -22,13 +22,14 @@ from . import quantize, train
 from .evaluation.results import read_results
 from .hub.card import variant_of
 from .hub.evaluate import evaluate_for_card
-from .hub.folder import PLOTS_DIR
+from .hub.folder import PLOTS_DIR, is_repo_folder
 from .hub.publish import plan_push, write_plan
 from .hub.upload import check_repo_id
-from .paths import write_text_atomic
+from .paths import check_output_folder, write_text_atomic
 from .training import embedded
 
 VARIANTS = ("vanilla", "gated", "clipped")
+WORK_DIR_MARK = ".hf_quantizable-main-job"  # marks a --work-dir this command made (and may reuse)
 TRAIN_SEED_LINES = 1000  # calibration lines drawn from the training corpus generator
 EVAL_SEED = 12345  # held-out evaluation text: the embedded generator with a seed training does not use
 
@@ -40,7 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
         "them to W8A8 INT8, evaluate FP vs INT8 with outlier statistics, write Hub-ready folders with cards.",
     )
     parser.add_argument("--local-dir", type=Path, required=True, help="where the Hub-ready repo folders go")
-    parser.add_argument("--work-dir", type=Path, default=Path("runs/main-job"), help="training runs and results")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the repo folders an earlier main job wrote in --local-dir"
+    )
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=Path("runs/main-job"),
+        help="training runs and results (a new folder, or one an earlier main job made: its runs are resumed)",
+    )
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"any of {', '.join(VARIANTS)}")
     parser.add_argument("--namespace", default="hf-quantizable", help="Hub user or organization named in the cards")
     parser.add_argument("--max-steps", type=int, default=150, help="training steps per model")
@@ -62,6 +71,18 @@ def check_args(args: argparse.Namespace) -> None:
     check_repo_id(f"{args.namespace}/bert-tiny-gated", "--namespace")
     if args.local_dir.exists() and not args.local_dir.is_dir():
         raise ValueError(f"--local-dir {args.local_dir} exists and is not a folder")
+    check_output_folder(
+        args.work_dir, option="--work-dir", is_own_output=lambda f: (f / WORK_DIR_MARK).is_file(), overwrite=True
+    )
+    for variant in args.variants:
+        for name in (f"bert-tiny-{variant}", f"bert-tiny-{variant}-w8a8"):
+            check_output_folder(
+                args.local_dir / name,
+                option="--local-dir",
+                is_own_output=is_repo_folder,
+                overwrite=args.overwrite,
+                inputs=[args.work_dir],
+            )
 
 
 def write_texts(path: Path, lines: list[str]) -> Path:
@@ -84,8 +105,7 @@ def run_variant(variant: str, args: argparse.Namespace, calibration: Path, evalu
     if args.no_progress:
         train_args.append("--no-progress")
     _run(f"training {name}", train.main(train_args))
-    shutil.rmtree(int8_dir, ignore_errors=True)
-    quantize_args = [str(run_dir), "--output", str(int8_dir), "--calibration-data", str(calibration)]
+    quantize_args = [str(run_dir), "--output", str(int8_dir), "--calibration-data", str(calibration), "--overwrite"]
     quantize_args += ["--num-batches", str(args.calibration_batches), "--max-length", "64"]
     _run(f"quantizing {name}", quantize.main(quantize_args))
     shutil.rmtree(run_dir / PLOTS_DIR, ignore_errors=True)
@@ -126,22 +146,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    data_dir = args.work_dir / "data"
-    # Calibration from the training distribution (the papers calibrate on training data); evaluation on
-    # text the training corpus does not contain (another seed of the same generator).
-    calibration = write_texts(data_dir / "calibration.txt", embedded.generate_corpus(TRAIN_SEED_LINES, seed=0))
-    evaluation = write_texts(
-        data_dir / "embedded-heldout" / "validation.txt",
-        embedded.generate_corpus(4 * args.eval_sequences * 8, EVAL_SEED),
-    )
     results, folders = {}, []
-    for variant in tqdm(args.variants, desc="main job", unit="model"):
-        try:
+    try:
+        args.work_dir.mkdir(parents=True, exist_ok=True)
+        (args.work_dir / WORK_DIR_MARK).touch()
+        data_dir = args.work_dir / "data"
+        # Calibration from the training distribution (the papers calibrate on training data); evaluation on
+        # text the training corpus does not contain (another seed of the same generator).
+        calibration = write_texts(data_dir / "calibration.txt", embedded.generate_corpus(TRAIN_SEED_LINES, seed=0))
+        evaluation = write_texts(
+            data_dir / "embedded-heldout" / "validation.txt",
+            embedded.generate_corpus(4 * args.eval_sequences * 8, EVAL_SEED),
+        )
+        for variant in tqdm(args.variants, desc="main job", unit="model"):
             folders += run_variant(variant, args, calibration, evaluation)
-        except (RuntimeError, ValueError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
-        results[variant] = args.work_dir / f"bert-tiny-{variant}" / "results.json"
+            results[variant] = args.work_dir / f"bert-tiny-{variant}" / "results.json"
+    except (RuntimeError, ValueError, OSError) as error:  # a failed step, a full disk
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     print("\nHub-ready repo folders (upload with python -m hf_quantizable.push):")
     for folder in folders:
         print(f"  {folder}")

@@ -25,6 +25,7 @@ from lm_eval.models.huggingface import HFLM
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from ..paths import shared_data_dir
+from .harness import load_config
 from .quality import clm_batches
 from .results import ResultRecord
 
@@ -39,6 +40,8 @@ class QuantizableLM(HFLM):
         calibration_data: text file, one example per line (default: WikiText-2 validation of the
             offline data folder).
         num_calibration_batches, calibration_length, calibration_batch_size: calibration set size.
+        trust_remote_code: let a folder or repo run its own Python code; our model types (and stock
+            OPT) never need it.
         Other arguments go to `HFLM` (`batch_size`, `max_length`, `device`, ...).
     """
 
@@ -52,13 +55,15 @@ class QuantizableLM(HFLM):
         calibration_length: int = 512,
         calibration_batch_size: int = 4,
         device: str | None = None,
+        trust_remote_code: bool = False,
         **kwargs,
     ):
         import hf_quantizable  # noqa: F401  (registers the Auto classes)
 
         if isinstance(pretrained, (str, Path)):
+            load_config(str(pretrained), "pretrained", trust_remote_code)  # one-line errors, remote code consent
             tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(pretrained))
-            pretrained = AutoModelForCausalLM.from_pretrained(str(pretrained), trust_remote_code=True)
+            pretrained = AutoModelForCausalLM.from_pretrained(str(pretrained), trust_remote_code=trust_remote_code)
         elif isinstance(tokenizer, str):
             tokenizer = AutoTokenizer.from_pretrained(tokenizer)
         if tokenizer is None:
@@ -91,8 +96,14 @@ class QuantizableLM(HFLM):
         return quantize_model(model, W8A8Config(num_calibration_batches=num_batches), calibration)
 
 
-def lm_eval_records(output: dict, model: str, attn_impl: str, precision: str) -> list[ResultRecord]:
-    """Result records (task `lm-eval`) from the output of `lm_eval.simple_evaluate`."""
+def lm_eval_records(
+    output: dict, model: str, attn_impl: str, precision: str, model_fingerprint: str | None = None
+) -> list[ResultRecord]:
+    """Result records (task `lm-eval`) from the output of `lm_eval.simple_evaluate`.
+
+    `model_fingerprint` (`hf_quantizable.provenance.model_fingerprint` of the FP model folder) lets
+    `push` put the records on that model's card.
+    """
     records = []
     for task, metrics in output["results"].items():
         config = output["configs"].get(task, {})
@@ -106,6 +117,7 @@ def lm_eval_records(output: dict, model: str, attn_impl: str, precision: str) ->
             records.append(
                 ResultRecord(
                     model=model,
+                    model_fingerprint=model_fingerprint,
                     attn_impl=attn_impl,
                     precision=precision,
                     task="lm-eval",
