@@ -7,7 +7,8 @@ from pathlib import Path
 
 # config.json fields that change when the same weights are saved again (not part of the model's identity).
 _VOLATILE_CONFIG_FIELDS = ("transformers_version", "_name_or_path", "auto_map", "dtype", "torch_dtype")
-_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+# Weight files (`save_pretrained` names); training state such as training_args.bin is not the model.
+_WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 
 
 def model_fingerprint(folder: str | os.PathLike) -> str:
@@ -29,7 +30,8 @@ def model_fingerprint(folder: str | os.PathLike) -> str:
     digest = hashlib.sha256()
     identity = {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_FIELDS}
     digest.update(json.dumps(identity, sort_keys=True).encode())
-    for weights in sorted(p for p in folder.iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file()):
+    weight_files = {p for pattern in _WEIGHT_PATTERNS for p in folder.glob(pattern) if p.is_file()}
+    for weights in sorted(weight_files):
         digest.update(weights.name.encode())
         with weights.open("rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
