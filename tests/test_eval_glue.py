@@ -184,3 +184,24 @@ def test_cli_preset_reaches_the_trainer(minilm_path, data_dir, tmp_path, monkeyp
     assert (args.learning_rate, args.per_device_train_batch_size) == (preset.learning_rate, preset.batch_size)
     assert (args.num_train_epochs, args.weight_decay) == (preset.num_train_epochs, preset.weight_decay)
     assert list(tmp_path.iterdir()) == []  # the temporary folder is removed when training fails
+
+
+def test_cli_quantization_flags_reach_the_glue_w8a8_config(minilm_path, data_dir, tmp_path, monkeypatch):
+    """--task glue honours the W8A8 flags (they were accepted and ignored before)."""
+    seen = {}
+
+    def recording_finetune(*args):
+        seen["w8a8"] = args[-1]
+        raise _Stop
+
+    monkeypatch.setattr(glue, "finetune_glue", recording_finetune)
+    argv = [minilm_path, "--task", "glue", "--glue-task", "rte", "--glue-data", str(data_dir / "glue")]
+    argv += ["--per-channel-weights", "--per-channel-residuals", "--outlier-channels", "2", "--outlier-suppression"]
+    argv += ["--clipping-steps", "3", "--num-calibration-batches", "4", "--output", str(tmp_path / "rte")]
+    with pytest.raises(_Stop):
+        evaluate_cli.main(argv)
+    config = seen["w8a8"]
+    assert (config.per_channel_weights, config.per_channel_residuals, config.outlier_channels) == (True, True, 2)
+    assert (config.gamma_migration, config.token_wise_clipping, config.clipping_steps) == (True, True, 3)
+    assert config.num_calibration_batches == 4
+    assert list(tmp_path.iterdir()) == []
