@@ -132,10 +132,10 @@ def check_output_dir(save_dir: str | Path, source_dir: str | Path | None = None,
     if source_dir is not None:
         source = Path(source_dir).resolve()
         if path == source:
-            raise ValueError(f"the output folder {save_dir!s} is the input model folder: choose another --output")
+            raise ValueError(f"the output folder {save_dir!s} is the input model folder: choose another output folder")
         if _is_inside(source, path):
             raise ValueError(
-                f"the output folder {save_dir!s} contains the input model {source_dir!s}: choose another --output"
+                f"the output folder {save_dir!s} contains the input model {source_dir!s}: choose another output folder"
             )
     if path.exists() and not path.is_dir():
         raise ValueError(f"the output {save_dir!s} exists and is not a folder")
