@@ -76,6 +76,8 @@ def models(tmp_path_factory, minilm_path, data_dir):
             quantization_config=W8A8Config(num_calibration_batches=1),
             calibration_dataset=calibration,
         )
+    (root / "empty.txt").write_text("")
+    (root / "binary.txt").write_bytes(bytes(range(256)) * 8)
     return root
 
 
@@ -136,6 +138,16 @@ EVALUATE_CASES = [
         "image column for a text task",
         lambda w: [str(w / "gated"), "--task", "mlm", "--image-column", "img"],
         r"--image-column applies to --task image only",
+    ),
+    BadInput(
+        "empty dataset",
+        lambda w: [str(w / "gated"), "--task", "mlm", "--dataset", str(w / "empty.txt"), "--output", str(w / "o")],
+        r"empty\.txt.* cannot be read: it holds no example",
+    ),
+    BadInput(
+        "binary dataset",
+        lambda w: [str(w / "gated"), "--task", "mlm", "--dataset", str(w / "binary.txt"), "--output", str(w / "o")],
+        r"binary\.txt.* cannot be read: it is not UTF-8 text",
     ),
     BadInput(
         "mlm probability for clm",

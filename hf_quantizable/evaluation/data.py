@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 from datasets import ClassLabel, Dataset, Features, Image, load_dataset
+from datasets.arrow_writer import SchemaInferenceError
+from datasets.exceptions import DatasetGenerationError, DatasetNotFoundError
 
 TEXT_SUFFIXES = {".txt": "text", ".tokens": "text", ".raw": "text", ".json": "json", ".jsonl": "json", ".csv": "csv"}
 SPLIT_ALIASES = {
@@ -88,7 +90,23 @@ def load_split(
     Args:
         data_files: with a builder name as `dataset` (`text`, `json`, `csv`, `imagefolder`): the files.
         limit: keep the first `limit` examples.
+    Raises ValueError naming the dataset when it is empty, not text, or cannot be fetched.
     """
+    try:
+        return _load_split(dataset, dataset_config, split, data_files, limit)
+    except DatasetGenerationError as error:  # empty or binary files: the real reason is the cause
+        cause = error.__cause__ or error
+        reasons = {SchemaInferenceError: "it holds no example", UnicodeDecodeError: "it is not UTF-8 text"}
+        reason = next((text for kind, text in reasons.items() if isinstance(cause, kind)), type(cause).__name__)
+        raise ValueError(f"dataset {dataset!r} ({split} split) cannot be read: {reason}") from None
+    except (DatasetNotFoundError, ConnectionError) as error:  # unknown or unreachable Hub dataset
+        line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"dataset {dataset!r} cannot be loaded: {line} (offline? pass a local path)") from None
+
+
+def _load_split(
+    dataset: str, dataset_config: str | None, split: str, data_files: str | list[str] | None, limit: int | None
+) -> Dataset:
     if data_files is not None:
         loaded = load_dataset(dataset, data_files={split: data_files}, split=split)
     elif _looks_like_path(dataset) or Path(dataset).exists():
