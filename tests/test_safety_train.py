@@ -62,9 +62,9 @@ def local_data_argv(output: Path, dataset: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> Path:
+def inputs(tmp_path_factory) -> Path:
     """Inputs for the bad-input rows: good / empty / binary text, a plain file and a tiny stock BERT."""
-    root = tmp_path_factory.mktemp("workspace")
+    root = tmp_path_factory.mktemp("inputs")
     lines = generate_corpus(300)
     (root / "corpus.txt").write_text("\n".join(lines))
     (root / "empty.txt").write_text("")
@@ -85,6 +85,12 @@ def workspace(tmp_path_factory) -> Path:
     (root / "roberta").mkdir()
     (root / "roberta" / "config.json").write_text(json.dumps({"model_type": "roberta"}))
     return root
+
+
+@pytest.fixture
+def workspace(inputs, tmp_path) -> Path:
+    """A fresh copy of the inputs per test, so no row sees what another one wrote."""
+    return Path(shutil.copytree(inputs, tmp_path / "workspace"))
 
 
 TRAIN_CASES = [
