@@ -214,6 +214,15 @@ def test_lm_eval_records_get_their_task_type(records):
 
 
 def test_front_matter_is_plain_yaml(records):
+    """The metadata parses with a safe YAML loader and holds exactly the finite measured values."""
     text = str(render(records))
-    front = text.split("---")[1]
-    assert yaml.safe_load(front)["model-index"][0]["results"]
+    front = yaml.safe_load(text.split("---")[1])
+    assert (front["library_name"], front["pipeline_tag"], front["license"]) == (
+        "transformers",
+        "fill-mask",
+        "apache-2.0",
+    )
+    metrics = [m for result in front["model-index"][0]["results"] for m in result["metrics"]]
+    measured = sorted((r.precision, r.metric, r.value) for r in records if r.value is not None)
+    assert sorted((m["config"], m["type"], m["value"]) for m in metrics) == measured
+    assert all(m["args"] == {"n_examples": 128, "seed": 0} for m in metrics)

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import (
     AutoModel,
     AutoModelForCausalLM,
@@ -107,11 +108,26 @@ def test_forward_shapes_attentions_and_hidden_states(family, attn_impl):
     assert torch.isfinite(out.logits).all()
 
 
-def test_sequence_classification_losses():
-    for num_labels, labels in [(3, torch.tensor([0, 2])), (1, torch.tensor([0.5, 1.5]))]:
-        model = QuantizableBertForSequenceClassification(QuantizableBertConfig(**TINY_BERT, num_labels=num_labels))
-        out = model(**tiny_inputs("bert"), labels=labels)
-        assert out.logits.shape == (2, num_labels) and out.loss.ndim == 0
+@pytest.mark.parametrize(
+    ("num_labels", "labels", "problem_type", "reference"),
+    [
+        (1, torch.tensor([0.5, 1.5]), "regression", lambda z, y: F.mse_loss(z.squeeze(-1), y)),
+        (3, torch.tensor([0, 2]), "single_label_classification", F.cross_entropy),
+        (
+            3,
+            torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]),
+            "multi_label_classification",
+            F.binary_cross_entropy_with_logits,
+        ),
+    ],
+)
+def test_sequence_classification_losses(num_labels, labels, problem_type, reference):
+    """The loss of each problem type equals torch.nn.functional's on the same logits (as transformers' BERT)."""
+    torch.manual_seed(0)
+    model = QuantizableBertForSequenceClassification(QuantizableBertConfig(**TINY_BERT, num_labels=num_labels))
+    out = model(**tiny_inputs("bert"), labels=labels)
+    assert out.logits.shape == (2, num_labels) and model.config.problem_type == problem_type
+    torch.testing.assert_close(out.loss, reference(out.logits, labels), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("attn_impl", ATTN_IMPLS)
