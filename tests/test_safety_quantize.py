@@ -152,6 +152,10 @@ BAD_INPUTS = [
              r"pickle/? holds only pickle weights \(pytorch_model\.bin\)"),
     BadInput("weights-none", _with_model("empty", lambda f: (f / "model.safetensors").unlink()),
              r"no weights in .*empty: no \*\.safetensors file"),
+    BadInput("model-without-tokenizer",
+             _with_model("notok", lambda f: [p.unlink() for p in f.glob("*") if p.suffix in (".txt", ".json")
+                                             and p.name != "config.json"]),
+             r"cannot load the tokenizer of .*notok"),
     BadInput("calibration-binary",
              lambda ws: [*quantize_args(ws, ws / "out"), "--calibration-data", str(_file(ws, "bin.txt", bytes(range(256))))],
              r"bin\.txt is not UTF-8 text"),
@@ -231,6 +235,16 @@ def test_empty_output_folder_is_used_and_the_output_lists_its_files(workspace):
     settings = json.loads((workspace / "new" / "config.json").read_text())["w8a8_config"]
     assert settings["files"] == sorted(p.name for p in (workspace / "new").iterdir())
     assert {"config.json", "model.safetensors", "int8.py", "tokenizer.json"} <= set(settings["files"])
+
+
+def test_output_gets_the_usual_permissions(workspace):
+    umask = os.umask(0o022)
+    try:
+        assert main(quantize_args(workspace, workspace / "out")) == 0
+    finally:
+        os.umask(umask)
+    assert (workspace / "out").stat().st_mode & 0o777 == 0o755  # not the temporary folder's 0700
+    assert (workspace / "out" / "model.safetensors").stat().st_mode & 0o777 == 0o644
 
 
 def test_stale_temp_folders_are_removed_live_ones_kept(workspace):

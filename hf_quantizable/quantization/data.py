@@ -51,6 +51,13 @@ def image_batches(image_processor, folder: str | Path, batch_size: int, num_batc
     return batches
 
 
+def _load_processor(auto_class, model_dir: str | Path, what: str):
+    try:
+        return auto_class.from_pretrained(model_dir)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot load the {what} of {model_dir!s}: {error}") from None
+
+
 def calibration_batches(
     model_dir: str | Path, data: str | Path | None, batch_size: int, max_length: int, num_batches: int, model_type: str
 ) -> tuple[list[dict[str, torch.Tensor]], object]:
@@ -64,9 +71,11 @@ def calibration_batches(
 
         if data is None:
             raise ValueError("`--calibration-data` must name an image folder for ViT models")
+        if Path(data).is_file():
+            raise ValueError(f"calibration data {data!s} is a file; ViT models calibrate on an image folder")
         if not Path(data).is_dir():
             raise FileNotFoundError(f"calibration image folder {data!s} does not exist")
-        processor = AutoImageProcessor.from_pretrained(model_dir)
+        processor = _load_processor(AutoImageProcessor, model_dir, "image processor")
         return image_batches(processor, data, batch_size, num_batches), processor
     from transformers import AutoTokenizer
 
@@ -75,7 +84,7 @@ def calibration_batches(
         raise ValueError(f"calibration data {data!s} is a folder; a text model reads a text file, one example a line")
     if not data.is_file():
         raise FileNotFoundError(f"calibration text file {data!s} does not exist")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = _load_processor(AutoTokenizer, model_dir, "tokenizer")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return text_batches(tokenizer, read_lines(data), batch_size, max_length, num_batches), tokenizer

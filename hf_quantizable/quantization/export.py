@@ -198,7 +198,7 @@ def save_atomically(save_fn, save_dir: str | Path, overwrite: bool = False) -> P
     tmp_dir = Path(tempfile.mkdtemp(prefix=f"{tmp_prefix}{os.getpid()}-", dir=save_dir.parent))
     try:
         save_fn(tmp_dir)
-        tmp_dir.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the output gets the usual permissions
+        _apply_umask(tmp_dir)
         check_output_dir(save_dir, overwrite=overwrite)
         if save_dir.exists() and any(save_dir.iterdir()):
             old = Path(tempfile.mkdtemp(prefix=f"{old_prefix}{os.getpid()}-", dir=save_dir.parent))
@@ -213,10 +213,13 @@ def save_atomically(save_fn, save_dir: str | Path, overwrite: bool = False) -> P
     return save_dir
 
 
-def _umask() -> int:
+def _apply_umask(folder: Path) -> None:
+    """Give `folder` and its files the user's usual permissions (mkdtemp makes 0700, some writers 0600)."""
     mask = os.umask(0)
     os.umask(mask)
-    return mask
+    folder.chmod(0o777 & ~mask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def weight_bytes(model: nn.Module) -> dict[str, int]:
