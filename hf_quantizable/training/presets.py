@@ -32,6 +32,7 @@ from ..modeling.configuration_quantizable import (
 FAMILIES = ("bert", "opt", "vit")
 CONFIG_CLASSES = {"bert": QuantizableBertConfig, "opt": QuantizableOPTConfig, "vit": QuantizableViTConfig}
 VARIANTS = ("vanilla", "clipped", "gated")
+OPTIMIZERS = ("adamw", "muon")  # muon: torch.optim.Muon on hidden matrices, AdamW on the rest (Park et al. 2025)
 
 
 @dataclass
@@ -110,6 +111,7 @@ class TrainingPreset:
     training: dict[str, Any] = field(default_factory=dict)
     data: DataSpec = field(default_factory=DataSpec)
     tracking: TrackingSpec = field(default_factory=TrackingSpec)
+    optimizer: str = "adamw"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -416,6 +418,11 @@ def apply_overrides(preset: TrainingPreset, overrides: list[str] | dict[str, Any
     groups = _field_names(preset.family)
     applied = []
     for key, value in overrides.items():
+        if key == "optimizer":  # a top-level field of the preset
+            if value not in OPTIMIZERS:
+                raise ValueError(f"`optimizer` must be one of {', '.join(OPTIMIZERS)}, got {value!r}")
+            preset.optimizer = value
+            continue
         group, _, name = key.rpartition(".")
         if group:
             if group not in groups:
