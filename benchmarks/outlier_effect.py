@@ -1,32 +1,44 @@
-"""Train vanilla, clipped and gated variants of one preset for the same budget and compare them.
+"""Outlier-effect search: train vanilla, clipped and gated variants of one setting for the same budget.
 
-Side by side per variant: FP quality and simulated-W8A8 quality on fixed evaluation batches (the
-quantizer's paper setting, 16 calibration batches), max inf norm, average / max kurtosis, gate
-statistics, wall time, and the tracked curve of the statistics during training.
+Each variant of a setting trains with the same seed, data and steps. Every `--track-every` steps it
+checkpoints and records the probe perplexity on held-out text, the max inf norm, the average / max
+kurtosis, He et al.'s kurtosis of per-neuron activation RMS, the location of the largest activation
+(token position, channel, token id), gate statistics, and every `--w8a8-every` steps the perplexity
+of a simulated-W8A8 copy (the papers' per-tensor setting). At the end it evaluates FP and W8A8
+perplexity on `--eval-batches` held-out batches and checks the issue's bar.
 
-    python benchmarks/outlier_effect.py --preset bert-tiny --max-steps 2000 \
-        --label noop-lr1e-3 data.dataset=embedded-noop hidden_dropout_prob=0 --output benchmarks/results/outlier_effect.json
+Every attempt is appended to the search log (`--log`, JSON lines): a `started` record, then one of
+`finished`, `aborted` (interrupt / SIGTERM), `failed` (exception) per variant, and a `comparison`
+record once all variants of the setting are done. A killed process leaves a `started` record without
+an end. Runs live under `--runs-dir/<label>/seed<seed>/<variant>`; `--resume` continues each variant
+from its last checkpoint (or reuses a finished one), and a larger `--max-steps` extends them.
 
-Each call adds one entry (`--label`) to the `runs` list of `--output`.
+    python benchmarks/outlier_effect.py --setting opt-noop-bos --max-steps 1500 --resume
+    python benchmarks/outlier_effect.py --preset opt-tiny --label my-try --bos model.num_hidden_layers=4
+    python benchmarks/outlier_effect.py --summary          # table of the log's latest records
 """
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import platform
+import signal
+import socket
 import sys
-import tempfile
 import time
+import traceback
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from hf_quantizable.evaluation import compute_outlier_stats
 from hf_quantizable.evaluation.results import package_versions
-from hf_quantizable.paths import write_text_atomic
-from hf_quantizable.training.callbacks import gate_statistics, probe_quality, record_gates
+from hf_quantizable.paths import shared_data_dir, write_text_atomic
+from hf_quantizable.training.callbacks import OutlierTrackingCallback, gate_statistics, probe_quality, record_gates
 from hf_quantizable.training.presets import VARIANTS, apply_overrides, get_preset
 from hf_quantizable.training.runner import (
     DataCollatorForLanguageModeling,
@@ -35,140 +47,460 @@ from hf_quantizable.training.runner import (
     fixed_batches,
 )
 
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_LOG = REPO / "benchmarks" / "results" / "outlier_search.jsonl"
+DEFAULT_COMPARISON = REPO / "benchmarks" / "results" / "outlier_effect.json"
+DEFAULT_RUNS = Path(os.environ.get("OUTLIER_RUNS_DIR", "/work/outlier_runs"))
+SEARCH_VARIANTS = (*VARIANTS, "vanilla-muon")
+SETTING_FILE = "setting.json"
+FINAL_FILE = "final.json"
+WALL_FILE = "wall.json"
+TRACKING_FILE = "outlier_tracking.jsonl"
+CPU_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8")
 
-def machine() -> dict:
+# The bar of issue 21 (held-out text, same budget).
+BAR = {"vanilla_w8a8_ratio_min": 1.2, "method_w8a8_ratio_max": 1.02, "inf_norm_factor_min": 5.0, "fp_ppl_tol": 0.05}
+
+
+@dataclasses.dataclass
+class Setting:
+    """One point of the search: a preset base, overrides applied to every variant, data options."""
+
+    preset: str
+    overrides: list[str]
+    bos: bool = False
+    description: str = ""
+
+
+_OPT_NO_DROPOUT = ["model.dropout=0", "model.attention_dropout=0", "training.weight_decay=0"]
+_OPT_4L_128 = [
+    "model.num_hidden_layers=4",
+    "model.hidden_size=128",
+    "model.word_embed_proj_dim=128",
+    "model.num_attention_heads=4",
+    "model.ffn_dim=512",
+    "model.max_position_embeddings=128",
+    "data.seq_length=128",
+]
+_OPT_4L_256 = [
+    "model.num_hidden_layers=4",
+    "model.hidden_size=256",
+    "model.word_embed_proj_dim=256",
+    "model.num_attention_heads=8",
+    "model.ffn_dim=1024",
+    "model.max_position_embeddings=128",
+    "data.seq_length=128",
+]
+_LR = ["training.learning_rate=3e-3", "training.warmup_steps=100"]
+
+
+def _text(name: str) -> str:
+    return f"data.dataset={shared_data_dir() / name}"
+
+
+SETTINGS: dict[str, Setting] = {
+    "opt-4l256-embedded": Setting(
+        "opt-tiny",
+        [*_OPT_4L_256, *_OPT_NO_DROPOUT, *_LR, "data.embedded_size=300000"],
+        description="OUTLIER_NOTES run B: pre-LN OPT 4L/256 on the embedded grammar, packed, no BOS at position 0",
+    ),
+    "opt-4l128-embedded-bos": Setting(
+        "opt-tiny",
+        [*_OPT_4L_128, *_OPT_NO_DROPOUT, *_LR, "data.embedded_size=300000"],
+        bos=True,
+        description="pre-LN OPT 4L/128 on the embedded grammar, BOS at every sequence start",
+    ),
+    "opt-4l128-noop-bos": Setting(
+        "opt-tiny",
+        [*_OPT_4L_128, *_OPT_NO_DROPOUT, *_LR, "data.dataset=embedded-noop", "data.embedded_size=100000"],
+        bos=True,
+        description="pre-LN OPT 4L/128 on the no-op corpus (attention mostly useless), BOS at every sequence start",
+    ),
+    "opt-4l128-shakespeare-bos": Setting(
+        "opt-tiny",
+        [*_OPT_4L_128, *_OPT_NO_DROPOUT, *_LR, _text("tinyshakespeare/input.txt")],
+        bos=True,
+        description="pre-LN OPT 4L/128 on Tiny Shakespeare, BOS at every sequence start",
+    ),
+    "opt-4l128-wikitext-bos": Setting(
+        "opt-tiny",
+        [*_OPT_4L_128, *_OPT_NO_DROPOUT, *_LR, _text("wikitext-2")],
+        bos=True,
+        description="pre-LN OPT 4L/128 on WikiText-2 valid+test (train: valid, eval: test), BOS at every sequence start",
+    ),
+}
+
+
+def machine() -> dict[str, Any]:
+    """Host, CPU model and flags, thread settings and accelerator of this process."""
+    model, flags = "", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and not model:
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     return {
+        "host": socket.gethostname(),
         "platform": platform.platform(),
         "processor": platform.processor(),
+        "cpu_model": model,
+        "cpu_flags": [f for f in CPU_FLAGS if f in flags],
         "cpu_count": os.cpu_count(),
+        "cpu_affinity": affinity,
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
 
 
-def final_stats(run, preset, eval_batches: int, w8a8: bool) -> dict:
-    trainer = run.trainer
-    model = trainer.model.eval()
-    family = preset.family
-    processing = trainer.processing_class
-    if family == "bert":
-        collator = DataCollatorForLanguageModeling(processing, mlm_probability=preset.data.mlm_probability)
-    elif family == "opt":
-        collator = DataCollatorForLanguageModeling(processing, mlm=False)
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def append_log(path: Path, record: dict[str, Any]) -> None:
+    """Append one JSON line to the search log (created with its folder if missing)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(record, default=float) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_tracking(path: Path) -> list[dict[str, Any]]:
+    """Tracking records of a run, one per step (a step tracked again after a resume keeps its last record)."""
+    by_step: dict[int, dict] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                by_step[record["step"]] = record
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def with_bos(dataset, bos_token_id: int):
+    """Blocks that start with the BOS token: `[bos] + ids[:-1]` (same length; other columns kept)."""
+
+    def prepend(batch):
+        out = dict(batch)
+        out["input_ids"] = [[bos_token_id] + ids[:-1] for ids in batch["input_ids"]]
+        return out
+
+    return dataset.map(prepend, batched=True, desc="BOS at sequence start")
+
+
+def variant_preset(setting: Setting, variant: str, max_steps: int, seed: int):
+    base, _, optimizer = variant.partition("-")
+    overrides = [*setting.overrides, f"training.max_steps={max_steps}", f"training.seed={seed}"]
+    overrides.append("tracking.outlier_every_n_steps=0")  # the benchmark tracks (after its data options)
+    if optimizer:
+        overrides.append(f"optimizer={optimizer}")
+    return apply_overrides(get_preset(f"{setting.preset}-{base}"), overrides)
+
+
+def check_setting_file(folder: Path, identity: dict[str, Any], resume: bool) -> None:
+    """Write the setting's identity once; a resumed or repeated label must have the same one."""
+    path = folder / SETTING_FILE
+    if path.exists():
+        previous = json.loads(path.read_text())
+        if previous != identity:
+            changed = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
+            raise ValueError(f"{folder} holds another setting (differs in {changed}): choose another --label")
+        if not resume:
+            raise ValueError(f"{folder} already holds this setting: pass --resume to continue it")
     else:
-        collator = default_data_collator
+        write_text_atomic(path, json.dumps(identity, indent=1) + "\n")
+
+
+def evaluate_variant(trainer, family: str, eval_batches: int, calibration_batches: int) -> dict[str, Any]:
+    """FP and simulated-W8A8 quality on held-out batches, outlier statistics and gate statistics."""
+    from hf_quantizable.quantization import W8A8Config, quantize_model
+
+    model = trainer.model.eval()
+    collator = _collator(family, trainer)
     batch_size = trainer.args.per_device_eval_batch_size
     batches = fixed_batches(trainer.eval_dataset, collator, batch_size, eval_batches)
     with record_gates(model) as gates:
         fp = probe_quality(model, batches)
     with torch.no_grad():
         outliers = compute_outlier_stats(model, [{k: v for k, v in b.items() if k != "labels"} for b in batches])
-    stats = {
+    calibration = fixed_batches(trainer.train_dataset, collator, batch_size, calibration_batches, keep_labels=False)
+    quantized = quantize_model(copy.deepcopy(model), W8A8Config(), calibration).eval()
+    w8a8 = probe_quality(quantized, batches)
+    key = "perplexity" if "perplexity" in fp else "accuracy"
+    return {
         "fp": fp,
-        "max_inf_norm": outliers["max_inf_norm"],
-        "avg_kurtosis": outliers["avg_kurtosis"],
-        "max_kurtosis": outliers["max_kurtosis"],
-        "gates": gate_statistics(gates),
+        "w8a8": w8a8,
+        "w8a8_ratio": w8a8[key] / fp[key],
+        **{k: outliers[k] for k in ("max_inf_norm", "avg_kurtosis", "max_kurtosis", "avg_rms_kurtosis")},
+        "max_rms_kurtosis": outliers["max_rms_kurtosis"],
+        "max_inf_norm_by_kind": outliers["max_inf_norm_by_kind"],
+        "max_location": outliers["max_location"],
+        "per_layer": [{k: v for k, v in e.items() if k != "top_outlier_dims"} for e in outliers["per_layer"]],
+        "gates": {k: v for k, v in gate_statistics(gates).items() if k != "gates/per_layer"},
         "eval_sequences": sum(len(b["labels"]) for b in batches),
     }
-    if w8a8:
-        from hf_quantizable.quantization import W8A8Config, quantize_model
-
-        calibration = fixed_batches(trainer.train_dataset, collator, batch_size, 16, keep_labels=False)
-        quantized = quantize_model(copy.deepcopy(model), W8A8Config(), calibration).eval()
-        stats["w8a8"] = probe_quality(quantized, batches)
-    return stats
 
 
-def run_variant(base: str, variant: str, overrides: list[str], max_steps: int, track_every: int, args) -> dict:
-    preset = apply_overrides(
-        get_preset(f"{base}-{variant}"),
-        overrides + [f"training.max_steps={max_steps}", f"tracking.outlier_every_n_steps={track_every}"],
-    )
-    with tempfile.TemporaryDirectory() as tmp:
+def _collator(family: str, trainer):
+    processing = trainer.processing_class
+    if family == "bert":
+        return DataCollatorForLanguageModeling(processing, mlm_probability=0.15)
+    if family == "opt":
+        return DataCollatorForLanguageModeling(processing, mlm=False)
+    return default_data_collator
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived: the attempt is logged as aborted."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated(f"signal {signum}")
+
+
+def run_variant(setting: Setting, label: str, variant: str, args, log: Path) -> dict[str, Any] | None:
+    """Train (or resume, or reuse) one variant; log the attempt; return its final record or None."""
+    folder = Path(args.runs_dir) / label / f"seed{args.seed}" / variant
+    final_path = folder / FINAL_FILE
+    if final_path.exists():
+        final = json.loads(final_path.read_text())
+        if final["steps"] >= args.max_steps and args.resume:
+            print(f"{label}/{variant}: finished at step {final['steps']}, reused", file=sys.stderr)
+            return final
+    preset = variant_preset(setting, variant, args.max_steps, args.seed)
+    base_record = {
+        "label": label,
+        "variant": variant,
+        "seed": args.seed,
+        "max_steps": args.max_steps,
+        "setting": dataclasses.asdict(setting),
+        "tracking": {"track_every": args.track_every, "w8a8_every": args.w8a8_every, "probe_batches": 2},
+        "run_dir": str(folder),
+        "machine": machine(),
+        "versions": package_versions(),
+    }
+    append_log(log, {**base_record, "status": "started", "time": _now()})
+    start = time.perf_counter()
+    wall_before = json.loads((folder / WALL_FILE).read_text())["wall_time_s"] if (folder / WALL_FILE).exists() else 0.0
+    trainer = None
+    status, error, final = "failed", None, None
+    try:
         run = build_run(
             preset,
-            Path(tmp) / "run",
-            training_overrides={"disable_tqdm": True, "save_strategy": "no", "logging_steps": track_every},
+            folder,
+            resume=args.resume,
+            training_overrides={
+                "disable_tqdm": True,
+                "save_strategy": "steps",
+                "save_steps": args.track_every,
+                "save_total_limit": 2,
+                "logging_steps": args.track_every,
+            },
         )
-        start = time.perf_counter()
-        result = run.trainer.train()
+        trainer = run.trainer
+        if getattr(trainer, "optimizer_name", "adamw") != preset.optimizer:
+            trainer.optimizer_name = preset.optimizer
+        if setting.bos:
+            bos = trainer.processing_class.bos_token_id
+            trainer.train_dataset = with_bos(trainer.train_dataset, bos)
+            trainer.eval_dataset = with_bos(trainer.eval_dataset, bos)
+        collator = _collator(preset.family, trainer)
+        batch_size = trainer.args.per_device_eval_batch_size
+        tracker = OutlierTrackingCallback(
+            fixed_batches(trainer.eval_dataset, collator, batch_size, 2),
+            args.track_every,
+            args.w8a8_every,
+            calibration_batches=fixed_batches(trainer.train_dataset, collator, batch_size, 16, keep_labels=False),
+            log_file=folder / TRACKING_FILE,
+        )
+        trainer.add_callback(tracker)
+        print(f"{label}/{variant}: training to step {args.max_steps} (resume from {run.resume_from})", file=sys.stderr)
+        result = trainer.train(resume_from_checkpoint=run.resume_from)
+        stats = evaluate_variant(trainer, preset.family, args.eval_batches, 16)
+        final = {
+            "label": label,
+            "variant": variant,
+            "preset": preset.name,
+            "optimizer": preset.optimizer,
+            "steps": trainer.state.global_step,
+            "train_loss": result.metrics.get("train_loss"),
+            **stats,
+            "tracking": [
+                {k: v for k, v in r.items() if k != "gates/per_layer"} for r in read_tracking(folder / TRACKING_FILE)
+            ],
+        }
+        status = "finished"
+    except (KeyboardInterrupt, _Terminated) as err:
+        status, error = "aborted", repr(err)
+        raise
+    except Exception as err:  # logged, then the next variant runs
+        status, error = "failed", "".join(traceback.format_exception(err))[-4000:]
+        print(error, file=sys.stderr)
+    finally:
         wall = time.perf_counter() - start
-        stats = final_stats(run, preset, args.eval_batches, not args.no_w8a8)
-    losses = [(h["step"], h["loss"]) for h in run.trainer.state.log_history if "loss" in h]
-    curve = [
-        {k: v for k, v in h.items() if not k.startswith("gates/per_layer")}
-        for h in (run.tracker.history if run.tracker else [])
-    ]
-    return {
-        "preset": preset.name,
-        "model": preset.model,
-        "wall_time_s": round(wall, 1),
-        "train_loss": result.metrics["train_loss"],
-        "loss_curve": losses,
-        "tracking": curve,
-        **stats,
-    }
+        folder.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(folder / WALL_FILE, json.dumps({"wall_time_s": wall_before + wall}) + "\n")
+        if final is not None:
+            final["wall_time_s"] = round(wall_before + wall, 1)
+            write_text_atomic(final_path, json.dumps(final, indent=1, default=float) + "\n")
+        record = {
+            **base_record,
+            "status": status,
+            "time": _now(),
+            "steps_done": trainer.state.global_step if trainer is not None else 0,
+            "wall_time_s": round(wall, 1),
+            "wall_time_total_s": round(wall_before + wall, 1),
+            "error": error,
+        }
+        if final is not None:
+            record["result"] = {k: v for k, v in final.items() if k not in ("per_layer", "label", "variant")}
+        append_log(log, record)
+    return final
 
 
-def print_table(label: str, results: dict[str, dict]) -> None:
-    print(f"\n== {label}")
-    header = f"{'variant':10s} {'FP':>10s} {'W8A8':>10s} {'W8A8/FP':>8s} {'maxinf':>8s} {'avg kurt':>9s} {'max kurt':>9s} {'gate mean':>9s} {'time s':>7s}"
-    print(header)
+def check_bar(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The issue's bar for vanilla against each of clipped and gated (the variants present)."""
     vanilla = results.get("vanilla")
-    for variant, r in results.items():
-        key = "accuracy" if "accuracy" in r["fp"] else "perplexity"
-        fp = r["fp"][key]
-        q = r.get("w8a8", {}).get(key, float("nan"))
-        print(
-            f"{variant:10s} {fp:10.3f} {q:10.3f} {q / fp:8.3f} {r['max_inf_norm']:8.2f} {r['avg_kurtosis']:9.2f} "
-            f"{r['max_kurtosis']:9.2f} {r['gates'].get('gates/mean', float('nan')):9.3f} {r['wall_time_s']:7.0f}"
-        )
-    if vanilla:
-        for variant, r in results.items():
-            if variant != "vanilla":
-                print(
-                    f"  {variant} vs vanilla: max inf norm x{r['max_inf_norm'] / vanilla['max_inf_norm']:.2f}, "
-                    f"avg kurtosis x{r['avg_kurtosis'] / vanilla['avg_kurtosis']:.2f}, time x{r['wall_time_s'] / vanilla['wall_time_s']:.2f}"
-                )
+    if vanilla is None:
+        return {"met": False, "reason": "no vanilla run"}
+    checks: dict[str, Any] = {"vanilla_w8a8_ratio": vanilla["w8a8_ratio"]}
+    met = vanilla["w8a8_ratio"] >= BAR["vanilla_w8a8_ratio_min"]
+    methods = [m for m in ("clipped", "gated") if m in results]
+    for method in methods:
+        r = results[method]
+        factor = vanilla["max_inf_norm"] / r["max_inf_norm"]
+        fp_change = r["fp"]["perplexity"] / vanilla["fp"]["perplexity"] - 1
+        checks[method] = {
+            "w8a8_ratio": r["w8a8_ratio"],
+            "vanilla_inf_norm_factor": factor,
+            "fp_ppl_change": fp_change,
+            "ok": r["w8a8_ratio"] <= BAR["method_w8a8_ratio_max"]
+            and factor >= BAR["inf_norm_factor_min"]
+            and abs(fp_change) <= BAR["fp_ppl_tol"],
+        }
+        met = met and checks[method]["ok"]
+    return {"met": met and len(methods) == 2, "bar": BAR, **checks}
+
+
+def summary_row(label: str, variant: str, r: dict[str, Any]) -> str:
+    fp, q = r["fp"]["perplexity"], r["w8a8"]["perplexity"]
+    gate = r.get("gates", {}).get("gates/mean")
+    loc = r.get("max_location", {})
+    return (
+        f"{label:28s} {variant:13s} {r['steps']:6d} {fp:9.3f} {q:9.3f} {q / fp:7.3f} {r['max_inf_norm']:9.1f} "
+        f"{r['avg_kurtosis']:7.1f} {r['max_kurtosis']:7.1f} {r['max_rms_kurtosis']:7.2f} "
+        f"{'' if gate is None else f'{gate:.3f}':>6s} {loc.get('first_token_share') or 0:5.2f} "
+        f"{r.get('wall_time_s', float('nan')):7.0f}"
+    )
+
+
+HEADER = (
+    f"{'label':28s} {'variant':13s} {'steps':>6s} {'FP ppl':>9s} {'W8A8':>9s} {'ratio':>7s} {'max inf':>9s} "
+    f"{'avg k':>7s} {'max k':>7s} {'rms k':>7s} {'gate':>6s} {'pos0':>5s} {'wall s':>7s}"
+)
+
+
+def print_summary(log: Path) -> None:
+    latest: dict[tuple[str, int, str], dict] = {}
+    for record in read_log(log):
+        if record.get("status") == "finished":
+            latest[(record["label"], record["seed"], record["variant"])] = {
+                **record["result"],
+                "wall_time_s": record["wall_time_total_s"],
+            }
+    print(HEADER)
+    for (label, seed, variant), r in sorted(latest.items()):
+        print(summary_row(f"{label}/s{seed}", variant, r))
+
+
+def write_comparison(path: Path, label: str, setting: Setting, seed: int, results: dict, bar: dict) -> None:
+    document = json.loads(path.read_text()) if path.exists() else {"benchmark": "outlier_effect", "runs": []}
+    entry = {
+        "label": label,
+        "seed": seed,
+        "setting": dataclasses.asdict(setting),
+        "machine": machine(),
+        "versions": package_versions(),
+        "timestamp": _now(),
+        "bar": bar,
+        "variants": {v: {k: x for k, x in r.items() if k != "per_layer"} for v, r in results.items()},
+    }
+    runs = [r for r in document["runs"] if not (r["label"] == label and r.get("seed") == seed)]
+    document["runs"] = runs + [entry]
+    write_text_atomic(path, json.dumps(document, indent=1, default=float) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="bert-tiny", help="preset base name (without -vanilla/-clipped/-gated)")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    parser.add_argument("--max-steps", type=int, default=2000)
-    parser.add_argument("--track-every", type=int, default=250)
-    parser.add_argument("--eval-batches", type=int, default=8)
+    parser.add_argument("--setting", choices=sorted(SETTINGS), help="a named setting of the search")
+    parser.add_argument("--preset", help="preset base (without -vanilla/-clipped/-gated) for an ad-hoc setting")
+    parser.add_argument("--label", help="name of the setting in the log (default: --setting)")
+    parser.add_argument("--bos", action="store_true", help="ad-hoc setting: BOS token at every sequence start")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=SEARCH_VARIANTS)
+    parser.add_argument("--seed", type=int, default=1000)
+    parser.add_argument("--max-steps", type=int, default=1000)
+    parser.add_argument("--track-every", type=int, default=100, help="tracking and checkpoint interval")
+    parser.add_argument("--w8a8-every", type=int, default=300, help="simulated-W8A8 tracking interval (0: off)")
+    parser.add_argument("--eval-batches", type=int, default=8, help="held-out batches of the final evaluation")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--no-w8a8", action="store_true", help="skip the simulated W8A8 evaluation")
-    parser.add_argument("--label", required=True, help="name of this setting in the results file")
-    parser.add_argument("--note", default="", help="free text stored with the run")
-    parser.add_argument("--output", default="benchmarks/results/outlier_effect.json")
+    parser.add_argument("--runs-dir", default=str(DEFAULT_RUNS), help="checkpoints (outside the repository)")
+    parser.add_argument("--resume", action="store_true", help="continue (or reuse) the runs of this label")
+    parser.add_argument("--log", default=str(DEFAULT_LOG), help="search log (JSON lines)")
+    parser.add_argument("--comparison", default=str(DEFAULT_COMPARISON), help="comparison JSON of finished settings")
+    parser.add_argument("--summary", action="store_true", help="print the log's finished runs and exit")
+    parser.add_argument("--list-settings", action="store_true")
     parser.add_argument("overrides", nargs="*", help="preset overrides field=value, applied to every variant")
     args = parser.parse_args(argv)
+    log = Path(args.log)
+    if args.summary:
+        print_summary(log)
+        return 0
+    if args.list_settings:
+        for name, s in SETTINGS.items():
+            print(f"{name}: {s.description}\n    preset {s.preset}, bos={s.bos}, {' '.join(s.overrides)}")
+        return 0
+    if bool(args.setting) == bool(args.preset):
+        parser.error("give exactly one of --setting and --preset")
+    if args.setting:
+        setting = copy.deepcopy(SETTINGS[args.setting])
+        setting.overrides += args.overrides
+        setting.bos = setting.bos or args.bos
+        label = args.label or args.setting
+    else:
+        if not args.label:
+            parser.error("--preset needs --label")
+        setting, label = Setting(args.preset, list(args.overrides), args.bos), args.label
     torch.set_num_threads(args.threads)
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    folder = Path(args.runs_dir) / label / f"seed{args.seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    identity = {**dataclasses.asdict(setting), "track_every": args.track_every, "w8a8_every": args.w8a8_every}
+    check_setting_file(folder, identity, args.resume)
     results = {}
     for variant in args.variants:
-        results[variant] = run_variant(args.preset, variant, args.overrides, args.max_steps, args.track_every, args)
-        print(f"{variant}: done in {results[variant]['wall_time_s']} s", file=sys.stderr, flush=True)
-    print_table(args.label, results)
-    output = Path(args.output)
-    document = json.loads(output.read_text()) if output.exists() else {"benchmark": "outlier_effect", "runs": []}
-    document["runs"] = [r for r in document["runs"] if r["label"] != args.label] + [
-        {
-            "label": args.label,
-            "note": args.note,
-            "preset": args.preset,
-            "overrides": args.overrides,
-            "max_steps": args.max_steps,
-            "machine": machine(),
-            "versions": package_versions(),
-            "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "variants": results,
-        }
-    ]
-    write_text_atomic(output, json.dumps(document, indent=1) + "\n")
+        final = run_variant(setting, label, variant, args, log)
+        if final is not None:
+            results[variant] = final
+            print(HEADER + "\n" + summary_row(label, variant, final), file=sys.stderr, flush=True)
+    if results:
+        print(HEADER)
+        for variant, r in results.items():
+            print(summary_row(label, variant, r))
+    if {"vanilla", "clipped", "gated"} <= set(results):
+        bar = check_bar(results)
+        append_log(log, {"label": label, "seed": args.seed, "status": "comparison", "time": _now(), **bar})
+        write_comparison(Path(args.comparison), label, setting, args.seed, results, bar)
+        print(json.dumps(bar, indent=1))
     return 0
 
 

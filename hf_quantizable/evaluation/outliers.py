@@ -5,7 +5,13 @@ For every hooked tensor `x` of a forward pass `[B, T, d]`:
 - inf norm: per sequence `max |x|`, averaged over sequences;
 - kurtosis: per sequence over all `T * d` values, `E[(x - mu)^4] / (sigma^4 + 1e-6)` with the
   unbiased standard deviation (`torch.std`, as the official `kurtosis`), i.e. not the excess
-  kurtosis, averaged over sequences.
+  kurtosis, averaged over sequences;
+- neuron-RMS kurtosis (He et al. 2024, "Understanding and Minimising Outlier Features in
+  Transformer Training"): with `s_j` the mean of `x_j^2` over every real token of every sequence,
+  `mean_j(s_j^2) / mean_j(s_j)^2`, the (uncentred) kurtosis of the per-neuron RMS over the width:
+  1 when every neuron has the same RMS, large when a few neurons carry most of the energy;
+- location of the largest `|x|`: token position, channel and token id of the maximum, and the
+  share of sequences whose maximum lies at position 0 (the first token, where attention sinks sit).
 
 The summary is the max inf norm over all hooked tensors and the average and max kurtosis over the
 tensors that carry a kurtosis. Hooked tensors (the official choices):
@@ -150,6 +156,63 @@ class _Meter:
         return self.total / self.count if self.count else None
 
 
+def neuron_rms_kurtosis(mean_squares: torch.Tensor) -> float:
+    """He et al.'s kurtosis of the per-neuron RMS from `mean_squares` `[d]` (`s_j = mean_t x_tj^2`).
+
+    Equals `mean(r^4) / mean(r^2)^2` for the per-neuron RMS `r_j = sqrt(s_j)`; at least 1.
+    """
+    s = mean_squares.detach().to(torch.float64)
+    return float(s.pow(2).mean() / s.mean().pow(2).clamp(min=1e-300))
+
+
+def neuron_mean_squares(x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """Per-neuron sum of `x^2` over the real tokens of `x` `[B, T, d]` and the number of real tokens.
+
+    Returns:
+        sums `[d]` (float64) and the token count; their ratio is `s_j` of `neuron_rms_kurtosis`.
+    """
+    x = x.detach().to(torch.float64)
+    if mask is None:
+        return x.pow(2).sum(dim=(0, 1)), x.shape[0] * x.shape[1]
+    weights = mask.to(device=x.device, dtype=torch.float64)[:, :, None]  # [B, T, 1]
+    return (x.pow(2) * weights).sum(dim=(0, 1)), int(weights.sum())
+
+
+@dataclasses.dataclass
+class _MaxLocation:
+    """Where the largest `|x|` of a hooked tensor lies, over every recorded forward pass."""
+
+    value: float = float("-inf")
+    position: int | None = None
+    channel: int | None = None
+    token_id: int | None = None
+    first_token: _Meter = dataclasses.field(default_factory=_Meter)  # share of sequences with max at position 0
+
+    def update(self, x: torch.Tensor, mask: torch.Tensor | None, input_ids: torch.Tensor | None) -> None:
+        values = x.detach().abs().to(torch.float32)  # [B, T, d]
+        if mask is not None:
+            values = values * mask.to(device=values.device, dtype=values.dtype)[:, :, None]
+        batch, length, width = values.shape
+        per_sequence = values.reshape(batch, -1).argmax(dim=1)  # [B]
+        self.first_token.update(((per_sequence // width) == 0).to(torch.float64))
+        flat = int(values.argmax())
+        value = float(values.reshape(-1)[flat])
+        if value > self.value:
+            b, rest = divmod(flat, length * width)
+            self.value, self.position, self.channel = value, rest // width, rest % width
+            has_ids = input_ids is not None and input_ids.shape[:2] == (batch, length)
+            self.token_id = int(input_ids[b, self.position]) if has_ids else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "value": self.value if self.position is not None else None,
+            "position": self.position,
+            "channel": self.channel,
+            "token_id": self.token_id,
+            "first_token_share": self.first_token.mean,
+        }
+
+
 @dataclasses.dataclass
 class _Site:
     name: str
@@ -159,6 +222,15 @@ class _Site:
     inf_norm: _Meter = dataclasses.field(default_factory=_Meter)
     kurt: _Meter = dataclasses.field(default_factory=_Meter)
     outlier_counts: torch.Tensor | None = None
+    square_sums: torch.Tensor | None = None
+    tokens: int = 0
+    max_location: _MaxLocation = dataclasses.field(default_factory=_MaxLocation)
+
+    @property
+    def rms_kurtosis(self) -> float | None:
+        if self.square_sums is None or not self.tokens:
+            return None
+        return neuron_rms_kurtosis(self.square_sums / self.tokens)
 
 
 class OutlierStatsCollector:
@@ -195,6 +267,7 @@ class OutlierStatsCollector:
                 name = ".".join(part for part in (prefix, path, "input" if where == "input" else "") if part)
                 self.sites.append((_Site(name, tensor.kind, index, tensor.kurtosis), module, where))
         self._mask: torch.Tensor | None = None
+        self._input_ids: torch.Tensor | None = None
         self._handles: list = []
 
     @staticmethod
@@ -214,6 +287,7 @@ class OutlierStatsCollector:
 
     def _capture_mask(self, module, args, kwargs) -> None:
         self._mask = kwargs.get("attention_mask")
+        self._input_ids = kwargs.get("input_ids")
 
     def _make_hook(self, site: _Site, where: str):
         def hook(module, inputs, output):
@@ -235,9 +309,14 @@ class OutlierStatsCollector:
             site.kurt.update(kurtosis)
         counts = outlier_counts_per_dim(x, mask, self.outlier_threshold)
         site.outlier_counts = counts if site.outlier_counts is None else site.outlier_counts + counts
+        sums, tokens = neuron_mean_squares(x, mask)
+        site.square_sums = sums if site.square_sums is None else site.square_sums + sums
+        site.tokens += tokens
+        site.max_location.update(x, mask, self._input_ids)
 
     def per_layer(self) -> list[dict[str, Any]]:
-        """One entry per hooked tensor: layer, kind, module name, inf norm, kurtosis, top outlier dims."""
+        """One entry per hooked tensor: layer, kind, module name, inf norm, kurtosis, neuron-RMS
+        kurtosis, top outlier dims and the location of the largest value."""
         entries = []
         for site, _, _ in self.sites:
             counts = site.outlier_counts
@@ -252,7 +331,9 @@ class OutlierStatsCollector:
                     "module": site.name,
                     "inf_norm": site.inf_norm.mean,
                     "kurtosis": site.kurt.mean if site.kurtosis else None,
+                    "rms_kurtosis": site.rms_kurtosis,
                     "top_outlier_dims": top,
+                    "max_location": site.max_location.as_dict(),
                 }
             )
         return entries
@@ -266,20 +347,27 @@ class OutlierStatsCollector:
         }
 
     def summary(self) -> dict[str, Any]:
-        """`max_inf_norm`, `avg_kurtosis`, `max_kurtosis`, `max_inf_norm_by_kind`, `per_layer`, `num_sequences`."""
+        """`max_inf_norm`, `avg_kurtosis`, `max_kurtosis`, `avg_rms_kurtosis`, `max_rms_kurtosis`,
+        `max_inf_norm_by_kind`, `max_location` (of the tensor with the max inf norm), `per_layer`,
+        `num_sequences`."""
         per_layer = self.per_layer()
         if not self.sites or self.sites[0][0].inf_norm.count == 0:
             raise ValueError("no forward pass was recorded: give at least one batch")
         inf_norms = [entry["inf_norm"] for entry in per_layer]
         kurtoses = [entry["kurtosis"] for entry in per_layer if entry["kurtosis"] is not None]
+        rms_kurtoses = [entry["rms_kurtosis"] for entry in per_layer if entry["rms_kurtosis"] is not None]
         by_kind: dict[str, float] = {}
         for entry in per_layer:
             by_kind[entry["kind"]] = max(by_kind.get(entry["kind"], float("-inf")), entry["inf_norm"])
+        largest = max(per_layer, key=lambda entry: entry["inf_norm"])
         return {
             "max_inf_norm": max(inf_norms),
             "avg_kurtosis": sum(kurtoses) / len(kurtoses),
             "max_kurtosis": max(kurtoses),
+            "avg_rms_kurtosis": sum(rms_kurtoses) / len(rms_kurtoses),
+            "max_rms_kurtosis": max(rms_kurtoses),
             "max_inf_norm_by_kind": by_kind,
+            "max_location": {"module": largest["module"], **largest["max_location"]},
             "per_layer": per_layer,
             "num_sequences": self.sites[0][0].inf_norm.count,
         }
@@ -314,9 +402,10 @@ def compute_outlier_stats(
         batches: dicts of model inputs (`input_ids` + `attention_mask`, or `pixel_values`); `labels`
             are dropped.
     Returns:
-        `max_inf_norm`, `avg_kurtosis`, `max_kurtosis`, `max_inf_norm_by_kind`, `num_sequences` and
-        `per_layer` (one dict per hooked tensor: layer, kind, module, inf_norm, kurtosis,
-        top_outlier_dims).
+        `max_inf_norm`, `avg_kurtosis`, `max_kurtosis`, `avg_rms_kurtosis`, `max_rms_kurtosis`,
+        `max_inf_norm_by_kind`, `max_location`, `num_sequences` and `per_layer` (one dict per hooked
+        tensor: layer, kind, module, inf_norm, kurtosis, rms_kurtosis, top_outlier_dims,
+        max_location).
     """
     was_training = model.training
     model.eval()

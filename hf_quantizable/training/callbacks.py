@@ -129,7 +129,9 @@ class OutlierTrackingCallback(TrainerCallback):
             with torch.no_grad():
                 outliers = compute_outlier_stats(model, inputs)
             record = {"step": step, **{f"probe/{k}": v for k, v in quality.items()}}
-            record.update({f"outliers/{k}": outliers[k] for k in ("max_inf_norm", "avg_kurtosis", "max_kurtosis")})
+            keys = ("max_inf_norm", "avg_kurtosis", "max_kurtosis", "avg_rms_kurtosis", "max_rms_kurtosis")
+            record.update({f"outliers/{k}": outliers[k] for k in keys})
+            record["outliers/max_location"] = outliers["max_location"]
             record.update(gate_statistics(gates))
             if with_w8a8:
                 record.update({f"w8a8/{k}": v for k, v in self.w8a8_quality(model).items()})
