@@ -371,6 +371,22 @@ def test_truncated_optimizer_state_is_skipped_or_refused(finished_run, tmp_path)
     assert "skipped checkpoint-4: " in err and "optimizer.pt is truncated" in err
 
 
+def test_a_checkpoint_left_half_written_in_place_is_skipped(finished_run, tmp_path):
+    """What a kill during the in-place save of earlier versions left: weights and half the optimizer state."""
+    run = copy_run(finished_run, tmp_path)
+    checkpoints = run / "checkpoints"
+    (checkpoints / "checkpoint-4" / "checkpoint_complete.json").unlink()  # saved in place, but completely
+    half = checkpoints / "checkpoint-6"
+    half.mkdir()
+    shutil.copy(checkpoints / "checkpoint-4" / "model.safetensors", half)
+    (half / "optimizer.pt").write_bytes((checkpoints / "checkpoint-4" / "optimizer.pt").read_bytes()[:100])
+    code, _, err = run_main(train.main, train_argv(run, "--max-steps", "6", "--resume"))
+    assert code == 0, err
+    assert f"resuming from {checkpoints / 'checkpoint-4'}, the newest complete checkpoint" in err
+    assert "skipped checkpoint-6: " in err and "trainer_state.json is missing" in err
+    assert json.loads((half / "trainer_state.json").read_text())["global_step"] == 6  # replaced by a complete one
+
+
 def test_full_disk_during_a_checkpoint_is_a_one_line_error(tmp_path, monkeypatch):
     save = Trainer._save_optimizer_and_scheduler
 
