@@ -290,6 +290,14 @@ def test_read_only_output_is_refused(workspace, tmp_path, monkeypatch):
         locked.chmod(0o755)
 
 
+def test_the_optimizer_field_reaches_the_trainer(tmp_path):
+    from hf_quantizable.training import build_run
+
+    preset = apply_overrides(get_preset("bert-tiny-vanilla"), [*TINY, "optimizer=muon"])
+    run = build_run(preset, tmp_path / "run", training_overrides={"disable_tqdm": True})
+    assert run.trainer.optimizer_name == "muon"
+
+
 # --- faults: kills, truncated files, a full disk ---
 
 

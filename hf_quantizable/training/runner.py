@@ -249,7 +249,7 @@ def build_run(
         if resume_from is None:  # a fresh start: no tracking records of an earlier, failed attempt
             (output_dir / TRACKING_FILE).unlink(missing_ok=True)
         write_json_atomic(output_dir / RECIPE_FILE, recipe)
-    trainer_kwargs: dict[str, Any] = {"processing_class": processing}
+    trainer_kwargs: dict[str, Any] = {"processing_class": processing, "optimizer_name": preset.optimizer}
     if family == "bert":
         trainer_kwargs["mlm_probability"] = preset.data.mlm_probability
     trainer = TRAINERS[family](
