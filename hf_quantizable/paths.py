@@ -8,6 +8,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 DATA_ENV = "HF_QUANTIZABLE_DATA"
+# The lm-eval task YAMLs of the package (`TaskManager(include_path=...)`, lm-eval's `--include_path`).
+LM_EVAL_TASKS_DIR = Path(__file__).parent / "evaluation" / "lm_eval_tasks"
 
 
 def shared_data_dir() -> Path:

@@ -218,7 +218,7 @@ def test_lm_eval_cli_errors_are_one_line(tmp_path, monkeypatch, models):
         monkeypatch.setattr(sys, "argv", ["lm_eval", *argv])
         return lm_eval.main()
 
-    common = ["run", "--model", "hf-quantizable", "--tasks", "wikitext2_local", "--include_path", "eval_tasks"]
+    common = ["run", "--model", "hf-quantizable", "--tasks", "wikitext2_local"]  # the package's tasks by default
     missing = BadInput(
         "missing model",
         lambda w: [*common, "--model_args", f"pretrained={w / 'nope' / 'opt'}"],

@@ -1,7 +1,10 @@
 """The lm-eval command line with the `hf-quantizable` model registered.
 
     python -m hf_quantizable.evaluation.lm_eval run --model hf-quantizable \\
-        --model_args pretrained=runs/opt-gated --tasks wikitext2_local,sst2_local --include_path eval_tasks
+        --model_args pretrained=runs/opt-gated --tasks wikitext2_local,sst2_local
+
+Without `--include_path` it adds the package's task folder (`paths.LM_EVAL_TASKS_DIR`: the offline
+`wikitext2_local`, `sst2_local` and `rte_local` tasks).
 
 The plain `lm_eval` command cannot find `hf-quantizable` (lm-eval 0.4.13 has no plugin entry point for
 models), but its stock `hf` model loads our FP and INT8 checkpoints through their saved code:
@@ -14,11 +17,14 @@ import sys
 
 from lm_eval.__main__ import cli_evaluate
 
+from ..paths import LM_EVAL_TASKS_DIR
 from . import lm_eval_model  # noqa: F401  (registers "hf-quantizable")
 
 
 def main() -> int:
     """lm-eval's command line; a bad model or argument is one `error:` line, not a traceback."""
+    if len(sys.argv) > 1 and sys.argv[1] == "run" and "--include_path" not in sys.argv:
+        sys.argv += ["--include_path", str(LM_EVAL_TASKS_DIR)]
     try:
         cli_evaluate()
     except (ValueError, OSError) as error:

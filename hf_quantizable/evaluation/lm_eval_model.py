@@ -4,13 +4,14 @@ Importing this module registers the name with lm-eval::
 
     import lm_eval
     import hf_quantizable.evaluation.lm_eval_model  # noqa: F401  (registers "hf-quantizable")
+    from hf_quantizable.paths import LM_EVAL_TASKS_DIR
     from lm_eval.tasks import TaskManager
 
     lm_eval.simple_evaluate(
         model="hf-quantizable",
         model_args="pretrained=runs/opt-gated,w8a8=True",  # or pretrained=runs/opt-gated-w8a8 (INT8)
         tasks=["wikitext2_local"],
-        task_manager=TaskManager(include_path="eval_tasks"),
+        task_manager=TaskManager(include_path=str(LM_EVAL_TASKS_DIR)),
     )
 
 or from the shell: `python -m hf_quantizable.evaluation.lm_eval run --model hf-quantizable ...` (the

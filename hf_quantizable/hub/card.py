@@ -1,6 +1,6 @@
 """Model cards rendered only from results files: `model-index` eval results plus a Markdown body.
 
-Every number in a card comes from a `ResultRecord` (ours) or from `model_cards/paper_references.json`
+Every number in a card comes from a `ResultRecord` (ours) or from `hub/model_cards/paper_references.json`
 (published numbers, shown in their own clearly labelled table).
 """
 
@@ -18,7 +18,7 @@ from huggingface_hub.repocard_data import eval_results_to_model_index, model_ind
 
 from ..evaluation.results import ResultRecord
 
-TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "model_cards"
+TEMPLATES_DIR = Path(__file__).with_name("model_cards")  # package data: wheels ship it
 CARD_TEMPLATE = TEMPLATES_DIR / "quantizable_model_card.md.jinja"
 REFERENCES_PATH = TEMPLATES_DIR / "paper_references.json"
 
