@@ -1,4 +1,4 @@
-"""Local data for the lm-eval tasks of this folder (`TaskManager(include_path="eval_tasks")`).
+"""Local data for the lm-eval tasks of this folder (`TaskManager(include_path=LM_EVAL_TASKS_DIR)`).
 
 The data comes from the offline data folder (`$HF_QUANTIZABLE_DATA`, default `../shared/data`
 beside the repository, as `hf_quantizable.paths.shared_data_dir`); nothing is copied into the
@@ -22,7 +22,7 @@ ARTICLE_TITLE = re.compile(r"^ = [^=].* = $")  # " = Title = ": a new article ("
 def shared_data_dir() -> Path:
     """`$HF_QUANTIZABLE_DATA`, else `../shared/data` beside the repository (`hf_quantizable.paths`'s rule)."""
     env = os.environ.get("HF_QUANTIZABLE_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+    return Path(env) if env else Path(__file__).resolve().parents[4] / "shared" / "data"
 
 
 def _articles(path) -> list[str]:
