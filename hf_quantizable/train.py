@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--output is required")
         from .training.runner import build_run, finish_run
 
-        run = build_run(preset, args.output, resume=args.resume, training_overrides={"disable_tqdm": args.no_progress})
+        overrides = {"disable_tqdm": True} if args.no_progress else {}
+        run = build_run(preset, args.output, resume=args.resume, training_overrides=overrides)
     except ValueError as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
