@@ -163,7 +163,7 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OSError):
+    except OSError:
         return True  # another user's process, or a platform without signals: leave its folder alone
     return True
 
