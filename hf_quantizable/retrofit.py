@@ -236,14 +236,9 @@ def attention_fields(args: argparse.Namespace) -> dict[str, Any]:
     return {}
 
 
-def retrofit(args: argparse.Namespace) -> dict[str, Any]:
-    """Check every flag and input, load data and models, then write the recipe, distil and save.
-
-    Nothing is written before the checks pass and the data and both models are loaded.
-    """
-    resolve_attention_flags(args)
-    output = Path(args.output)
-    recipe = {
+def retrofit_recipe(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's identity, written to `training_recipe.json` (a rerun into the same folder must match it)."""
+    return {
         "name": "retrofit",
         "model": {"source": args.model, "attn_impl": args.attn_impl, **attention_fields(args)},
         "training": {
@@ -253,7 +248,11 @@ def retrofit(args: argparse.Namespace) -> dict[str, Any]:
         "data": {"dataset": args.dataset_path, "seq_length": args.seq_length},
         "tracking": {},
     }
-    check_output_dir(output, recipe, resume=False)
+
+
+def check_inputs(args: argparse.Namespace, recipe: dict[str, Any]) -> QuantizableBertConfig:
+    """Check the flags, the output folder, the model and the dataset path; return the retrofitted config."""
+    check_output_dir(Path(args.output), recipe, resume=False)
     try:
         config = retrofit_config(args.model, args.attn_impl, **attention_fields(args))
     except (ValueError, TypeError) as err:
@@ -264,19 +263,12 @@ def retrofit(args: argparse.Namespace) -> dict[str, Any]:
         )
     if not Path(args.dataset_path).expanduser().exists():
         raise ValueError(f"--dataset-path {args.dataset_path} does not exist")
-    torch.manual_seed(args.seed)
-    tokenizer = load_tokenizer(args.model)
-    tokenizer.model_max_length = min(tokenizer.model_max_length, config.max_position_embeddings)
-    data = load_text_datasets(
-        DataSpec(dataset=args.dataset_path, seq_length=args.seq_length), "bert", seed=args.seed, tokenizer=tokenizer
-    )
-    student = retrofit_model(args.model, args.attn_impl, **attention_fields(args))
-    try:
-        teacher = AutoModel.from_pretrained(args.model)
-    except OSError as err:
-        raise ValueError(f"could not load the weights of {args.model!r}: {one_line(err)}") from None
-    training_args = TrainingArguments(
-        output_dir=str(output / "checkpoints"),
+    return config
+
+
+def training_arguments(args: argparse.Namespace) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(Path(args.output) / "checkpoints"),
         max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size,
@@ -293,6 +285,29 @@ def retrofit(args: argparse.Namespace) -> dict[str, Any]:
         use_cpu=not torch.accelerator.is_available(),
         remove_unused_columns=False,
     )
+
+
+def retrofit(args: argparse.Namespace) -> dict[str, Any]:
+    """Check every flag and input, load data and models, then write the recipe, distil and save.
+
+    Nothing is written before the checks pass and the data and both models are loaded.
+    """
+    resolve_attention_flags(args)
+    output = Path(args.output)
+    recipe = retrofit_recipe(args)
+    config = check_inputs(args, recipe)
+    torch.manual_seed(args.seed)
+    tokenizer = load_tokenizer(args.model)
+    tokenizer.model_max_length = min(tokenizer.model_max_length, config.max_position_embeddings)
+    data = load_text_datasets(
+        DataSpec(dataset=args.dataset_path, seq_length=args.seq_length), "bert", seed=args.seed, tokenizer=tokenizer
+    )
+    student = retrofit_model(args.model, args.attn_impl, **attention_fields(args))
+    try:
+        teacher = AutoModel.from_pretrained(args.model)
+    except OSError as err:
+        raise ValueError(f"could not load the weights of {args.model!r}: {one_line(err)}") from None
+    training_args = training_arguments(args)
     eval_batches = fixed_batches(data.validation, default_data_collator, args.batch_size, 4, keep_labels=False)
     output.mkdir(parents=True, exist_ok=True)
     remove_leftovers(output)

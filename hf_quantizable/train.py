@@ -115,11 +115,14 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--output is required")
         from .training.runner import build_run, finish_run
 
-        overrides = {"disable_tqdm": True} if args.no_progress else {}
-        run = build_run(preset, args.output, resume=args.resume, training_overrides=overrides)
+        extra_args = {"disable_tqdm": True} if args.no_progress else {}
+        run = build_run(preset, args.output, resume=args.resume, training_overrides=extra_args)
     except ValueError as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
+    except OSError as err:  # reading the data or writing the recipe failed (a full disk, an unreadable file)
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return 1
     if run.resume_from:
         skipped = f" (skipped {'; '.join(run.skipped_checkpoints)})" if run.skipped_checkpoints else ""
         print(f"resuming from {run.resume_from}, the newest complete checkpoint{skipped}", file=sys.stderr)
