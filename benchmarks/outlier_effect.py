@@ -64,12 +64,60 @@ BAR = {"vanilla_w8a8_ratio_min": 1.2, "method_w8a8_ratio_max": 1.02, "inf_norm_f
 
 @dataclasses.dataclass
 class Setting:
-    """One point of the search: a preset base, overrides applied to every variant, data options."""
+    """One point of the search: a preset base, overrides applied to every variant, data options.
+
+    `corpus` names a generated training text (`CORPORA`, written once under `--runs-dir/corpora`);
+    it sets `data.dataset`.
+    """
 
     preset: str
     overrides: list[str]
     bos: bool = False
     description: str = ""
+    corpus: str | None = None
+
+
+def bigram_backcopy_corpus(num_lines: int, seed: int = 0, words: int = 60, vocab: int = 64) -> list[str]:
+    """The Bigram-Backcopy task of Guo et al. (2024, "Active-dormant attention heads"), as text.
+
+    Tokens `w0..w{vocab-1}` follow a fixed sparse random bigram chain (6 successors per token),
+    except after a trigger token (`w0..w3`), which is followed by the token before it. Only the
+    token after a trigger needs attention; everywhere else a head is best dormant, which is where
+    attention sinks and residual-state peaks on the first token form.
+    """
+    import numpy as np
+
+    rng = np.random.Generator(np.random.PCG64(seed))
+    successors = np.stack([rng.choice(vocab, size=6, replace=False) for _ in range(vocab)])
+    weights = rng.dirichlet(np.ones(6), size=vocab)
+    cumulative = weights.cumsum(axis=1).tolist()
+    successors = successors.tolist()
+    uniforms = rng.random((num_lines, words)).tolist()
+    starts = rng.integers(vocab, size=num_lines).tolist()
+    lines = []
+    for start, draws in zip(starts, uniforms):
+        tokens = [start]
+        for u in draws[1:]:
+            current = tokens[-1]
+            if current < 4 and len(tokens) > 1:
+                tokens.append(tokens[-2])
+            else:
+                row = cumulative[current]
+                tokens.append(successors[current][next((i for i, c in enumerate(row) if u < c), 5)])
+        lines.append(" ".join(f"w{t}" for t in tokens))
+    return lines
+
+
+CORPORA = {"bigram-backcopy": (bigram_backcopy_corpus, 80_000)}
+
+
+def corpus_file(name: str, runs_dir: Path) -> Path:
+    """Write the generated corpus `name` once (atomic) and return its path."""
+    generate, lines = CORPORA[name]
+    path = Path(runs_dir) / "corpora" / f"{name}-{lines}.txt"
+    if not path.exists():
+        write_text_atomic(path, "\n".join(generate(lines)) + "\n")
+    return path
 
 
 _OPT_NO_DROPOUT = ["model.dropout=0", "model.attention_dropout=0", "training.weight_decay=0"]
@@ -127,6 +175,13 @@ SETTINGS: dict[str, Setting] = {
         [*_OPT_4L_128, *_OPT_NO_DROPOUT, *_LR, _text("wikitext-2")],
         bos=True,
         description="pre-LN OPT 4L/128 on WikiText-2 valid+test (train: valid, eval: test), BOS at every sequence start",
+    ),
+    "opt-4l128-backcopy-bos": Setting(
+        "opt-tiny",
+        [*_OPT_4L_128, *_OPT_NO_DROPOUT, *_LR],
+        bos=True,
+        corpus="bigram-backcopy",
+        description="pre-LN OPT 4L/128 on Bigram-Backcopy (heads dormant except after triggers), BOS at every sequence start",
     ),
 }
 
@@ -198,9 +253,11 @@ def with_bos(dataset, bos_token_id: int):
     return dataset.map(prepend, batched=True, desc="BOS at sequence start")
 
 
-def variant_preset(setting: Setting, variant: str, max_steps: int, seed: int):
+def variant_preset(setting: Setting, variant: str, max_steps: int, seed: int, runs_dir: Path = DEFAULT_RUNS):
     base, _, optimizer = variant.partition("-")
     overrides = [*setting.overrides, f"training.max_steps={max_steps}", f"training.seed={seed}"]
+    if setting.corpus:
+        overrides.append(f"data.dataset={corpus_file(setting.corpus, runs_dir)}")
     overrides.append("tracking.outlier_every_n_steps=0")  # the benchmark tracks (after its data options)
     if optimizer:
         overrides.append(f"optimizer={optimizer}")
@@ -277,7 +334,7 @@ def run_variant(setting: Setting, label: str, variant: str, args, log: Path) -> 
         if final["steps"] >= args.max_steps and args.resume:
             print(f"{label}/{variant}: finished at step {final['steps']}, reused", file=sys.stderr)
             return final
-    preset = variant_preset(setting, variant, args.max_steps, args.seed)
+    preset = variant_preset(setting, variant, args.max_steps, args.seed, Path(args.runs_dir))
     base_record = {
         "label": label,
         "variant": variant,

@@ -210,3 +210,17 @@ def test_muon_trains_saves_and_resumes(tmp_path):
     assert inner.param_groups[0] is inner.optimizers[0].param_groups[0]
     first = inner.optimizers[0].param_groups[0]["params"][0]
     assert not torch.equal(inner.optimizers[0].state[first]["momentum_buffer"], momentum)
+
+
+def test_bigram_backcopy_copies_after_triggers(search):
+    lines = search.bigram_backcopy_corpus(20, seed=3, words=40)
+    assert lines == search.bigram_backcopy_corpus(20, seed=3, words=40)  # deterministic
+    copies = 0
+    for line in lines:
+        tokens = [int(w[1:]) for w in line.split()]
+        assert len(tokens) == 40
+        for i in range(1, len(tokens) - 1):
+            if tokens[i] < 4:  # a trigger: the next token repeats the one before it
+                assert tokens[i + 1] == tokens[i - 1]
+                copies += 1
+    assert copies > 0
