@@ -83,7 +83,7 @@ def test_eval_results_round_trip(tmp_path, records):
     for rec in finite:
         got = by_key[(task_types[rec.task], rec.dataset_config, rec.split, rec.metric, rec.precision)]
         assert got.metric_value == rec.value
-        assert got.dataset_type == rec.dataset
+        assert got.dataset_type == {"wikitext": "Salesforce/wikitext", "glue": "nyu-mll/glue"}[rec.dataset]
         assert got.metric_args == {"n_examples": 128, "seed": 0}
     assert loaded == card.data.eval_results
 
@@ -95,7 +95,7 @@ def test_metadata_is_valid_for_the_hub(tmp_path, records):
     assert metadata["library_name"] == "transformers"
     assert metadata["pipeline_tag"] == "fill-mask"
     assert metadata["license"] == "apache-2.0"
-    assert metadata["datasets"] == ["glue", "wikitext"]
+    assert metadata["datasets"] == ["Salesforce/wikitext", "nyu-mll/glue"]  # real Hub ids
     results = metadata["model-index"][0]["results"]
     assert metadata["model-index"][0]["name"] == "bert-gated"
     for result in results:
@@ -226,3 +226,24 @@ def test_front_matter_is_plain_yaml(records):
     measured = sorted((r.precision, r.metric, r.value) for r in records if r.value is not None)
     assert sorted((m["config"], m["type"], m["value"]) for m in metrics) == measured
     assert all(m["args"] == {"n_examples": 128, "seed": 0} for m in metrics)
+
+
+def test_local_copies_of_known_datasets_get_their_hub_ids(records):
+    local = record("fp32", "mlm", "perplexity", 12.0, dataset="../shared/data/wikitext-2", dataset_config=None)
+    synthetic = record("fp32", "mlm", "perplexity", 30.0, dataset="runs/x/data/embedded-heldout/validation.txt")
+    card = render([local, synthetic])
+    by_type = {r.dataset_type: r for r in card.data.eval_results}
+    assert by_type["Salesforce/wikitext"].dataset_config == "wikitext-2-v1"  # the offline copy is the tokens version
+    assert "embedded-heldout" in by_type and card.data.datasets == ["Salesforce/wikitext"]
+    assert "embedded synthetic corpus" in card.text  # said beside the papers' numbers
+    assert "embedded synthetic corpus" not in render([local]).text
+
+
+def test_int8_model_index_holds_only_its_own_results(records):
+    int8_config = {**CONFIG, "w8a8_config": {"weight_bits": 8}}
+    card = render(records, config=int8_config, fp_repo_id="org/bert-gated")
+    variants = {r.metric_config for r in card.data.eval_results}
+    assert variants == {"w8a8-sim", "int8"}  # the FP numbers stay in the comparison table
+    assert "| 17.31 |" in card.text
+    assert "int8_kernel=\"onednn\"" in card.text and "HF_QUANTIZABLE_INT8_KERNEL=onednn" in card.text
+    assert "arXiv:2402.12102" in card.text and "2402.08337" not in card.text

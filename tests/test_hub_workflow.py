@@ -54,8 +54,9 @@ def test_evaluate_hub_triggers_and_entry_point(tmp_path):
     triggers = workflow[True]  # YAML 1.1 reads the `on` key as True
     assert "workflow_dispatch" in triggers and triggers["schedule"][0]["cron"]
     steps = workflow["jobs"]["evaluate"]["steps"]
-    install = next(s["run"] for s in steps if s.get("name", "").startswith("Install"))
-    assert "pip install -e ." in install and "whl/cpu" in install
+    install = next(s for s in steps if s.get("name", "").startswith("Install"))
+    assert "-c constraints.txt torch" in install["run"] and "-c constraints.txt -e ." in install["run"]
+    assert install["env"]["PIP_EXTRA_INDEX_URL"].endswith("/whl/cpu")  # the CPU torch pinned in constraints.txt
     env = {"PATH": "/usr/bin:/bin", "REPOS": "org/a=org/a-w8a8 org/b", "MAX_SEQUENCES": "256", "PUSH": "true"}
     by_name = {s.get("name"): s for s in steps}
     # The commands the workflow's own scripts build, and the entry point accepts them.
@@ -83,3 +84,17 @@ def test_token_only_in_the_download_and_upload_steps():
     for step in job["steps"]:
         if step.get("name") in with_token:
             assert "--upload-from" in step["run"] or step["run"].count("hf download") == 1
+
+
+def test_without_repos_the_workflow_ends_cleanly(tmp_path):
+    """A scheduled run with the repos variable unset is a notice and a skipped job, not a failure."""
+    steps = yaml.safe_load(EVALUATE_HUB.read_text())["jobs"]["evaluate"]["steps"]
+    check = next(s for s in steps if s.get("id") == "check")
+    output = tmp_path / "output"
+    env = {"PATH": "/usr/bin:/bin", "REPOS": "", "PUSH": "true", "HAS_TOKEN": "false", "GITHUB_OUTPUT": str(output)}
+    result = subprocess.run(["bash", "-e", "-c", check["run"]], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "::notice::" in result.stdout and output.read_text() == "run=false\n"
+    assert all("steps.check.outputs.run == 'true'" in s["if"] for s in steps if s is not check)
+    env.update(REPOS="org/a")  # pushing without the token fails before anything runs
+    result = subprocess.run(["bash", "-e", "-c", check["run"]], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "needs the HF_TOKEN" in result.stdout

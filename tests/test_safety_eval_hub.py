@@ -383,3 +383,24 @@ def test_snapshot_sees_every_change(tmp_path):
     assert snapshot(tmp_path) != before
     (tmp_path / "b").mkdir()
     assert snapshot(tmp_path) != snapshot(tmp_path / "b")
+
+
+def test_hub_eval_keeps_the_data_the_card_was_made_on(workspace, tmp_path):
+    """No silent switch of evaluation data: the card's dataset, its Hub copy, or a clear refusal."""
+    from hf_quantizable.hub.evaluate import recorded_dataset
+
+    def results_on(dataset, config=None, split="validation"):
+        quality = ResultRecord(**{**record(workspace / "gated", None).to_dict(), "task": "mlm", "metric": "perplexity"})
+        quality.dataset, quality.dataset_config, quality.split = dataset, config, split
+        write_results([quality], workspace / "gated" / "results.json")
+
+    local = tmp_path / "heldout" / "validation.txt"
+    local.parent.mkdir()
+    local.write_text("some held-out text\n")
+    results_on(str(local))
+    assert recorded_dataset(workspace / "gated") == (str(local), None, "validation")
+    results_on("/elsewhere/shared/data/wikitext-2", split="test")  # an offline copy that is not here
+    assert recorded_dataset(workspace / "gated") == ("Salesforce/wikitext", "wikitext-2-v1", "test")
+    results_on("/elsewhere/main-job/data/embedded-heldout/validation.txt")
+    with pytest.raises(ValueError, match="not on this machine: pass --dataset"):
+        recorded_dataset(workspace / "gated")

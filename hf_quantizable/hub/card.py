@@ -55,7 +55,22 @@ TASK_NAMES = {
     "text-classification": "Text classification",
     "feature-extraction": "Feature extraction",
 }
-DATASET_NAMES = {"wikitext": "WikiText", "glue": "GLUE", "mnist": "MNIST", "tiny_shakespeare": "Tiny Shakespeare"}
+DATASET_NAMES = {
+    "wikitext": "WikiText",
+    "glue": "GLUE",
+    "mnist": "MNIST",
+    "tiny_shakespeare": "Tiny Shakespeare",
+    "embedded-heldout": "Embedded synthetic corpus (held out)",
+}
+# Dataset names (Hub short names, or the folder of the offline copy) -> (Hub id, config of that copy)
+HUB_DATASETS = {
+    "wikitext": ("Salesforce/wikitext", None),
+    "wikitext-2": ("Salesforce/wikitext", "wikitext-2-v1"),  # the offline copy: wiki.*.tokens
+    "glue": ("nyu-mll/glue", None),
+    "mnist": ("ylecun/mnist", None),
+    "tiny_shakespeare": ("karpathy/tiny_shakespeare", None),
+}
+SYNTHETIC_DATASETS = ("embedded", "embedded-heldout", "embedded-noop")
 METRIC_NAMES = {
     "perplexity": "Perplexity",
     "accuracy": "Accuracy",
@@ -111,13 +126,23 @@ def _is_hub_dataset(dataset: str) -> bool:
     return bool(_HUB_ID.match(dataset)) and not Path(dataset).exists()
 
 
-def _dataset_type(dataset: str) -> str:
-    """A Hub-style dataset id: the id itself, or the folder/file name of a local dataset path."""
+def dataset_ref(dataset: str, dataset_config: str | None) -> tuple[str, str | None]:
+    """(Hub-style dataset id, config) of a record's dataset.
+
+    Known datasets get their Hub id also when read from a local copy (`HUB_DATASETS`); any other
+    local path is named after its folder (or file) and is no Hub id (see `is_hub_id`).
+    """
     if _is_hub_dataset(dataset):
-        return dataset
-    path = Path(dataset)
-    name = path.parent.name if path.suffix else path.name
-    return re.sub(r"[^\w.-]+", "-", name).strip("-.") or "local"
+        name = dataset
+    else:
+        path = Path(dataset)
+        name = re.sub(r"[^\w.-]+", "-", path.parent.name if path.suffix else path.name).strip("-.") or "local"
+    hub_id, default_config = HUB_DATASETS.get(name.lower(), (name, None))
+    return hub_id, dataset_config or default_config
+
+
+def is_hub_id(dataset_type: str) -> bool:
+    return dataset_type in {hub_id for hub_id, _ in HUB_DATASETS.values()} or "/" in dataset_type
 
 
 def _dataset_name(dataset_type: str, dataset_config: str | None) -> str:
@@ -139,7 +164,7 @@ def _task_type(record: ResultRecord, pipeline_tag: str) -> str:
 def eval_result_from_record(record: ResultRecord, pipeline_tag: str) -> EvalResult:
     """The model-index entry of one record; the variant (precision) goes in the metric name and config."""
     task_type = _task_type(record, pipeline_tag)
-    dataset_type = _dataset_type(record.dataset)
+    dataset_type, dataset_config = dataset_ref(record.dataset, record.dataset_config)
     args = {"n_examples": record.n}
     if record.seed is not None:
         args["seed"] = record.seed
@@ -147,8 +172,8 @@ def eval_result_from_record(record: ResultRecord, pipeline_tag: str) -> EvalResu
         task_type=task_type,
         task_name=TASK_NAMES.get(task_type, task_type),
         dataset_type=dataset_type,
-        dataset_name=_dataset_name(dataset_type, record.dataset_config),
-        dataset_config=record.dataset_config,
+        dataset_name=_dataset_name(dataset_type, dataset_config),
+        dataset_config=dataset_config,
         dataset_split=record.split,
         metric_type=record.metric,
         metric_value=record.value,
@@ -221,7 +246,7 @@ def comparison_table(records: Sequence[ResultRecord]) -> dict[str, Any]:
         rows.append(
             {
                 "task": task,
-                "dataset": _dataset_name(_dataset_type(dataset), dataset_config),
+                "dataset": _dataset_name(*dataset_ref(dataset, dataset_config)),
                 "split": split,
                 "metric": METRIC_NAMES.get(metric, metric),
                 "cells": texts,
@@ -306,14 +331,31 @@ def _yaml_block(data: dict[str, Any] | None) -> str | None:
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=False).strip() if data else None
 
 
+def own_records(inputs: CardInputs) -> list[ResultRecord]:
+    """The records of the repository's own model: an INT8 repo's model-index holds only its quantized
+    results (the INT8 checkpoint and, labelled as such, the simulated W8A8); the FP ones stay in its table."""
+    if not inputs.is_int8:
+        return list(inputs.records)
+    return [r for r in inputs.records if variant_of(r) not in FP_PRECISIONS]
+
+
+def trained_on_synthetic_data(inputs: CardInputs) -> bool:
+    """Whether the model was trained (or evaluated) on the embedded synthetic corpus, not natural text."""
+    recipe_data = ((inputs.recipe or {}).get("data") or {}).get("dataset")
+    evaluated = {dataset_ref(r.dataset, r.dataset_config)[0] for r in inputs.records}
+    return recipe_data in SYNTHETIC_DATASETS or bool(evaluated & set(SYNTHETIC_DATASETS))
+
+
 def build_card_data(inputs: CardInputs) -> ModelCardData:
     """The card's YAML metadata: model-index, library, pipeline tag, tags, datasets, metrics."""
     _, pipeline_tag = head_of(inputs.config)
-    eval_results = eval_results_from_records(inputs.records, pipeline_tag)
+    eval_results = eval_results_from_records(own_records(inputs), pipeline_tag)
     family = FAMILIES.get(inputs.config.get("model_type"), inputs.config.get("model_type", "transformer"))
     tags = ["hf_quantizable", "quantization", "w8a8", family, inputs.config.get("attn_impl", "softmax")]
     tags.append("int8" if inputs.is_int8 else "outlier-free")
-    datasets = sorted({r.dataset for r in inputs.records if _is_hub_dataset(r.dataset)})
+    datasets = sorted(
+        {t for t, _ in (dataset_ref(r.dataset, r.dataset_config) for r in inputs.records) if is_hub_id(t)}
+    )
     base_model = inputs.fp_repo_id if inputs.is_int8 else None
     return ModelCardData(
         model_name=inputs.repo_id.split("/")[-1],
@@ -358,6 +400,7 @@ def render_model_card(inputs: CardInputs, template_path: str | Path = CARD_TEMPL
         fp_measured=[precision_label(p) for p in precisions if p in FP_PRECISIONS],
         reference_rows=reference_rows(family, attn_impl, inputs.records, inputs.config.get("gate_type")),
         max_steps=(inputs.recipe or {}).get("training", {}).get("max_steps"),
+        synthetic_data=trained_on_synthetic_data(inputs),
         quality_metric="Top-1 accuracy (%)" if family == "vit" else "Perplexity",
         glue_references=[g for g in references["glue_average"] if g["family"] == family],
         plots=list(inputs.plots),

@@ -1,7 +1,8 @@
 """Evaluate a model folder (and its INT8 sibling) with the evaluation harness for its card.
 
 A thin layer over `hf_quantizable.evaluation.harness.evaluate_model`: picks the task from the
-architecture, the sequence length from the training recipe and the default data, then writes
+architecture, the sequence length from the training recipe and the data the folder's card was made
+on (its `results.json`; the offline WikiText-2 / MNIST for a folder without one), then writes
 `results.json` and `plots/` (what the card is rendered from).
 """
 
@@ -9,8 +10,9 @@ import json
 from pathlib import Path
 
 from ..evaluation.harness import EvalSettings, evaluate_model
-from ..evaluation.results import write_results
+from ..evaluation.results import read_results, write_results
 from ..paths import shared_data_dir
+from .card import dataset_ref, is_hub_id
 from .folder import PLOTS_DIR, RECIPE_FILE, RESULTS_FILE
 
 TASKS = {"ForMaskedLM": "mlm", "ForCausalLM": "clm", "ForImageClassification": "image"}
@@ -32,6 +34,33 @@ def default_dataset(task: str) -> tuple[str, str | None, str]:
         return (str(local), None, "test") if local.is_dir() else ("mnist", None, "test")
     local = shared_data_dir() / "wikitext-2"
     return (str(local), None, "test") if local.is_dir() else ("wikitext", "wikitext-2-raw-v1", "test")
+
+
+QUALITY_TASKS = ("mlm", "clm", "image-classification")
+
+
+def recorded_dataset(folder: Path) -> tuple[str, str | None, str] | None:
+    """(dataset, config, split) the folder's card was made on (its results.json), usable here; None
+    when the folder has no results. Raises ValueError when that data is not available on this machine.
+
+    A local copy of a known dataset that is absent here is read from the Hub under its id (the same data).
+    """
+    path = folder / RESULTS_FILE
+    if not path.is_file():
+        return None
+    record = next((r for r in read_results(path) if r.task in QUALITY_TASKS), None)
+    if record is None:
+        return None
+    dataset, config = record.dataset, record.dataset_config
+    if not Path(dataset).exists():
+        hub_id, hub_config = dataset_ref(dataset, config)
+        if not is_hub_id(hub_id):
+            raise ValueError(
+                f"{folder}'s card was made on {dataset!r}, which is not on this machine: pass --dataset "
+                "(and --split) to evaluate on other data"
+            )
+        dataset, config = hub_id, hub_config
+    return dataset, config, record.split
 
 
 def sequence_length(folder: Path, config: dict) -> int:
@@ -61,7 +90,7 @@ def evaluate_for_card(
     config = json.loads((fp_dir / "config.json").read_text())
     task = model_task(config)
     if dataset is None:
-        dataset, dataset_config, default_split = default_dataset(task)
+        dataset, dataset_config, default_split = recorded_dataset(fp_dir) or default_dataset(task)
         split = split or default_split
     settings = EvalSettings(
         task=task,
