@@ -156,6 +156,16 @@ TRAIN_CASES = [
         lambda w: train_argv(w / "out", "resume_from_checkpoint=x"),
         r"resume_from_checkpoint would be ignored.*--resume",
     ),
+    BadInput(
+        "epochs-under-max-steps",
+        lambda w: train_argv(w / "out", "num_train_epochs=3"),
+        r"num_train_epochs would be ignored: training\.max_steps=500 takes precedence",
+    ),
+    BadInput(
+        "save-steps-without-step-saving",
+        lambda w: train_argv(w / "out", "save_strategy=epoch"),
+        r"save_steps would be ignored: training\.save_strategy='epoch'",
+    ),
     BadInput("show-with-output", lambda w: [*train_argv(w / "out"), "--show"], r"--show does not use --output"),
     BadInput(
         "list-presets-with-preset",

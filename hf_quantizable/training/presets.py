@@ -551,8 +551,22 @@ def _unused_reason(preset: TrainingPreset, group: str, name: str) -> str | None:
                 return f"it is a field of attn_impl={impl!r} and this run uses attn_impl={attn_impl!r}"
         if name == "gate_n_hid" and preset.model.get("gate_type") != "mlp":
             return f"it sizes the `mlp` gate and this run uses gate_type={preset.model.get('gate_type')!r}"
-    if group == "training" and name in _SCRIPT_ONLY_TRAINING:
+    if group == "training":
+        return _unused_training_reason(preset.training, name)
+    return None
+
+
+def _unused_training_reason(training: dict[str, Any], name: str) -> str | None:
+    if name in _SCRIPT_ONLY_TRAINING:
         return f"Trainer does not read it ({_SCRIPT_ONLY_TRAINING[name]})"
+    max_steps = training.get("max_steps", -1)
+    if name == "num_train_epochs" and isinstance(max_steps, int) and max_steps > 0:
+        return f"training.max_steps={training['max_steps']} takes precedence (set max_steps=-1 to train by epochs)"
+    defaults = {"save": "steps", "eval": "no", "logging": "steps"}  # the runner saves every save_steps
+    for kind, default in defaults.items():
+        strategy = str(training.get(f"{kind}_strategy", default))
+        if name == f"{kind}_steps" and strategy.lower().rsplit(".", 1)[-1] != "steps":
+            return f"training.{kind}_strategy={strategy!r} (set it to 'steps' to use {name})"
     return None
 
 
