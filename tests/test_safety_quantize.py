@@ -486,6 +486,7 @@ def test_onednn_switches_never_compile_the_kernel(template, monkeypatch, kernel_
     assert kernel_would_compile  # the default asks for it on such a CPU
     kernel_would_compile.clear()
     _int8_forward(template / "int8", int8_kernel="onednn")
+    _int8_forward(template / "int8", int8_kernel="onednn", dtype=torch.float16)
     assert not kernel_would_compile
     monkeypatch.setenv("HF_QUANTIZABLE_INT8_KERNEL", "onednn")
     _int8_forward(template / "int8")

@@ -201,7 +201,7 @@ class Int8ActivationQuantizer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32:  # fp16 / bf16 models: the grid arithmetic in float32, as calibrated
-            return fake_quantize_activation(x.float(), self.scale.float(), self.zero_point.float(), self.bits).to(
+            return fake_quantize_activation(x.float(), self.scale, self.zero_point, self.bits, self.output_pool).to(
                 x.dtype
             )
         kernel = None if self.scale.dim() else avx2_kernel(self.output_pool)

@@ -46,9 +46,9 @@ class QuantizableModelMixin:
         """`PreTrainedModel.from_pretrained`; an INT8 checkpoint is checked before it is returned.
 
         Unreadable (truncated) safetensors raise ValueError. Refused for INT8 checkpoints (ValueError
-        naming the tensor or module): a `w8a8_config` naming modules the model
-        lacks, INT8 tensors missing from the weights or present for modules the config does not
-        quantize, scales that are zero, negative or not finite, zero points off the grid.
+        naming the tensor or module): a `w8a8_config` naming modules the model lacks, INT8 tensors
+        missing from the weights or present for modules the config does not quantize, scales that are
+        zero, negative or not finite, zero points off the grid.
 
         `int8_kernel` (INT8 checkpoints only): `"onednn"` never compiles the C++ kernel shipped in
         `int8_kernel.py`; `"auto"` / `"avx2"` as `HF_QUANTIZABLE_INT8_KERNEL` (which it overrides).
