@@ -24,7 +24,7 @@ GLUE_ONLY = ("glue_task", "glue_data", "preset", "max_train_samples", "max_eval_
 NOT_GLUE = (
     "int8", "append", "dataset", "dataset_config", "data_files", "split", "calibration_split", "text_column",
     "image_column", "label_column", "max_sequences", "max_length", "batch_size", "mlm_probability",
-    "no_plots", "attention_layer", "attention_head",
+    "no_plots", "attention_layer", "attention_head", "fp16", "bf16",
 )  # fmt: skip
 W8A8_OPTIONS = (
     "outlier_suppression", "per_channel_weights", "per_channel_residuals", "outlier_channels",
@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--batch-size", type=int, default=8)
     data.add_argument("--mlm-probability", type=float, default=0.15)
     data.add_argument("--seed", type=int, default=0, help="masking seed (mlm) and GLUE training seed")
+    data.add_argument("--fp16", action="store_true", help="also evaluate MODEL in float16 (a real fp16 forward)")
+    data.add_argument("--bf16", action="store_true", help="also evaluate MODEL in bfloat16")
     quant = parser.add_argument_group("quantization")
     quant.add_argument("--no-w8a8", action="store_true", help="skip the simulated W8A8 variant")
     quant.add_argument("--outlier-suppression", action="store_true", help="also evaluate W8A8 with Outlier Suppression")
@@ -225,6 +227,7 @@ def run(args: argparse.Namespace) -> tuple[list[ResultRecord], Path]:
         w8a8=not args.no_w8a8,
         outlier_suppression=args.outlier_suppression,
         w8a8_config=w8a8_overrides(args) or None,
+        extra_precisions=tuple(name for name in ("fp16", "bf16") if getattr(args, name)),
     )
     records, _ = evaluate_model(
         args.model,

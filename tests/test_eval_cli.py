@@ -100,10 +100,12 @@ def test_clm_on_tiny_opt(tmp_path, tokenizer, data_dir, capsys):
     tokenizer.save_pretrained(tmp_path / "opt")
     grids = ["--per-channel-weights", "--per-channel-residuals", "--outlier-channels", "2"]
     dataset = str(data_dir / "wikitext-2")
-    assert main([str(tmp_path / "opt"), "--task", "clm", "--dataset", dataset, "--no-plots", *grids, *SMALL]) == 0
+    argv = [str(tmp_path / "opt"), "--task", "clm", "--dataset", dataset, "--no-plots", "--bf16", *grids, *SMALL]
+    assert main(argv) == 0
     records = read_results(tmp_path / "opt" / "results.json")
     perplexities = {r.precision: r.value for r in records if r.metric == "perplexity"}
-    assert set(perplexities) == {"fp32", "w8a8-sim"} and all(math.isfinite(v) for v in perplexities.values())
+    assert set(perplexities) == {"fp32", "bf16", "w8a8-sim"} and all(math.isfinite(v) for v in perplexities.values())
+    assert perplexities["bf16"] == pytest.approx(perplexities["fp32"], rel=0.05)
     config = next(r for r in records if r.precision == "w8a8-sim").extra["w8a8"]["config"]
     assert config["per_channel_weights"] and config["per_channel_residuals"] and config["outlier_channels"] == 2
     assert {r.task for r in records} == {"clm", "outliers"}
@@ -121,12 +123,14 @@ def test_image_on_tiny_vit_with_local_mnist(tmp_path, data_dir):
         str(data_dir / "mnist"),
         "--calibration-split",
         "test",
+        "--fp16",
         *SMALL,
     ]
     assert main(argv) == 0
     records = read_results(tmp_path / "vit" / "results.json")
     accuracy = {r.precision: r for r in records if r.metric == "accuracy"}
-    assert set(accuracy) == {"fp32", "w8a8-sim"} and 0.0 <= accuracy["fp32"].value <= 1.0
+    assert set(accuracy) == {"fp32", "fp16", "w8a8-sim"} and 0.0 <= accuracy["fp32"].value <= 1.0
+    assert abs(accuracy["fp16"].value - accuracy["fp32"].value) <= 1 / 8  # pixels cast to fp16, one image at most
     assert accuracy["w8a8-sim"].extra["w8a8"]["calibration_skip"] == 8  # calibrated on other images
     assert (tmp_path / "vit" / "plots" / "head_mass.png").is_file()
 

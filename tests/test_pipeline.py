@@ -45,8 +45,11 @@ def test_main_job_writes_both_sibling_folders_with_cards(main_job):
         assert json.loads((fp / "config.json").read_text())["attn_impl"] == attn_impl
         assert json.loads((int8 / "config.json").read_text())["w8a8_config"]
         records = read_results(fp / "results.json")
-        assert {variant_of(r) for r in records} == {"fp32", "w8a8-sim", "int8"}
+        assert {variant_of(r) for r in records} == {"fp32", "fp16", "w8a8-sim", "int8"}
         measured = {(variant_of(r), r.metric): r.value for r in records if r.value is not None}
+        # a real float16 forward: close to fp32, not a relabelled copy of it
+        fp16, fp32 = measured[("fp16", "perplexity")], measured[("fp32", "perplexity")]
+        assert fp16 != fp32 and fp16 == pytest.approx(fp32, rel=0.02)
         card = ModelCard.load(fp / "README.md", ignore_metadata_errors=False)
         in_card = {(r.metric_config, r.metric_type): r.metric_value for r in card.data.eval_results}
         assert in_card == measured  # the card holds exactly the measured numbers

@@ -46,6 +46,7 @@ TASKS = {
 }
 FAMILY_TASKS = {"bert": "mlm, embedding or glue", "opt": "clm", "vit": "image"}
 PRECISIONS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+DTYPES = {name: dtype for dtype, name in PRECISIONS.items()}
 OUTLIER_METRICS = ("max_inf_norm", "avg_kurtosis", "max_kurtosis")
 
 
@@ -70,10 +71,15 @@ class EvalSettings:
     w8a8: bool = True
     outlier_suppression: bool = False
     w8a8_config: dict | None = None
+    # Floating-point precisions evaluated besides fp32 (the reference of every quantized variant).
+    extra_precisions: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.task not in TASKS:
             raise ValueError(f"`task` must be one of {sorted(TASKS)} (or glue), got {self.task!r}")
+        unknown = sorted(set(self.extra_precisions) - {"fp16", "bf16"})
+        if unknown:
+            raise ValueError(f"`extra_precisions` may hold fp16 and bf16 (fp32 is always evaluated), got {unknown}")
         for name in ("max_sequences", "max_length", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
@@ -361,6 +367,9 @@ def evaluate_model(
     ]
     if settings.task == "embedding":
         variants[0].result.update(value=1.0, min_cosine_similarity=1.0)
+    for precision in settings.extra_precisions:  # the same model and batches, computed in fp16 / bf16
+        cast = copy.deepcopy(fp_model).to(DTYPES[precision])
+        variants.append(Variant(precision, precision, _evaluate_variant(cast, settings, batches, fp_model, precision)))
     if settings.w8a8:
         from ..quantization import quantize_model
 

@@ -102,8 +102,14 @@ def image_batches(
     return batches
 
 
-def _forward_inputs(batch: Batch, device: torch.device) -> Batch:
-    return {k: v.to(device) for k, v in batch.items() if k not in ("labels", "special_tokens_mask")}
+def _forward_inputs(batch: Batch, model: nn.Module) -> Batch:
+    """The model's inputs on its device; float inputs (pixels) in its dtype (fp16 / bf16 models)."""
+    parameter = next(model.parameters())
+    return {
+        k: v.to(parameter.device, parameter.dtype) if v.is_floating_point() else v.to(parameter.device)
+        for k, v in batch.items()
+        if k not in ("labels", "special_tokens_mask")
+    }
 
 
 @torch.no_grad()
@@ -130,7 +136,7 @@ def evaluate_batches(
         if collector is not None:
             collector.__enter__()
         for batch in tqdm(batches, desc=desc or task, leave=False):
-            outputs = model(**_forward_inputs(batch, device))
+            outputs = model(**_forward_inputs(batch, model))
             logits = outputs.logits.float()
             labels = batch["labels"].to(device)
             if task == "mlm":
@@ -170,10 +176,9 @@ def evaluate_batches(
 def sentence_embeddings(model: nn.Module, batches: Sequence[Batch]) -> torch.Tensor:
     """Mean-pooled last hidden states over the real tokens (sentence-transformers' pooling) `[N, d]`."""
     model.eval()
-    device = next(model.parameters()).device
     embeddings = []
     for batch in batches:
-        inputs = _forward_inputs(batch, device)
+        inputs = _forward_inputs(batch, model)
         hidden = model(**inputs).last_hidden_state.float()  # [B, T, d]
         mask = inputs["attention_mask"].to(hidden.dtype)[:, :, None]
         embeddings.append(((hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)).cpu())

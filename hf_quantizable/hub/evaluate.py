@@ -84,8 +84,10 @@ def evaluate_for_card(
     max_sequences: int = 128,
     seed: int = 0,
     trust_remote_code: bool = False,
+    extra_precisions: tuple[str, ...] = ("fp16",),
 ) -> Path:
-    """FP (fp32 on CPU), simulated W8A8 and the INT8 checkpoint on the same batches; return results.json."""
+    """FP (fp32, and fp16 by default: the cards publish FP16 and INT8 results), simulated W8A8 and the
+    INT8 checkpoint on the same batches; return results.json."""
     fp_dir, output_dir = Path(fp_dir), Path(output_dir)
     config = json.loads((fp_dir / "config.json").read_text())
     task = model_task(config)
@@ -100,6 +102,7 @@ def evaluate_for_card(
         max_sequences=max_sequences,
         max_length=sequence_length(fp_dir, config) if task != "image" else 128,
         seed=seed,
+        extra_precisions=extra_precisions,
     )
     records, _ = evaluate_model(
         str(fp_dir),
