@@ -250,12 +250,13 @@ def test_output_gets_the_usual_permissions(workspace):
 def test_stale_temp_folders_are_removed_live_ones_kept(workspace):
     stale = workspace / f".out.tmp-{DEAD_PID}-abc"
     stale_old = workspace / f".out.old-{DEAD_PID}-abc"
+    legacy = workspace / ".out.tmp-4t7n54tw"  # the name earlier versions gave it (no process id)
     live = workspace / f".out.tmp-{os.getpid()}-xyz"
-    for folder in (stale, stale_old, live):
+    for folder in (stale, stale_old, legacy, live):
         folder.mkdir()
         (folder / "model.safetensors").write_bytes(b"partial")
     assert main(quantize_args(workspace, workspace / "out")) == 0
-    assert not stale.exists() and not stale_old.exists()
+    assert not stale.exists() and not stale_old.exists() and not legacy.exists()
     assert live.exists()  # a running writer's folder is not touched
 
 

@@ -172,13 +172,15 @@ def remove_stale_temp_dirs(save_dir: Path) -> list[Path]:
     """Remove the temporary folders that interrupted writes of `save_dir` left beside it.
 
     Their names carry the writer's process id (`.NAME.tmp-PID-*`, `.NAME.old-PID-*`); folders of a
-    process still running are left alone.
+    process still running are left alone. Names without one come from versions that did not record
+    it (and never cleaned up): stale.
     """
     removed = []
     for prefix in _temp_prefixes(save_dir):
         for candidate in save_dir.parent.glob(f"{prefix}*"):
             pid = candidate.name[len(prefix) :].partition("-")[0]
-            if candidate.is_dir() and not candidate.is_symlink() and pid.isdigit() and not _pid_alive(int(pid)):
+            stale = not pid.isdigit() or not _pid_alive(int(pid))
+            if candidate.is_dir() and not candidate.is_symlink() and stale:
                 shutil.rmtree(candidate)
                 removed.append(candidate)
     return removed
