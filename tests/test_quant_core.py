@@ -160,7 +160,7 @@ def test_fake_quant_round_trip_bounds(bits):
     assert wq.abs().max() <= 2 ** (bits - 1) - 1 and (wq * s - w).abs().max() <= s / 2 + 1e-6
 
 
-# ARCHITECTURE §4: every quantized activation per family (suffixes per layer + model-level ones).
+# The papers' node set (Bondarenko et al.: every activation): every quantized activation per family (suffixes per layer + model-level ones).
 EXPECTED_NODES = {
     "bert": (
         {"embeddings.sum_quant", "embeddings.output_quant"},

@@ -1,1 +1,1 @@
-"""Self-contained model code: copied into every saved checkpoint (see ARCHITECTURE §2)."""
+"""Self-contained model code: copied into every saved checkpoint, so it imports only itself, torch and transformers."""
