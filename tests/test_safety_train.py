@@ -20,9 +20,10 @@ import torch
 from transformers import AutoTokenizer, BertConfig, BertModel, Trainer
 
 from hf_quantizable import retrofit, train
-from hf_quantizable.training import apply_overrides, build_model, get_preset
+from hf_quantizable.training import apply_overrides, build_model, get_preset, list_presets
 from hf_quantizable.training.data import train_tokenizer
 from hf_quantizable.training.embedded import generate_corpus
+from hf_quantizable.training.presets import validate_preset
 from tests.cli_safety import BadInput, assert_clean_refusal, run_main
 
 TINY = [
@@ -125,6 +126,10 @@ TRAIN_CASES = [
         lambda w: train_argv(w / "out", "data.seq_length=100000"),
         r"seq_length=100000 exceeds model\.max_position_embeddings=128",
     ),
+    BadInput(
+        "layers-0", lambda w: train_argv(w / "out", "model.num_hidden_layers=0"), r"num_hidden_layers must be > 0"
+    ),
+    BadInput("hidden-size-abc", lambda w: train_argv(w / "out", "hidden_size=abc"), r"'hidden_size' expected int"),
     BadInput("unknown-field", lambda w: train_argv(w / "out", "learning_rat=1e-3"), r"unknown override field"),
     BadInput(
         "scheduler-bogus", lambda w: train_argv(w / "out", "lr_scheduler_type=bogus"), r"not a valid SchedulerType"
@@ -173,6 +178,11 @@ TRAIN_CASES = [
         r"--list-presets does not use --preset",
     ),
 ]
+
+
+def test_every_preset_passes_validation():
+    for name in list_presets():
+        validate_preset(get_preset(name))  # the checks refuse bad values, never a shipped recipe
 
 
 @pytest.mark.parametrize("case", TRAIN_CASES, ids=lambda c: c.id)

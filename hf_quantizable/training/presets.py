@@ -651,6 +651,23 @@ def _check_tracking(tracking: TrackingSpec) -> None:
         _check_range(f"tracking.{name}", getattr(tracking, name), 0)
 
 
+_POSITIVE_MODEL_FIELDS = (
+    "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "ffn_dim",
+    "word_embed_proj_dim", "max_position_embeddings", "patch_size", "num_channels",
+)  # fmt: skip
+_PROBABILITY_MODEL_FIELDS = (
+    "hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout", "activation_dropout",
+)  # fmt: skip
+
+
+def _check_model(config: Any) -> None:
+    """Ranges the config classes leave open: sizes > 0, dropout probabilities in [0, 1)."""
+    for name in _POSITIVE_MODEL_FIELDS:
+        _check_range(f"model.{name}", getattr(config, name, None), 0)
+    for name in _PROBABILITY_MODEL_FIELDS:
+        _check_range(f"model.{name}", getattr(config, name, None), 0, strict=False, high=1)
+
+
 def build_config(preset: TrainingPreset, **fields: Any):
     """The family's config from the preset's model fields (and `fields`); ValueError names a bad field."""
     try:
@@ -668,6 +685,7 @@ def validate_preset(preset: TrainingPreset) -> None:
     _check_data(preset.data, preset.family)
     _check_tracking(preset.tracking)
     config = build_config(preset)
+    _check_model(config)
     if preset.family != "vit" and preset.data.seq_length > (limit := config.max_position_embeddings):
         raise ValueError(
             f"data.seq_length={preset.data.seq_length} exceeds model.max_position_embeddings={limit}: "
