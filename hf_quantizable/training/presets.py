@@ -618,9 +618,8 @@ def _check_training(training: dict[str, Any]) -> None:
     if training.get("fsdp") or training.get("fsdp_config"):
         raise ValueError(f"training.fsdp / training.fsdp_config: {FSDP_REFUSAL}")
     _check_types("training", training, TrainingArguments)
-    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-        _check_range(f"training.{name}", training.get(name), 0)
-    for name in ("learning_rate", "num_train_epochs", "save_steps", "logging_steps", "eval_steps"):
+    positive = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")
+    for name in (*positive, "learning_rate", "num_train_epochs", "save_steps", "logging_steps", "eval_steps"):
         _check_range(f"training.{name}", training.get(name), 0)
     for name in ("weight_decay", "max_grad_norm", "warmup_steps"):
         _check_range(f"training.{name}", training.get(name), 0, strict=False)
@@ -631,9 +630,8 @@ def _check_training(training: dict[str, Any]) -> None:
 
 def _check_data(data: DataSpec, family: str) -> None:
     _check_types("data", dataclasses.asdict(data), DataSpec)
-    for name in ("vocab_size", "seq_length", "image_size", "embedded_size", "stream_eval_examples"):
-        _check_range(f"data.{name}", getattr(data, name), 0)
-    for name in ("max_train_samples", "num_proc"):
+    positive = ("vocab_size", "seq_length", "image_size", "embedded_size", "stream_eval_examples")
+    for name in (*positive, "max_train_samples", "num_proc"):  # the last two may be None (all / no workers)
         _check_range(f"data.{name}", getattr(data, name), 0)
     _check_range("data.mlm_probability", data.mlm_probability, 0, high=1)
     _check_range("data.eval_fraction", data.eval_fraction, 0, high=1)
