@@ -45,8 +45,8 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return Path(path)
 
 
-# Temporary folders of an interrupted write are named `.<target>.hfq-tmp-<pid>-<token>` beside the target.
-_TMP_MARK = ".hfq-tmp-"
+# Temporary folders of a write are `.<target>.tmp-<pid>-<token>` beside the target (`-old` while swapping).
+_TMP_MARK = ".tmp-"
 
 
 def check_output_folder(
@@ -55,30 +55,33 @@ def check_output_folder(
     option: str,
     is_own_output: Callable[[Path], bool],
     overwrite: bool = False,
-    inputs: Iterable[str | os.PathLike] = (),
+    inputs: Iterable[str | os.PathLike | None] = (),
+    own_output: str = "an earlier output of this command",
 ) -> Path:
     """Refuse (ValueError naming `option`) an output folder whose writing could lose a user's files.
 
-    Allowed: a missing or empty folder; with `overwrite`, a previous output of the same command
-    (`is_own_output`). Refused: a file; a folder holding anything else; a folder equal to one of
-    `inputs` or containing one. Writes nothing.
+    Allowed: a missing or empty folder; with `overwrite`, `own_output` (what `is_own_output` accepts).
+    Refused: a file; a folder holding anything else; a folder equal to one of `inputs` or containing
+    one; a folder that cannot be written. Writes nothing; returns `target`.
     """
     target = Path(target)
     resolved = target.resolve()
-    for source in inputs:
+    for source in filter(None, inputs):
         source = Path(source).resolve()
-        if resolved == source or resolved in source.parents:
-            raise ValueError(f"{option} {target} is (or contains) the input {source}: choose another folder")
+        if resolved == source:
+            raise ValueError(f"{option} {target} is the input {source}: choose another folder")
+        if resolved in source.parents:
+            raise ValueError(f"{option} {target} contains the input {source}: choose another folder")
     if target.exists() and not target.is_dir():
         raise ValueError(f"{option} {target} exists and is not a folder")
     if target.is_dir() and any(target.iterdir()):
         if not is_own_output(target):
             raise ValueError(
-                f"{option} {target} is not empty and is not an earlier output of this command: "
+                f"{option} {target} is not empty and is not {own_output}: "
                 "choose a new or empty folder (nothing was written)"
             )
         if not overwrite:
-            raise ValueError(f"{option} {target} holds an earlier output: pass --overwrite to replace it")
+            raise ValueError(f"{option} {target} already holds {own_output}: pass --overwrite to replace it")
     for parent in [resolved, *resolved.parents]:
         if parent.exists():
             if not os.access(parent, os.W_OK | os.X_OK):
@@ -87,32 +90,59 @@ def check_output_folder(
     return target
 
 
-def remove_stale_temp_folders(target: str | os.PathLike) -> None:
-    """Remove the temporary folders that interrupted writes of `target` left beside it."""
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # another user's process, or a platform without signals: leave its folder alone
+    return True
+
+
+def remove_stale_temp_folders(target: str | os.PathLike) -> list[Path]:
+    """Remove the temporary folders that interrupted writes of `target` left beside it.
+
+    Their names carry the writer's process id; folders of a process still running are left alone.
+    Names without one come from versions that did not record it (and never cleaned up): stale.
+    """
     target = Path(target)
-    if target.parent.is_dir():
-        for stale in target.parent.glob(f".{target.name}{_TMP_MARK}*"):
-            if stale.is_dir():
-                shutil.rmtree(stale, ignore_errors=True)
+    removed = []
+    if not target.parent.is_dir():
+        return removed
+    for candidate in target.parent.glob(f".{target.name}.*"):
+        kind, _, rest = candidate.name[len(target.name) + 2 :].partition("-")
+        if kind not in ("tmp", "old") or not candidate.is_dir() or candidate.is_symlink():
+            continue
+        pid = rest.partition("-")[0]
+        if not pid.isdigit() or not _pid_alive(int(pid)):
+            shutil.rmtree(candidate, ignore_errors=True)
+            removed.append(candidate)
+    return removed
 
 
 @contextlib.contextmanager
-def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
+def atomic_folder(target: str | os.PathLike, before_swap: Callable[[], object] | None = None) -> Iterator[Path]:
     """A new temporary folder beside `target` to fill; it replaces `target` when the block succeeds.
 
-    Callers check `target` first (`check_output_folder`): an existing `target` is replaced only after
-    the new folder is complete. The folder gets the permissions of any new folder (umask), not a
-    private temp folder's. On an exception it is removed; after a kill, the next write removes it.
+    Callers check `target` first (`check_output_folder`); `before_swap` may check it again just
+    before the rename. An existing `target` is replaced only after the new folder is complete. The
+    output gets the user's usual permissions (`apply_umask`). On an exception the temporary folder
+    is removed; after a kill, the next write of `target` removes it.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_folders(target)
-    tmp = target.with_name(f".{target.name}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = target.with_name(f".{target.name}{_TMP_MARK}{token}")
     tmp.mkdir()
     try:
         yield tmp
+        apply_umask(tmp)
+        if before_swap is not None:
+            before_swap()
         if target.exists():
-            old = tmp.with_name(tmp.name + "-old")
+            old = target.with_name(f".{target.name}.old-{token}")
             os.replace(target, old)
             os.replace(tmp, target)
             shutil.rmtree(old)

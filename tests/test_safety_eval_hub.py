@@ -273,7 +273,7 @@ PUSH_CASES = [
     BadInput(
         "local dir is the input",
         lambda w: [str(w / "gated"), "--repo-id", "o/gated", "--local-dir", str(w)],
-        r"is \(or contains\) the input",
+        r"is the input .*gated: choose another folder",
     ),
     BadInput(
         "overwrite without local dir",

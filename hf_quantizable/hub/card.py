@@ -393,7 +393,7 @@ def render_model_card(inputs: CardInputs, template_path: str | Path = CARD_TEMPL
         size=_size(inputs.config),
         method=method_parameters(inputs.config),
         method_yaml=_yaml_block(method_parameters(inputs.config)),
-        w8a8_yaml=_yaml_block((inputs.int8_config or inputs.config).get("w8a8_config")),
+        w8a8_yaml=_yaml_block(_card_w8a8_config(inputs)),
         recipe_yaml=_yaml_block(inputs.recipe),
         table=comparison_table(inputs.records),
         precisions=[precision_label(p) for p in precisions],
@@ -409,6 +409,12 @@ def render_model_card(inputs: CardInputs, template_path: str | Path = CARD_TEMPL
     )
     validate_model_card(card)
     return card
+
+
+def _card_w8a8_config(inputs: CardInputs) -> dict[str, Any] | None:
+    """The INT8 settings shown on the card: `w8a8_config` without the quantizer's own file list."""
+    settings = (inputs.int8_config or inputs.config).get("w8a8_config")
+    return {k: v for k, v in settings.items() if k != "files"} if settings else None
 
 
 def _size(config: dict[str, Any]) -> dict[str, Any]:

@@ -2,14 +2,12 @@
 
 import copy
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..paths import atomic_folder, check_output_folder
 from .calibration import activation_quantizers, quantized_linears
 
 FORMAT_VERSION = 1
@@ -102,10 +100,6 @@ def save_int8_checkpoint(int8_model: nn.Module, folder: Path, processor=None) ->
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def _is_inside(path: Path, folder: Path) -> bool:
-    return path == folder or folder in path.parents
-
-
 def is_int8_output(folder: str | Path) -> bool:
     """Whether `folder` holds an INT8 checkpoint written by `W8A8Quantizer` and nothing else.
 
@@ -128,100 +122,27 @@ def check_output_dir(save_dir: str | Path, source_dir: str | Path | None = None,
     Refused: the source model's folder or a folder containing it, a file, any other non-empty folder.
     Raises ValueError naming the folder and the reason; returns the resolved path.
     """
-    path = Path(save_dir).resolve()
-    if source_dir is not None:
-        source = Path(source_dir).resolve()
-        if path == source:
-            raise ValueError(f"the output folder {save_dir!s} is the input model folder: choose another output folder")
-        if _is_inside(source, path):
-            raise ValueError(
-                f"the output folder {save_dir!s} contains the input model {source_dir!s}: choose another output folder"
-            )
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"the output {save_dir!s} exists and is not a folder")
-    if not path.exists() or not any(path.iterdir()):
-        return path
-    if not is_int8_output(path):
-        raise ValueError(
-            f"the output folder {save_dir!s} is not empty and is not an INT8 checkpoint written by "
-            "hf_quantizable.quantize: refusing to replace it (choose a new or empty folder)"
-        )
-    if not overwrite:
-        raise ValueError(
-            f"the output folder {save_dir!s} already holds an INT8 checkpoint: pass --overwrite "
-            "(overwrite=True) to replace it"
-        )
-    return path
-
-
-def _temp_prefixes(save_dir: Path) -> tuple[str, str]:
-    return f".{save_dir.name}.tmp-", f".{save_dir.name}.old-"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # another user's process, or a platform without signals: leave its folder alone
-    return True
-
-
-def remove_stale_temp_dirs(save_dir: Path) -> list[Path]:
-    """Remove the temporary folders that interrupted writes of `save_dir` left beside it.
-
-    Their names carry the writer's process id (`.NAME.tmp-PID-*`, `.NAME.old-PID-*`); folders of a
-    process still running are left alone. Names without one come from versions that did not record
-    it (and never cleaned up): stale.
-    """
-    removed = []
-    for prefix in _temp_prefixes(save_dir):
-        for candidate in save_dir.parent.glob(f"{prefix}*"):
-            pid = candidate.name[len(prefix) :].partition("-")[0]
-            stale = not pid.isdigit() or not _pid_alive(int(pid))
-            if candidate.is_dir() and not candidate.is_symlink() and stale:
-                shutil.rmtree(candidate)
-                removed.append(candidate)
-    return removed
+    check_output_folder(
+        save_dir,
+        option="the output folder",
+        is_own_output=is_int8_output,
+        overwrite=overwrite,
+        inputs=[source_dir],
+        own_output="an INT8 checkpoint written by hf_quantizable.quantize",
+    )
+    return Path(save_dir).resolve()
 
 
 def save_atomically(save_fn, save_dir: str | Path, overwrite: bool = False) -> Path:
     """Run `save_fn(tmp_dir)` in a temporary folder beside `save_dir`, then rename it into place.
 
-    `save_dir` must pass `check_output_dir` (checked again here, just before the rename); a previous
-    INT8 output is replaced (with `overwrite`) only once the new folder is complete. Temporary folders
-    left by interrupted writes are removed first.
+    `save_dir` must pass `check_output_dir` (checked again just before the rename); a previous INT8
+    output is replaced (with `overwrite`) only once the new folder is complete.
     """
     save_dir = check_output_dir(save_dir, overwrite=overwrite)
-    save_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_dirs(save_dir)
-    tmp_prefix, old_prefix = _temp_prefixes(save_dir)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f"{tmp_prefix}{os.getpid()}-", dir=save_dir.parent))
-    try:
+    with atomic_folder(save_dir, before_swap=lambda: check_output_dir(save_dir, overwrite=overwrite)) as tmp_dir:
         save_fn(tmp_dir)
-        _apply_umask(tmp_dir)
-        check_output_dir(save_dir, overwrite=overwrite)
-        if save_dir.exists() and any(save_dir.iterdir()):
-            old = Path(tempfile.mkdtemp(prefix=f"{old_prefix}{os.getpid()}-", dir=save_dir.parent))
-            os.replace(save_dir, old / save_dir.name)
-            os.replace(tmp_dir, save_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp_dir, save_dir)  # fails, rather than replaces, if a non-empty folder appeared
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
     return save_dir
-
-
-def _apply_umask(folder: Path) -> None:
-    """Give `folder` and its files the user's usual permissions (mkdtemp makes 0700, some writers 0600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    folder.chmod(0o777 & ~mask)
-    for path in folder.rglob("*"):
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def weight_bytes(model: nn.Module) -> dict[str, int]:
