@@ -11,6 +11,7 @@ It ends with the FP-vs-INT8 table.
 """
 
 import argparse
+import json
 import shutil
 import sys
 import time
@@ -22,11 +23,13 @@ from . import quantize, train
 from .evaluation.results import read_results
 from .hub.card import variant_of
 from .hub.evaluate import evaluate_for_card
-from .hub.folder import PLOTS_DIR, is_repo_folder
+from .hub.folder import PLOTS_DIR, RECIPE_FILE, is_repo_folder
 from .hub.publish import plan_push, write_plan
 from .hub.upload import check_repo_id
 from .paths import check_output_folder, write_text_atomic
 from .training import embedded
+from .training.runner import CHECKPOINT_DIR
+from .training.trainer import latest_complete_checkpoint
 
 VARIANTS = ("vanilla", "gated", "clipped")
 WORK_DIR_MARK = ".hf_quantizable-main-job"  # marks a --work-dir this command made (and may reuse)
@@ -94,17 +97,32 @@ def _run(step: str, code: int) -> None:
         raise RuntimeError(f"{step} failed (exit status {code}); see the messages above")
 
 
+def training_state(run_dir: Path, max_steps: int) -> str:
+    """`done` (an earlier main job trained this run to `max_steps`), `resume` (it left a complete
+    checkpoint) or `train` (nothing to reuse)."""
+    recipe = run_dir / RECIPE_FILE
+    if not recipe.is_file():
+        return "train"
+    trained_steps = json.loads(recipe.read_text()).get("training", {}).get("max_steps")
+    if (run_dir / "config.json").is_file() and trained_steps == max_steps:
+        return "done"
+    checkpoints = run_dir / CHECKPOINT_DIR
+    return "resume" if checkpoints.is_dir() and latest_complete_checkpoint(checkpoints)[0] else "train"
+
+
 def run_variant(variant: str, args: argparse.Namespace, calibration: Path, evaluation: Path) -> list[Path]:
     """Train, quantize, evaluate and package one variant; return its repo folders."""
     name = f"bert-tiny-{variant}"
     run_dir, int8_dir = args.work_dir / name, args.work_dir / f"{name}-w8a8"
     train_args = ["--preset", name, "--output", str(run_dir), "--max-steps", str(args.max_steps)]
     train_args += [f"data.embedded_size={args.corpus_size}"]
-    if (run_dir / "training_recipe.json").exists():
-        train_args.append("--resume")
     if args.no_progress:
         train_args.append("--no-progress")
-    _run(f"training {name}", train.main(train_args))
+    state = training_state(run_dir, args.max_steps)
+    if state == "resume":
+        train_args.append("--resume")
+    if state != "done":
+        _run(f"training {name}", train.main(train_args))
     quantize_args = [str(run_dir), "--output", str(int8_dir), "--calibration-data", str(calibration), "--overwrite"]
     quantize_args += ["--num-batches", str(args.calibration_batches), "--max-length", "64"]
     _run(f"quantizing {name}", quantize.main(quantize_args))

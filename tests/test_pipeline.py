@@ -123,3 +123,17 @@ def test_bad_arguments_fail_fast(tmp_path, capsys, monkeypatch):
     assert hub_eval_main(["--repos", "org/model", "--models-dir", str(tmp_path), "--push"]) == 2
     assert "no Hugging Face token" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_main_job_reruns_over_its_own_outputs(main_job, capsys):
+    """A second run reuses the trained models and replaces only the repo folders it wrote (with --overwrite)."""
+    root, _, _ = main_job
+    args = ["--local-dir", str(root / "out"), "--work-dir", str(root / "runs"), "--variants", "vanilla", "gated"]
+    args += ["--namespace", "test-org", "--no-progress", *QUICK]
+    weights = root / "runs" / "bert-tiny-gated" / "model.safetensors"
+    trained = weights.stat().st_mtime_ns
+    assert pipeline_main(args) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert pipeline_main([*args, "--overwrite"]) == 0
+    assert weights.stat().st_mtime_ns == trained  # not retrained
+    assert read_results(root / "out" / "bert-tiny-gated" / "results.json")
