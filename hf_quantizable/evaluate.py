@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .cli import given_options, refuse_unused
+from .cli import OneLineErrorParser, given_options, refuse_unused
 from .evaluation.results import ResultRecord, read_results, write_results
 
 TASK_CHOICES = ("mlm", "clm", "image", "embedding", "glue")
@@ -39,7 +39,7 @@ DEFAULT_DATASETS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="python -m hf_quantizable.evaluate",
         description="FP vs simulated W8A8 vs INT8: perplexity / accuracy / GLUE plus outlier statistics.",
         formatter_class=argparse.RawDescriptionHelpFormatter,

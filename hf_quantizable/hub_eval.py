@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx2
 from huggingface_hub import snapshot_download
 
+from .cli import OneLineErrorParser
 from .hub.evaluate import evaluate_for_card
 from .hub.folder import PLOTS_DIR, RESULTS_FILE
 from .hub.publish import plan_push, write_plan
@@ -33,7 +34,7 @@ COMMIT_MESSAGE = "Refresh evaluation results and model card (hf_quantizable.hub_
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="python -m hf_quantizable.hub_eval",
         description="Evaluate Hub models FP vs INT8 with the hf_quantizable harness and refresh their cards.",
     )

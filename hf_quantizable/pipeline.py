@@ -20,6 +20,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from . import quantize, train
+from .cli import OneLineErrorParser
 from .evaluation.results import read_results
 from .hub.card import variant_of
 from .hub.evaluate import evaluate_for_card
@@ -38,7 +39,7 @@ EVAL_SEED = 12345  # held-out evaluation text: the embedded generator with a see
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="python -m hf_quantizable.pipeline",
         description="Main job: train tiny vanilla / gated / clipped BERTs on the embedded corpus, quantize "
         "them to W8A8 INT8, evaluate FP vs INT8 with outlier statistics, write Hub-ready folders with cards.",

@@ -13,12 +13,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .cli import OneLineErrorParser
 from .hub.publish import RepoPlan, check_plan_targets, default_int8_dir, plan_push, write_plan
 from .hub.upload import resolve_token, upload_repo_folder
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="python -m hf_quantizable.push",
         description="Assemble the Hub repo folder(s) of a run (weights, modeling code, tokenizer, card, "
         "results, plots) and upload them, or write them locally.",

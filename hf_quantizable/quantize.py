@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .cli import OneLineErrorParser, positive_int
 from .quantization.config import ACTIVATION_ESTIMATORS, WEIGHT_ESTIMATORS, W8A8Config
 
 DEFAULT_MAX_LENGTH = 128
@@ -25,25 +26,8 @@ _ESTIMATOR_OF_FIELD = {"percentile": "percentile", "momentum": "running_minmax"}
 _CLIPPING_FIELDS = ("clipping_quantiles", "clipping_steps", "clipping_lr")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with its errors on one `error: ...` line, as every other error of the command."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = _Parser(
+    parser = OneLineErrorParser(
         prog="python -m hf_quantizable.quantize",
         description="W8A8 post-training quantization (static ranges from calibration) to an INT8 checkpoint.",
     )
@@ -62,11 +46,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--estimator", help=f"activation range estimator: {', '.join(ACTIVATION_ESTIMATORS)}")
     parser.add_argument("--weight-estimator", help=f"weight range estimator: {', '.join(WEIGHT_ESTIMATORS)}")
     parser.add_argument("--percentile", type=float, help="percentile of the `percentile` estimator (99.99)")
-    parser.add_argument("--num-batches", type=_positive_int, help="calibration batches (default 16)")
-    parser.add_argument("--batch-size", type=_positive_int, default=16, help="calibration batch size (default 16)")
+    parser.add_argument("--num-batches", type=positive_int, help="calibration batches (default 16)")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="calibration batch size (default 16)")
     parser.add_argument(
         "--max-length",
-        type=_positive_int,
+        type=positive_int,
         help=f"calibration sequence length of text models (default {DEFAULT_MAX_LENGTH}, at most the model's positions)",
     )
     parser.add_argument("--per-channel", action="store_true", help="per-output-channel weight scales")

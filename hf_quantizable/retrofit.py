@@ -29,10 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, TrainingArguments, default_data_collator
 
+from .cli import OneLineErrorParser, one_line, positive_int
 from .modeling.configuration_quantizable import GATE_TYPES, QuantizableBertConfig
 from .modeling.modeling_quantizable_bert import QuantizableBertModel
 from .paths import apply_umask
-from .train import OneLineErrorParser, one_line, positive_int
 from .training.data import load_text_datasets, load_tokenizer
 from .training.presets import DataSpec
 from .training.runner import (

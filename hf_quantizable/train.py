@@ -14,24 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+from .cli import OneLineErrorParser, one_line, positive_int
 from .training.presets import PRESETS, allowed_fields, apply_overrides, get_preset, list_presets, validate_preset
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """ArgumentParser whose errors are a single `error: ...` line on stderr (exit code 2)."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,10 +52,6 @@ def check_flags(args: argparse.Namespace) -> None:
         raise ValueError(f"{modes[0]} does not use {', '.join(given)}: drop it")
     if args.dataset_path and not Path(args.dataset_path).expanduser().exists():
         raise ValueError(f"--dataset-path {args.dataset_path} does not exist")
-
-
-def one_line(err: BaseException) -> str:
-    return " ".join(str(err).split())
 
 
 def rerun_hint(run) -> str:
