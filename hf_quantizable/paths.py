@@ -1,6 +1,7 @@
 """Where the offline data lives, and how the package writes its outputs (atomically, never over foreign files)."""
 
 import contextlib
+import json
 import os
 import shutil
 import uuid
@@ -10,6 +11,20 @@ from pathlib import Path
 DATA_ENV = "HF_QUANTIZABLE_DATA"
 # The lm-eval task YAMLs of the package (`TaskManager(include_path=...)`, lm-eval's `--include_path`).
 LM_EVAL_TASKS_DIR = Path(__file__).parent / "evaluation" / "lm_eval_tasks"
+
+
+def read_model_config(path: str | Path) -> dict:
+    """The parsed config.json of the model folder `path` (errors name the file)."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"no model at {path!s}: {config_file} does not exist")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{config_file} is not valid JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file} must hold a JSON object, not a {type(config).__name__}")
+    return config
 
 
 def shared_data_dir() -> Path:

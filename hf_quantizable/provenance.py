@@ -5,6 +5,8 @@ import json
 import os
 from pathlib import Path
 
+from .paths import read_model_config
+
 # config.json fields that change when the same weights are saved again (not part of the model's identity).
 _VOLATILE_CONFIG_FIELDS = ("transformers_version", "_name_or_path", "auto_map", "dtype", "torch_dtype")
 # Weight files (`save_pretrained` names); training state such as training_args.bin is not the model.
@@ -18,15 +20,7 @@ def model_fingerprint(folder: str | os.PathLike) -> str:
     field gives another. Raises FileNotFoundError when the folder has no config.json.
     """
     folder = Path(folder)
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"no model at {folder!s}: {config_file} does not exist")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as error:
-        raise ValueError(f"{config_file} is not valid JSON: {error}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_file} must hold a JSON object, not {type(config).__name__}")
+    config = read_model_config(folder)
     digest = hashlib.sha256()
     identity = {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_FIELDS}
     digest.update(json.dumps(identity, sort_keys=True).encode())

@@ -175,9 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = build_config(args)
         model_dir = Path(args.model_dir)
+        from .paths import read_model_config
         from .quantization.data import calibration_batches
         from .quantization.export import check_output_dir
-        from .quantization.quantizer import W8A8Quantizer, check_weight_files, model_class_for, read_model_config
+        from .quantization.quantizer import W8A8Quantizer, check_weight_files, model_class_for
 
         model_type = model_class_for(model_dir).config_class.model_type
         max_length = max_length_for(args, read_model_config(model_dir), model_type)

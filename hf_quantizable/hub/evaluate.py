@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..evaluation.harness import EvalSettings, evaluate_model
 from ..evaluation.results import read_results, write_results
-from ..paths import shared_data_dir
+from ..paths import read_model_config, shared_data_dir
 from .card import dataset_ref, is_hub_id
 from .folder import PLOTS_DIR, RECIPE_FILE, RESULTS_FILE
 
@@ -89,7 +89,7 @@ def evaluate_for_card(
     """FP (fp32, and fp16 by default: the cards publish FP16 and INT8 results), simulated W8A8 and the
     INT8 checkpoint on the same batches; return results.json."""
     fp_dir, output_dir = Path(fp_dir), Path(output_dir)
-    config = json.loads((fp_dir / "config.json").read_text())
+    config = read_model_config(fp_dir)
     task = model_task(config)
     if dataset is None:
         dataset, dataset_config, default_split = recorded_dataset(fp_dir) or default_dataset(task)

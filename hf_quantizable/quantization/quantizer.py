@@ -1,6 +1,5 @@
 """`W8A8Quantizer`: the optimum quantizer interface for W8A8 post-training quantization."""
 
-import json
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -12,6 +11,7 @@ from transformers import PreTrainedModel
 
 from .. import modeling  # noqa: F401  (the model classes below register with the Auto classes)
 from ..modeling.int8 import QuantPoint
+from ..paths import read_model_config
 from ..provenance import model_fingerprint
 from .calibration import activation_quantizers, quantize_model, quantized_linears, take_batches
 from .config import W8A8Config
@@ -27,20 +27,6 @@ _STOCK_TO_QUANTIZABLE = {
     "ViTModel": "QuantizableViTModel",
     "ViTForImageClassification": "QuantizableViTForImageClassification",
 }
-
-
-def read_model_config(path: str | Path) -> dict:
-    """The parsed config.json of the model folder `path` (errors name the file)."""
-    config_file = Path(path) / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"no model at {path!s}: {config_file} does not exist")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as error:
-        raise ValueError(f"{config_file} is not valid JSON: {error}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_file} must hold a JSON object, not a {type(config).__name__}")
-    return config
 
 
 def check_weight_files(path: str | Path) -> list[Path]:
