@@ -269,8 +269,8 @@ def check_setting_file(folder: Path, identity: dict[str, Any], resume: bool) -> 
     path = folder / SETTING_FILE
     if path.exists():
         previous = json.loads(path.read_text())
-        if previous != identity:
-            changed = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
+        changed = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
+        if changed:  # a field missing on one side counts as None (fields added later)
             raise ValueError(f"{folder} holds another setting (differs in {changed}): choose another --label")
         if not resume:
             raise ValueError(f"{folder} already holds this setting: pass --resume to continue it")
@@ -348,14 +348,15 @@ def run_variant(setting: Setting, label: str, variant: str, args, log: Path) -> 
     }
     append_log(log, {**base_record, "status": "started", "time": _now()})
     start = time.perf_counter()
-    wall_before = json.loads((folder / WALL_FILE).read_text())["wall_time_s"] if (folder / WALL_FILE).exists() else 0.0
+    wall_file = folder.parent / f"{variant}.{WALL_FILE}"  # beside the run folder, which the runner owns
+    wall_before = json.loads(wall_file.read_text())["wall_time_s"] if wall_file.exists() else 0.0
     trainer = None
     status, error, final = "failed", None, None
     try:
         run = build_run(
             preset,
             folder,
-            resume=args.resume,
+            resume=args.resume and (folder / "training_recipe.json").exists(),  # a variant not started yet starts
             training_overrides={
                 "disable_tqdm": True,
                 "save_strategy": "steps",
@@ -405,8 +406,7 @@ def run_variant(setting: Setting, label: str, variant: str, args, log: Path) -> 
         print(error, file=sys.stderr)
     finally:
         wall = time.perf_counter() - start
-        folder.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(folder / WALL_FILE, json.dumps({"wall_time_s": wall_before + wall}) + "\n")
+        write_text_atomic(wall_file, json.dumps({"wall_time_s": wall_before + wall}) + "\n")
         if final is not None:
             final["wall_time_s"] = round(wall_before + wall, 1)
             write_text_atomic(final_path, json.dumps(final, indent=1, default=float) + "\n")

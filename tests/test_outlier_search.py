@@ -224,3 +224,69 @@ def test_bigram_backcopy_copies_after_triggers(search):
                 assert tokens[i + 1] == tokens[i - 1]
                 copies += 1
     assert copies > 0
+
+
+_TINY = [
+    "data.embedded_size=400",
+    "data.seq_length=32",
+    "model.max_position_embeddings=32",
+    "training.warmup_steps=0",
+    "training.per_device_train_batch_size=4",
+    "training.per_device_eval_batch_size=4",
+]
+
+
+def _main(search, tmp_path, *extra: str) -> int:
+    return search.main(
+        [
+            "--preset", "opt-tiny", "--label", "tiny", "--bos", "--variants", "vanilla",
+            "--track-every", "2", "--w8a8-every", "2", "--eval-batches", "1",
+            "--runs-dir", str(tmp_path / "runs"), "--log", str(tmp_path / "log.jsonl"),
+            "--comparison", str(tmp_path / "comparison.json"), *extra, *_TINY,
+        ]
+    )  # fmt: skip
+
+
+def test_search_resumes_extends_and_logs_every_attempt(search, tmp_path):
+    assert _main(search, tmp_path, "--max-steps", "2") == 0
+    with pytest.raises(ValueError, match="--resume"):  # the label exists: continuing needs --resume
+        _main(search, tmp_path, "--max-steps", "4")
+    assert _main(search, tmp_path, "--max-steps", "4", "--resume") == 0
+    records = search.read_log(tmp_path / "log.jsonl")
+    assert [r["status"] for r in records] == ["started", "finished", "started", "finished"]
+    assert [r["steps_done"] for r in records if r["status"] == "finished"] == [2, 4]
+    assert records[-1]["wall_time_total_s"] >= records[-1]["wall_time_s"] > 0
+    assert records[-1]["machine"]["cpu_count"] and "cpu_flags" in records[-1]["machine"]
+    folder = tmp_path / "runs" / "tiny" / "seed1000" / "vanilla"
+    assert [r["step"] for r in search.read_tracking(folder / "outlier_tracking.jsonl")] == [2, 4]
+    final = json.loads((folder / "final.json").read_text())
+    assert final["steps"] == 4 and final["w8a8_ratio"] > 0 and final["max_rms_kurtosis"] >= 1
+    # finished at the requested steps: reused, not trained again
+    assert _main(search, tmp_path, "--max-steps", "4", "--resume") == 0
+    assert len(search.read_log(tmp_path / "log.jsonl")) == 4
+
+
+def test_search_logs_a_failed_attempt(search, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("evaluation broke")
+
+    monkeypatch.setattr(search, "evaluate_variant", broken)
+    assert _main(search, tmp_path, "--max-steps", "2") == 0
+    records = search.read_log(tmp_path / "log.jsonl")
+    assert [r["status"] for r in records] == ["started", "failed"]
+    assert "evaluation broke" in records[-1]["error"] and records[-1]["steps_done"] == 2
+
+
+def test_search_logs_an_aborted_attempt_and_reraises(search, tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(search, "evaluate_variant", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _main(search, tmp_path, "--max-steps", "2")
+    records = search.read_log(tmp_path / "log.jsonl")
+    assert [r["status"] for r in records] == ["started", "aborted"]
+    # the checkpoint at step 2 is there: --resume continues from it
+    monkeypatch.undo()
+    assert _main(search, tmp_path, "--max-steps", "2", "--resume") == 0
+    assert search.read_log(tmp_path / "log.jsonl")[-1]["status"] == "finished"
