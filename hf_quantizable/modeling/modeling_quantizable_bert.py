@@ -5,6 +5,8 @@ parameters are new). Every activation the W8A8 setting quantizes passes a `Quant
 Self-contained: torch, transformers and relative imports only.
 """
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
@@ -15,6 +17,7 @@ from transformers.modeling_outputs import (
     MaskedLMOutput,
     SequenceClassifierOutput,
 )
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.bert.modeling_bert import (
     BertEmbeddings,
     BertOnlyMLMHead,
@@ -22,7 +25,7 @@ from transformers.models.bert.modeling_bert import (
     BertPreTrainedModel,
 )
 
-from .attention import AttentionCore, padding_mask
+from .attention import AttentionCore, eager_attention_forward, padding_mask
 from .configuration_quantizable import QuantizableBertConfig
 from .int8 import QuantPoint
 from .quantizable_utils import QuantizableModelMixin
@@ -61,6 +64,7 @@ class QuantizableBertSelfAttention(nn.Module):
 
     def __init__(self, config: QuantizableBertConfig):
         super().__init__()
+        self.config = config
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.query = nn.Linear(config.hidden_size, config.hidden_size)
@@ -84,7 +88,12 @@ class QuantizableBertSelfAttention(nn.Module):
         key = self.key_quant(self.key(hidden_states)).view(heads_shape).transpose(1, 2)
         value = self.value_quant(self.value(hidden_states)).view(heads_shape).transpose(1, 2)
         qkv_quant = (self.query_quant, self.key_quant, self.value_quant)
-        return self.core(hidden_states, query, key, value, mask, token_mask, output_attentions, qkv_quant)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        return self.core(
+            hidden_states, query, key, value, mask, attention_interface, token_mask, output_attentions, qkv_quant
+        )
 
 
 class QuantizableBertResidualOutput(nn.Module):

@@ -5,6 +5,8 @@ gate parameters are new). Every activation the W8A8 setting quantizes passes a `
 Self-contained: torch, transformers and relative imports only.
 """
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.nn import CrossEntropyLoss
@@ -13,9 +15,10 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.opt.modeling_opt import OPTLearnedPositionalEmbedding, OPTPreTrainedModel
 
-from .attention import AttentionCore, causal_mask
+from .attention import AttentionCore, causal_mask, eager_attention_forward
 from .configuration_quantizable import QuantizableOPTConfig
 from .int8 import QuantPoint
 from .quantizable_utils import QuantizableModelMixin
@@ -29,6 +32,7 @@ class QuantizableOPTAttention(nn.Module):
 
     def __init__(self, config: QuantizableOPTConfig, layer_idx: int):
         super().__init__()
+        self.config = config
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
@@ -39,7 +43,7 @@ class QuantizableOPTAttention(nn.Module):
         self.q_quant = QuantPoint()
         self.k_quant = QuantPoint()
         self.v_quant = QuantPoint()
-        self.core = AttentionCore(config, self.num_heads, self.head_dim, config.attention_dropout)
+        self.core = AttentionCore(config, self.num_heads, self.head_dim, config.attention_dropout, is_causal=True)
         self.out_quant = QuantPoint(residual_stream=True)
 
     def forward(
@@ -57,8 +61,18 @@ class QuantizableOPTAttention(nn.Module):
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)  # [B, H, past + T, d_head]
         qkv_quant = (self.q_quant, self.k_quant, self.v_quant)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
         context, probs = self.core(
-            hidden_states, query, key, value, mask, output_attentions=output_attentions, qkv_quant=qkv_quant
+            hidden_states,
+            query,
+            key,
+            value,
+            mask,
+            attention_interface,
+            output_attentions=output_attentions,
+            qkv_quant=qkv_quant,
         )
         return self.out_quant(self.out_proj(context)), probs
 

@@ -7,14 +7,17 @@ embedding (Bondarenko et al.'s ViT setting).
 Self-contained: torch, transformers and relative imports only.
 """
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.vit.modeling_vit import ViTEmbeddings, ViTPooler, ViTPreTrainedModel
 
-from .attention import AttentionCore
+from .attention import AttentionCore, eager_attention_forward
 from .configuration_quantizable import QuantizableViTConfig
 from .int8 import QuantPoint
 from .quantizable_utils import QuantizableModelMixin
@@ -58,6 +61,7 @@ class QuantizableViTSelfAttention(nn.Module):
 
     def __init__(self, config: QuantizableViTConfig):
         super().__init__()
+        self.config = config
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.query = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
@@ -75,8 +79,18 @@ class QuantizableViTSelfAttention(nn.Module):
         key = self.k_quant(self.key(hidden_states)).view(heads_shape).transpose(1, 2)
         value = self.v_quant(self.value(hidden_states)).view(heads_shape).transpose(1, 2)
         qkv_quant = (self.q_quant, self.k_quant, self.v_quant)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
         return self.core(
-            hidden_states, query, key, value, None, output_attentions=output_attentions, qkv_quant=qkv_quant
+            hidden_states,
+            query,
+            key,
+            value,
+            None,
+            attention_interface,
+            output_attentions=output_attentions,
+            qkv_quant=qkv_quant,
         )
 
 

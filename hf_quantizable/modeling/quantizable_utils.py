@@ -6,7 +6,7 @@ Self-contained: torch, transformers and relative imports only.
 import torch
 from transformers import initialization as init
 
-from .attention import AttentionGate
+from .attention import AttentionGate, check_attention_implementation
 from .int8 import (
     check_int8_config,
     check_int8_loading,
@@ -19,7 +19,8 @@ from .int8_kernel import kernel_choice
 
 
 class QuantizableModelMixin:
-    """`auto_map` for remote code, gate initialisation from `pi_init`, INT8 rebuild and checks on load.
+    """`auto_map` for remote code, gate initialisation from `pi_init`, INT8 rebuild and checks on load,
+    the attention function of the config's variant.
 
     Mixed in before the stock `*PreTrainedModel`; subclasses set `auto_map`.
     """
@@ -32,6 +33,12 @@ class QuantizableModelMixin:
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         config.auto_map = dict(self.auto_map)
+
+    def _check_and_adjust_attn_implementation(self, attn_implementation: str | None, *args, **kwargs) -> str:
+        """transformers' check of `attn_implementation` (at init and in `set_attn_implementation`), after
+        ours: the clipped variants run their registered function, see `check_attention_implementation`."""
+        attn_implementation = check_attention_implementation(self.config.attn_impl, attn_implementation)
+        return super()._check_and_adjust_attn_implementation(attn_implementation, *args, **kwargs)
 
     def post_init(self):
         super().post_init()
