@@ -355,6 +355,24 @@ def test_push_cli_uploads_through_hf_endpoint(run_dir, tmp_path):
     assert hub.files("org/cli-model") == EXPECTED_FP_FILES
 
 
+@pytest.mark.parametrize(("token", "offline", "message"), [("hf_wrong", "0", "401"), (TOKEN, "1", "offline mode")])
+def test_push_cli_refusals_from_the_hub_are_one_line(run_dir, tmp_path, token, offline, message):
+    """A rejected token (401) or offline mode: one `error:` line naming the repo, no traceback."""
+    with LocalHub(tmp_path / "hub") as hub:
+        env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": token, "HF_HUB_DISABLE_XET": "1"}
+        result = subprocess.run(
+            [sys.executable, "-m", "hf_quantizable.push", str(run_dir), "--repo-id", "org/cli-model"],
+            cwd=REPO_ROOT,
+            env={**env, "HF_HUB_OFFLINE": offline},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert len(errors) == 1 and "upload to org/cli-model failed" in errors[0] and message in errors[0], result.stderr
+
+
 def test_refresh_uploads_only_card_results_and_plots(run_dir, tmp_path, monkeypatch):
     """hub_eval --push sends README.md, results.json and plots/ only (the weights stay as they are)."""
     from hf_quantizable.hub_eval import REFRESHED_FILES

@@ -346,6 +346,11 @@ def evaluate_model(
     `layers.png`, `outlier_dims.png`, `head_mass.png` and (for text or images) `attention.png`.
     """
     fp_model = load_fp_model(model_name_or_path, settings.task, trust_remote_code)
+    positions = getattr(fp_model.config, "max_position_embeddings", None)
+    if settings.task != "image" and positions is not None and settings.max_length > positions:
+        raise ValueError(
+            f"--max-length {settings.max_length} exceeds the model's max_position_embeddings ({positions})"
+        )
     int8_model = load_int8_model(int8, settings.task, trust_remote_code) if int8 else None
     int8_verified = check_int8_source(model_name_or_path, int8, int8_model.config.w8a8_config) if int8 else None
     if int8 and not int8_verified:
