@@ -20,10 +20,13 @@ from datasets.config import HF_DATASETS_CACHE
 from datasets.exceptions import DatasetsError
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers.utils import logging
 
 from ..paths import write_text_atomic
 from . import embedded
 from .presets import DataSpec, is_local_path
+
+logger = logging.get_logger(__name__)
 
 # Hub corpora of the papers: name -> [(dataset, config)], concatenated.
 HUB_CORPORA: dict[str, list[tuple[str, str | None]]] = {
@@ -333,6 +336,10 @@ class ImageData:
     labels: list[str]
 
 
+# `auto`: timm's pipeline when timm imports, else `basic` (the paper presets use it: they run without timm).
+AUGMENTATIONS = ("auto", "timm", "basic", "none")
+
+
 def _timm_transforms(spec: DataSpec, mean, std):
     import timm.data
 
@@ -349,8 +356,8 @@ def load_image_datasets(spec: DataSpec, seed: int) -> ImageData:
     from transformers import ViTImageProcessorPil
 
     augmentation = spec.augmentation or "none"  # `augmentation=none` parses to None on the command line
-    if augmentation not in ("timm", "basic", "none"):
-        raise ValueError(f"`augmentation` must be one of timm, basic, none; got {spec.augmentation!r}")
+    if augmentation not in AUGMENTATIONS:
+        raise ValueError(f"`augmentation` must be one of {', '.join(AUGMENTATIONS)}; got {spec.augmentation!r}")
     raw = (
         _split(_embedded_images(spec), spec.eval_fraction, seed)
         if spec.dataset == "embedded"
@@ -365,13 +372,17 @@ def load_image_datasets(spec: DataSpec, seed: int) -> ImageData:
     )
     processor = ViTImageProcessorPil(size={"height": spec.image_size, "width": spec.image_size})
     timm_pipeline = None
-    if augmentation == "timm":
+    if augmentation in ("timm", "auto"):
         try:
             timm_pipeline = _timm_transforms(spec, processor.image_mean, processor.image_std)
-        except ImportError as err:
-            raise ValueError(
-                "augmentation=timm needs the `timm` extra (pip install 'hf_quantizable[timm]'); use basic"
-            ) from err
+        except Exception as err:  # not installed, or a torchvision that does not match this torch
+            if augmentation == "timm":
+                raise ValueError(
+                    f"augmentation=timm needs an importable timm (with a torchvision matching this torch): {err}; "
+                    "use augmentation=auto or basic"
+                ) from None
+            logger.warning("timm does not import (%s): using the built-in `basic` augmentation", err)
+            augmentation = "basic"
     generator = torch.Generator().manual_seed(seed)
 
     def transform(batch, training: bool):

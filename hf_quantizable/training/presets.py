@@ -53,8 +53,8 @@ class DataSpec:
         seq_length: MLM sequence length / CLM block size (group-texts packing).
         mlm_probability: masking probability of the MLM collator.
         image_size: square input size of image models.
-        augmentation: `timm` (the paper's pipeline, needs the `timm` extra), `basic` (built-in random
-            resized crop + flip) or `none` (None).
+        augmentation: `timm` (the paper's pipeline, needs an importable timm), `auto` (timm's when it
+            imports, else `basic`), `basic` (built-in random resized crop + flip) or `none` (None).
         eval_fraction: share of a training set held out for evaluation when there is no eval split.
         stream_eval_examples: examples held out from the head of a streamed training set without an
             eval split.
@@ -222,7 +222,7 @@ _VIT_PAPER_TRAINING = {
     "save_strategy": "epoch",
     "logging_steps": 500,
 }
-_VIT_PAPER_DATA = {"dataset": "imagenet-1k", "image_size": 224, "augmentation": "timm"}
+_VIT_PAPER_DATA = {"dataset": "imagenet-1k", "image_size": 224, "augmentation": "auto"}
 
 # --- small CPU presets: 2 cores, minutes ---
 _BERT_TINY_MODEL = {
@@ -637,8 +637,8 @@ def _check_data(data: DataSpec, family: str) -> None:
     _check_range("data.eval_fraction", data.eval_fraction, 0, high=1)
     if not data.dataset:
         raise ValueError("data.dataset must name a dataset (embedded, a Hub dataset or a local path)")
-    if family == "vit" and data.augmentation not in ("timm", "basic", "none", None):
-        raise ValueError(f"data.augmentation must be one of timm, basic, none; got {data.augmentation!r}")
+    if family == "vit" and data.augmentation not in ("auto", "timm", "basic", "none", None):
+        raise ValueError(f"data.augmentation must be one of auto, timm, basic, none; got {data.augmentation!r}")
 
 
 def _check_tracking(tracking: TrackingSpec) -> None:
