@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+import hf_quantizable.quantization  # noqa: F401  (imported now: a long run must not pick up later edits)
 from hf_quantizable.evaluation import compute_outlier_stats
 from hf_quantizable.evaluation.results import package_versions
 from hf_quantizable.paths import shared_data_dir, write_text_atomic
@@ -212,6 +213,19 @@ def machine() -> dict[str, Any]:
     }
 
 
+def git_state() -> dict[str, Any]:
+    """Commit of the repository and the tracked files modified in the working tree."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {"commit": git("rev-parse", "HEAD").strip() or None, "modified": git("diff", "--name-only").split()}
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -345,6 +359,7 @@ def run_variant(setting: Setting, label: str, variant: str, args, log: Path) -> 
         "run_dir": str(folder),
         "machine": machine(),
         "versions": package_versions(),
+        "git": git_state(),
     }
     append_log(log, {**base_record, "status": "started", "time": _now()})
     start = time.perf_counter()
