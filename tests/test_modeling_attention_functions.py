@@ -217,6 +217,42 @@ def test_stock_llama_trains_with_a_registered_variant(variant):
     assert losses[-1] < 0.8 * losses[0], losses
 
 
+SMALL = {k: TINY_LLAMA[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")}
+OTHER_STOCK_MODELS = {  # name -> (config class, model class, config fields)
+    "Mistral": ("MistralConfig", "MistralForCausalLM", {**TINY_LLAMA}),
+    "Qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {**TINY_LLAMA}),
+    "GPT2": ("GPT2Config", "GPT2LMHeadModel", {"vocab_size": 99, "n_embd": 32, "n_layer": 2, "n_head": 4}),
+    "RoBERTa": ("RobertaConfig", "RobertaForMaskedLM", {**SMALL, "num_attention_heads": 4}),
+}
+
+
+@pytest.mark.parametrize("name", OTHER_STOCK_MODELS)
+def test_other_stock_models_run_a_registered_variant(name):
+    import transformers
+
+    config_name, model_name, fields = OTHER_STOCK_MODELS[name]
+    input_ids, attention_mask = left_padded_batch()
+    logits = {}
+    for impl in ("sdpa", "clipped_softmax"):
+        torch.manual_seed(0)
+        config = getattr(transformers, config_name)(**fields, attn_implementation=impl)
+        model = getattr(transformers, model_name)(config).eval()
+        with torch.no_grad():
+            logits[impl] = model(input_ids, attention_mask=attention_mask).logits[attention_mask.bool()]
+    assert not torch.allclose(logits["clipped_softmax"], logits["sdpa"], atol=1e-4)
+    model.train()(input_ids, attention_mask=attention_mask, labels=input_ids).loss.backward()
+    attention = [p for n, p in model.named_parameters() if "attn" in n or "attention" in n]
+    assert attention and all(p.grad is not None and p.grad.abs().sum() > 0 for p in attention)
+
+
+def test_soft_capped_attention_is_refused():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    model = Gemma2ForCausalLM(Gemma2Config(**TINY_LLAMA, head_dim=8, attn_implementation="clipped_softmax"))
+    with pytest.raises(ValueError, match="softcap"):
+        model(torch.randint(0, 99, (1, 4)))
+
+
 def test_registration_travels_with_remote_code(tmp_path):
     """A checkpoint's own copy of the modeling code registers the functions where our package is absent."""
     tiny_model("opt", attn_impl="normalized_clipped_softmax").save_pretrained(tmp_path)
