@@ -1,6 +1,7 @@
 """hf_quantizable: outlier-free, quantization-friendly transformers for the Hugging Face ecosystem.
 
-Importing the package registers the quantizable model types with the transformers Auto classes.
+Importing the package registers the quantizable model types with the transformers Auto classes and
+the W8A8 quantization method (`W8A8QuantizationConfig`) with transformers' quantizers.
 """
 
 from transformers import (
@@ -24,6 +25,7 @@ from .modeling.modeling_quantizable_bert import (
 )
 from .modeling.modeling_quantizable_opt import QuantizableOPTForCausalLM, QuantizableOPTModel
 from .modeling.modeling_quantizable_vit import QuantizableViTForImageClassification, QuantizableViTModel
+from .modeling.quantization_method import W8A8QuantizationConfig
 
 __version__ = "0.1.0"
 
@@ -56,4 +58,5 @@ __all__ = [
     "QuantizableViTConfig",
     "QuantizableViTForImageClassification",
     "QuantizableViTModel",
+    "W8A8QuantizationConfig",
 ]

@@ -218,6 +218,7 @@ EXPECTED_FP_FILES = {
     "attention.py",
     "int8.py",
     "int8_kernel.py",
+    "quantization_method.py",
     "quantizable_utils.py",
 }
 

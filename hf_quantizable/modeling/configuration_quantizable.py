@@ -12,6 +12,8 @@ from typing import Any
 
 from transformers import BertConfig, OPTConfig, ViTConfig
 
+from .quantization_method import QUANT_METHOD  # noqa: F401  (importing it registers the W8A8 method)
+
 ATTN_IMPLS = ("softmax", "clipped_softmax", "normalized_clipped_softmax", "gated")
 GATE_TYPES = ("linear", "mlp", "all_heads_linear", "per_head", "unconditional")
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..modeling.quantization_method import W8A8QuantizationConfig, quantization_settings
 from ..paths import atomic_folder, check_output_folder
 from .calibration import activation_quantizers, quantized_linears
 
@@ -75,6 +76,8 @@ def build_int8_model(model: nn.Module, source_fingerprint: str | None = None) ->
     """An INT8 model (same class, `config.w8a8_config` set) holding the calibrated quantization of `model`."""
     config = copy.deepcopy(model.config)
     config.w8a8_config = int8_config_dict(model, source_fingerprint)
+    # the standard field transformers reads (`model.is_quantized`, `model.hf_quantizer` on load)
+    config.quantization_config = W8A8QuantizationConfig(**quantization_settings(config.w8a8_config)).to_dict()
     # A BERT base model built without its pooler is rebuilt the same way.
     kwargs = {"add_pooling_layer": False} if getattr(model, "pooler", True) is None else {}
     int8_model = type(model)(config, **kwargs)

@@ -1,5 +1,6 @@
 """`W8A8Quantizer`: the optimum quantizer interface for W8A8 post-training quantization."""
 
+import copy
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -10,7 +11,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .. import modeling  # noqa: F401  (the model classes below register with the Auto classes)
-from ..modeling.int8 import QuantPoint
+from ..modeling.int8 import QuantPoint, convert_to_int8
 from ..paths import read_model_config
 from ..provenance import model_fingerprint
 from .calibration import activation_quantizers, quantize_model, quantized_linears, take_batches
@@ -167,3 +168,18 @@ class W8A8Quantizer(OptimumQuantizer):
             "checkpoint_bytes": sum(f.stat().st_size for f in save_dir.glob("*.safetensors")),
         }
         return save_dir
+
+
+def quantize_in_place(model: PreTrainedModel, settings: dict, calibration_dataset: Iterable[dict]) -> None:
+    """Calibrate the FP `model` on `calibration_dataset` with the W8A8Config `settings`, then turn it
+    into its INT8 model in place (what `from_pretrained(..., quantization_config=W8A8QuantizationConfig(...))`
+    returns): the same modules and state as the INT8 checkpoint `W8A8Quantizer` would write."""
+    config = W8A8Config.from_dict(settings)
+    source = Path(model.name_or_path) if model.name_or_path else None
+    fingerprint = model_fingerprint(source) if source is not None and source.is_dir() else None
+    simulated = quantize_model(copy.deepcopy(model), config, calibration_dataset)
+    int8_model = build_int8_model(simulated, fingerprint)
+    convert_to_int8(model, int8_model.config.w8a8_config)
+    model.config.w8a8_config = int8_model.config.w8a8_config
+    model.load_state_dict(int8_model.state_dict(), strict=True)
+    model.eval()
