@@ -108,6 +108,30 @@ def test_parameters_come_from_the_config_with_documented_defaults():
         clipped_softmax_parameters(LlamaConfig(**TINY_LLAMA, clip_zeta=0.5), 8)
 
 
+class _Module(torch.nn.Module):
+    def __init__(self, config, is_causal):
+        super().__init__()
+        self.config, self.is_causal = config, is_causal
+
+
+@pytest.mark.parametrize("name", ["eager", *CLIPPED])
+def test_boolean_additive_and_implicit_causal_masks_agree(name):
+    from hf_quantizable.modeling.attention import ATTENTION_FUNCTIONS, eager_attention_forward
+
+    function = ATTENTION_FUNCTIONS.get(name, eager_attention_forward)
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(2, 4, 6, 8, generator=generator) for _ in range(3))
+    module = _Module(QuantizableOPTConfig(**TINY_OPT, **CLIP_FIELDS), is_causal=True).eval()
+    keep = torch.ones(6, 6, dtype=torch.bool).tril()[None, None]  # [1, 1, T_q, T_k]
+    additive = torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
+    outputs = [function(module, query, key, value, mask, scaling=0.3)[0] for mask in (keep, additive, None)]
+    for output in outputs[1:]:
+        torch.testing.assert_close(output, outputs[0], atol=1e-6, rtol=0)
+    if name == "eager":
+        sdpa = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=0.3)
+        torch.testing.assert_close(outputs[0], sdpa.transpose(1, 2), atol=1e-6, rtol=0)
+
+
 # ---------------------------------------------------------------------------- our models
 
 

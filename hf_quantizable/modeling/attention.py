@@ -29,8 +29,14 @@ from transformers.modeling_utils import AttentionInterface
 from .int8 import QuantPoint, TensorGrid, grid_matmul
 
 CLIPPED_IMPLS = ("clipped_softmax", "normalized_clipped_softmax")
-# Attention functions that need a mask other than the boolean 4-D one our models build.
-UNSUPPORTED_ATTENTION_FUNCTIONS = ("flex_attention", "flash_attention_2", "flash_attention_3", "flash_attention_4")
+# Attention functions that need masks (or caches) other than the boolean 4-D mask our models build.
+UNSUPPORTED_ATTENTION_FUNCTIONS = (
+    "flex_attention",
+    "flash_attention_2",
+    "flash_attention_3",
+    "flash_attention_4",
+    "paged|eager",
+)
 # Defaults for configs that lack the fields (stock transformers configs): the papers' BERT settings,
 # and Liao & Monz's OPT beta for causal attention.
 DEFAULT_CLIP_GAMMA = -0.025
@@ -100,8 +106,8 @@ def _masked_scores(
     """Scaled scores `[B, H, T_q, T_k]` with masked keys at the dtype minimum, and the mask (True = attend).
 
     `attention_mask` may be boolean (True = attend, as our models and `sdpa_mask` build it) or additive
-    float (0 / dtype minimum, as `eager_mask` builds it, possibly with a bias); broadcastable to the scores.
-    Without a mask, causal attention gets the bottom-right aligned causal mask.
+    float (0 / dtype minimum, as `eager_mask` builds it, possibly with a bias); broadcastable to the scores
+    once cut to the key length. Without a mask, causal attention gets the bottom-right aligned causal mask.
     """
     scores = torch.matmul(query, key.transpose(-1, -2)) * scaling  # [B, H, T_q, T_k]
     query_length, key_length = scores.shape[-2:]
@@ -111,8 +117,9 @@ def _masked_scores(
         query_pos = torch.arange(key_length - query_length, key_length, device=scores.device)[:, None]
         keep = torch.arange(key_length, device=scores.device)[None, :] <= query_pos  # [T_q, T_k]
     elif attention_mask.dtype == torch.bool:
-        keep = attention_mask
+        keep = attention_mask[..., :key_length]
     else:
+        attention_mask = attention_mask[..., :key_length]
         scores = scores + attention_mask
         keep = attention_mask > torch.finfo(attention_mask.dtype).min / 2
     return scores.masked_fill(~keep, torch.finfo(scores.dtype).min), keep
