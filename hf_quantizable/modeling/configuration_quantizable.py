@@ -32,6 +32,9 @@ class QuantizableAttentionConfig:
 
     Args:
         attn_impl: one of `softmax` (vanilla), `clipped_softmax`, `normalized_clipped_softmax`, `gated`.
+            The softmax variant the model is trained with; vanilla and gated run the attention function
+            `attn_implementation` names (`sdpa` by default), the clipped variants their registered one
+            (`attention.check_attention_implementation`).
         clip_gamma: clipped softmax lower stretch `gamma <= 0` (used when `clip_alpha` is None).
         clip_alpha: clipped softmax `alpha >= 0`, giving `gamma = -alpha / T` with T the key length.
         clip_zeta: clipped softmax upper stretch `zeta >= 1`.
