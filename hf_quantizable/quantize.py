@@ -22,7 +22,7 @@ from .quantization.config import ACTIVATION_ESTIMATORS, WEIGHT_ESTIMATORS, W8A8C
 
 DEFAULT_MAX_LENGTH = 128
 # Fields only some settings read: accepted only with those settings (no value is silently ignored).
-_ESTIMATOR_OF_FIELD = {"percentile": "percentile", "momentum": "running_minmax"}
+_ESTIMATOR_OF_FIELD = {"percentile": ("percentile",), "momentum": ("running_minmax", "percentile")}
 _CLIPPING_FIELDS = ("clipping_quantiles", "clipping_steps", "clipping_lr")
 
 
@@ -83,11 +83,12 @@ def read_config_file(path: str) -> dict:
 
 def check_fields_used(given: set[str], config: W8A8Config) -> None:
     """Refuse settings given explicitly that this configuration would not read."""
-    for name, estimator in _ESTIMATOR_OF_FIELD.items():
-        if name in given and config.activation_estimator != estimator:
+    for name, estimators in _ESTIMATOR_OF_FIELD.items():
+        if name in given and config.activation_estimator not in estimators:
+            also = "".join(f" (and by `{e}`)" for e in estimators[1:])
             raise ValueError(
-                f"`{name}` is read only by the `{estimator}` activation estimator, not by "
-                f"{config.activation_estimator!r}: pass --estimator {estimator} or drop it"
+                f"`{name}` is read only by the `{estimators[0]}` activation estimator, not by "
+                f"{config.activation_estimator!r}{also}: pass --estimator {estimators[0]} or drop it"
             )
     unused = [name for name in _CLIPPING_FIELDS if name in given and not config.token_wise_clipping]
     if unused:

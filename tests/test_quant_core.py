@@ -67,12 +67,20 @@ def test_running_minmax_matches_hand_computation():
     assert x_min.item() == pytest.approx(expected_min) and x_max.item() == pytest.approx(expected_max)
 
 
-def test_percentile_matches_hand_computation():
-    estimator = ActivationRangeEstimator("percentile", 8, percentile=99.0)
-    estimator.update(torch.arange(1, 101, dtype=torch.float32))  # 1..100: 99th from each end -> 2, 99
-    estimator.update(torch.arange(1, 101, dtype=torch.float32) * 2)  # -> 4, 198
-    x_min, x_max = estimator.range()  # averaged over the batches
-    assert x_min.item() == pytest.approx(3.0) and x_max.item() == pytest.approx(148.5)
+def test_percentile_is_an_ema_of_interpolated_percentiles():
+    """As the official RunningMinMaxEstimator with `percentile`: numpy-style percentiles per batch,
+    then the momentum-0.9 moving average."""
+    estimator = ActivationRangeEstimator("percentile", 8, momentum=0.9, percentile=99.0)
+    # 1..100: position 0.99 * 99 = 98.01 -> 99.01; 1st percentile at 0.99 -> 1.99
+    estimator.update(torch.arange(1, 101, dtype=torch.float32))
+    estimator.update(torch.arange(1, 101, dtype=torch.float32) * 2)  # -> 3.98, 198.02
+    x_min, x_max = estimator.range()
+    assert x_min.item() == pytest.approx(0.9 * 1.99 + 0.1 * 3.98, rel=1e-5)
+    assert x_max.item() == pytest.approx(0.9 * 99.01 + 0.1 * 198.02, rel=1e-5)
+    estimator = ActivationRangeEstimator("avg_minmax", 8)
+    estimator.update(torch.tensor([-1.0, 4.0]))
+    estimator.update(torch.tensor([-3.0, 2.0]))
+    assert [v.item() for v in estimator.range()] == [-2.0, 3.0]
 
 
 def test_mse_range_clips_gaussian_tails_at_low_bits():

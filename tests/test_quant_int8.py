@@ -128,6 +128,10 @@ def _quantize(family, tmp_path, config):
         ("bert", W8A8Config(weight_bits=6, activation_bits=6, per_channel_weights=True, outlier_channels=4)),
         ("opt", W8A8Config(outlier_channels=2, per_channel_residuals=True)),
         ("vit", W8A8Config(activation_estimator="mse", outlier_channels=3)),
+        ("bert", W8A8Config.preset("wei2022-os", clipping_quantiles=[1.0, 0.9], clipping_steps=2)),
+        ("opt", W8A8Config.preset("bondarenko2023-opt")),
+        ("bert", W8A8Config.preset("bondarenko2023-bert-weights-only")),
+        ("vit", W8A8Config(activation_nodes="matmul_inputs", calibration_quantized="all")),
     ],
 )
 def test_int8_model_equals_simulation(family, config, tmp_path):

@@ -1,7 +1,7 @@
 """`quantize_model`: insert fake-quantizers into a quantizable model and calibrate them."""
 
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from itertools import islice
 
 import torch
@@ -42,6 +42,7 @@ def insert_quantizers(model: nn.Module, config: W8A8Config) -> None:
                 config.activation_estimator, config.activation_bits, config.momentum, config.percentile, per_channel
             )
             replacement = ActivationQuantizer(config.activation_bits, estimator)
+            replacement.residual_stream = module.residual_stream
         elif type(module) is nn.Linear:
             replacement = QuantizedLinear(
                 module, config.weight_bits, config.weight_estimator, config.per_channel_weights
@@ -56,6 +57,33 @@ def activation_quantizers(model: nn.Module) -> dict[str, ActivationQuantizer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, ActivationQuantizer)}
 
 
+# Quantization points read by the attention matrix products (Q K^T and P V) in every model family.
+_ATTENTION_MATMUL_INPUTS = ("query_quant", "key_quant", "value_quant", "q_quant", "k_quant", "v_quant", "probs_quant")
+
+
+def select_activation_nodes(model: nn.Module, config: W8A8Config) -> None:
+    """Keep the activation quantizers of `config.activation_nodes`; the others become identities again.
+
+    `matmul_inputs` keeps what an integer matrix product reads: the inputs of the quantized linear
+    layers (found by `_find_linear_inputs`) and the operands of the two attention products. As in
+    the official Outlier Suppression `model/quant_bert.py`, a LayerNorm output that only the
+    floating-point task head reads (the last BERT layer's) stays in floating point.
+    """
+    if config.activation_nodes == "all":
+        return
+    keep = set()
+    if config.activation_nodes == "matmul_inputs":
+        keep = {linear.input_quantizer for linear in quantized_linears(model).values()} - {None}
+        keep |= {name for name in activation_quantizers(model) if name.endswith(_ATTENTION_MATMUL_INPUTS)}
+    for linear in quantized_linears(model).values():
+        if linear.input_quantizer not in keep:
+            linear.set_input_quantizer(None, None)
+    for name, quantizer in activation_quantizers(model).items():
+        if name not in keep:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, QuantPoint(residual_stream=quantizer.residual_stream))
+
+
 def quantized_linears(model: nn.Module) -> dict[str, QuantizedLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
 
@@ -64,6 +92,19 @@ def set_mode(model: nn.Module, mode: str) -> None:
     """Put every activation quantizer in `calibrate`, `observe`, `quantize` or `fp` mode."""
     for quantizer in activation_quantizers(model).values():
         quantizer.mode = mode
+
+
+@contextmanager
+def weights_in_fp(model: nn.Module):
+    """Run the linear layers with their floating-point weights inside the block (activations unchanged)."""
+    linears = quantized_linears(model).values()
+    for linear in linears:
+        linear.quantize_weights = False
+    try:
+        yield model
+    finally:
+        for linear in linears:
+            linear.quantize_weights = True
 
 
 @contextmanager
@@ -84,11 +125,25 @@ def full_precision(model: nn.Module):
             linear.quantize_weights = True
 
 
-def run_batches(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> Iterator:
-    """Forward each batch (moved to the model's device); yield the outputs."""
+def run_batches(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], remove_padding: bool = False) -> Iterator:
+    """Forward each batch (moved to the model's device); yield the outputs.
+
+    With `remove_padding`, the activation quantizers see the batch's `attention_mask` as their
+    `token_mask` during its forward pass (statistics over the real tokens only).
+    """
     device = next(model.parameters()).device
+    quantizers = list(activation_quantizers(model).values()) if remove_padding else []
     for batch in batches:
-        yield model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        mask = batch.get("attention_mask")
+        for quantizer in quantizers:
+            quantizer.token_mask = mask.bool() if mask is not None else None
+        try:
+            output = model(**batch)
+        finally:
+            for quantizer in quantizers:
+                quantizer.token_mask = None
+        yield output
 
 
 def _find_linear_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> None:
@@ -148,13 +203,29 @@ def select_outlier_channels(model: nn.Module, batches: list[dict[str, torch.Tens
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, batches: list[dict[str, torch.Tensor]], progress=None) -> None:
-    """Estimate every activation range on `batches` (floating-point forward passes), then quantize."""
+def calibrate(
+    model: nn.Module, batches: list[dict[str, torch.Tensor]], progress=None, config: W8A8Config | None = None
+) -> None:
+    """Estimate every activation range on `batches`, then quantize.
+
+    `config.calibration_quantized` says what the calibration passes fake-quantize (weights by
+    default) and `config.remove_padding` whether padding tokens count.
+    """
+    config = config or W8A8Config()
+    quantizers = activation_quantizers(model).values()
     set_mode(model, "calibrate")
-    for _ in run_batches(model, batches):
-        if progress is not None:
-            progress.update(1)
-    for quantizer in activation_quantizers(model).values():
+    for quantizer in quantizers:
+        quantizer.quantize_while_calibrating = config.calibration_quantized == "all"
+    context = weights_in_fp(model) if config.calibration_quantized == "none" else nullcontext()
+    try:
+        with context:
+            for _ in run_batches(model, batches, config.remove_padding):
+                if progress is not None:
+                    progress.update(1)
+    finally:
+        for quantizer in quantizers:
+            quantizer.quantize_while_calibrating = False
+    for quantizer in quantizers:
         quantizer.finalize()
 
 
@@ -189,11 +260,12 @@ def quantize_model(
     insert_quantizers(model, config)
     with torch.no_grad():
         _find_linear_inputs(model, batches[0])
+    select_activation_nodes(model, config)
     if config.outlier_channels:
         select_outlier_channels(model, batches, config.outlier_channels)
-    calibrate(model, batches, progress)
+    calibrate(model, batches, progress, config)
     if config.token_wise_clipping:
-        token_wise_clipping(model, batches, config)
+        model.w8a8_clipping_report = token_wise_clipping(model, batches, config)
     model.w8a8_config = config
     model.train(was_training)
     return model

@@ -5,7 +5,12 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 WEIGHT_ESTIMATORS = ("minmax", "mse")
-ACTIVATION_ESTIMATORS = ("running_minmax", "percentile", "mse")
+ACTIVATION_ESTIMATORS = ("running_minmax", "avg_minmax", "percentile", "mse")
+# Which quantization points get a quantizer: every one (Bondarenko et al.), only the inputs of the
+# matrix products (Wei et al.'s Outlier Suppression), or none (weights only).
+ACTIVATION_NODES = ("all", "matmul_inputs", "none")
+# What is fake-quantized while activation ranges are calibrated (see `W8A8Config.calibration_quantized`).
+CALIBRATION_QUANTIZED = ("none", "weights", "all")
 MIN_BITS, MAX_BITS = 2, 8
 # Outlier channels per linear input: their exact float product needs k * 255 * 127 < 2^24.
 MAX_OUTLIER_CHANNELS = 512
@@ -13,6 +18,104 @@ MAX_OUTLIER_CHANNELS = 512
 # Modules kept in floating point by default: the task heads of BERT (MLM head `cls`, pooler,
 # classifier), OPT (`lm_head`) and ViT (`classifier`). Gates and LayerNorms are never quantized.
 DEFAULT_KEEP_FP = ("cls", "pooler", "classifier", "lm_head")
+
+
+# Named settings (`W8A8Config.preset`): the fields each sets, checked against the official code.
+PRESETS: dict[str, dict] = {
+    # Bondarenko et al. 2023, official Qualcomm-AI-research/outlier-free-transformers:
+    # `transformers_language/quant_configs.py` `get_quant_config` (symmetric per-tensor current
+    # min-max weights, asymmetric per-tensor running min-max activations, 16 batches, quant_setup
+    # "all"); `quantization/range_estimators.py` `RunningMinMaxEstimator` (momentum 0.9);
+    # `validate_mlm.py` (`set_quant_state(weight_quant, act_quant)` before
+    # `pass_data_for_range_estimation`: the quantizers are on while calibrating). Not yet covered:
+    # the official BERT node set also quantizes the embedding tables, the LayerNorm weights and
+    # the word + token-type partial sum (`models/quantized_bert.py`); here they stay in FP.
+    "bondarenko2023-bert": {
+        "weight_estimator": "minmax",
+        "activation_estimator": "running_minmax",
+        "momentum": 0.9,
+        "num_calibration_batches": 16,
+        "calibration_quantized": "all",
+    },
+    # Bondarenko et al. 2023 OPT: `validate_clm.py` main (weights `RangeEstimators.MSE` with
+    # `OptMethod.grid`; activations `running_minmax` with `--percentile 99.999`, i.e. an EMA of
+    # per-batch percentiles in `RunningMinMaxEstimator`; `--est_num_batches 4` in
+    # `scripts/opt_125m_vanilla.sh`; quant_setup `fp32_head`).
+    "bondarenko2023-opt": {
+        "weight_estimator": "mse",
+        "activation_estimator": "percentile",
+        "percentile": 99.999,
+        "momentum": 0.9,
+        "num_calibration_batches": 4,
+        "calibration_quantized": "all",
+    },
+    # Bondarenko et al. 2023 ViT (paper, Appendix: the BERT setting, min-max weights and running
+    # min-max activations); the official repository holds no ViT code.
+    "bondarenko2023-vit": {
+        "weight_estimator": "minmax",
+        "activation_estimator": "running_minmax",
+        "momentum": 0.9,
+        "num_calibration_batches": 16,
+        "calibration_quantized": "all",
+    },
+    # Wei et al. 2022 Outlier Suppression, official wimh966/outlier_suppression:
+    # `exp/bert_ptq/twc_fine_gamma/*/config.yaml` (per-channel symmetric min-max weights, ch_axis 0;
+    # asymmetric per-tensor `AvgPruneMinMaxObserver` activations, `is_remove_padding`, `calibrate:
+    # 256` samples = 8 batches of 32, `ln.delay` = gamma migration); `model/quant_bert.py` (quantized
+    # nodes: Q, K, V, attention probabilities, context, LayerNorm outputs, FFN activation);
+    # `solver/ptq_glue_quant.py` main (activation calibration with the weight quantizers off;
+    # `learn_scale` default lr 1e-5, 3 epochs); `solver/token_wise_clipping.py` (`cac_step_iters`).
+    "wei2022-os": {
+        "weight_estimator": "minmax",
+        "per_channel_weights": True,
+        "activation_estimator": "avg_minmax",
+        "activation_nodes": "matmul_inputs",
+        "remove_padding": True,
+        "calibration_quantized": "none",
+        "num_calibration_batches": 8,
+        "gamma_migration": True,
+        "token_wise_clipping": True,
+        "clipping_quantiles": None,
+        "clipping_steps": 24,
+        "clipping_lr": 1e-5,
+    },
+    # Liao & Monz 2024 (arXiv:2402.12102, Section 5 / Appendix A): every weight and activation but
+    # the final layer, BERT running min-max (momentum 0.9) over 16 batches, OPT MSE weights and
+    # 99.999% percentiles over 16 batches; their code (BaohaoLiao/improved_transformer_v3) reuses
+    # the Bondarenko et al. quantization code. As for bondarenko2023-bert, the word embeddings and
+    # the LayerNorm weights stay in FP here.
+    "liao2024-bert": {
+        "weight_estimator": "minmax",
+        "activation_estimator": "running_minmax",
+        "momentum": 0.9,
+        "num_calibration_batches": 16,
+        "calibration_quantized": "all",
+    },
+    "liao2024-opt": {
+        "weight_estimator": "mse",
+        "activation_estimator": "percentile",
+        "percentile": 99.999,
+        "momentum": 0.9,
+        "num_calibration_batches": 16,
+        "calibration_quantized": "all",
+    },
+    # This package's strongest setting: gamma migration, per-channel weights, per-channel grids for
+    # the residual stream and 8 outlier channels of their own for every integer product's input.
+    "hf-quantizable-best": {
+        "per_channel_weights": True,
+        "per_channel_residuals": True,
+        "gamma_migration": True,
+        "outlier_channels": 8,
+    },
+}
+# Bit-width variants: `<preset>-6bit` is W6A6 (the Outlier Suppression paper's 6-bit setting, 30
+# clipping ratios by `clipping_grid`), `<preset>-weights-only` keeps every activation in FP.
+PRESET_VARIANTS = {"6bit": {"weight_bits": 6, "activation_bits": 6}, "weights-only": {"activation_nodes": "none"}}
+
+
+def preset_names() -> list[str]:
+    """Every name `W8A8Config.preset` accepts."""
+    return [*PRESETS, *(f"{name}-{variant}" for name in PRESETS for variant in PRESET_VARIANTS)]
 
 
 @dataclass
@@ -24,8 +127,19 @@ class W8A8Config:
         activation_bits: activation bit width, in [2, 8].
         weight_estimator: `minmax` (BERT, ViT in the paper) or `mse` (grid search, OPT in the paper).
         activation_estimator: `running_minmax` (exponential moving average of per-batch min/max),
-            `percentile` (per-batch percentiles, averaged) or `mse` (per-batch MSE-optimal range, averaged).
-        momentum: momentum of `running_minmax`, in [0, 1).
+            `avg_minmax` (per-batch min/max, averaged: Outlier Suppression's `AvgMinMaxObserver`),
+            `percentile` (moving average, `momentum`, of per-batch percentiles: the official OPT
+            setting) or `mse` (per-batch MSE-optimal range, averaged).
+        activation_nodes: `all` (every quantization point: the papers' W8A8 setting), `matmul_inputs`
+            (only what a matrix product reads: Q/K/V, attention probabilities, context, LayerNorm outputs
+            feeding a linear layer, FFN activation; the Outlier Suppression node set) or `none`
+            (weights only, activations in floating point).
+        remove_padding: calibration statistics over the non-padding tokens only (`attention_mask`),
+            as Outlier Suppression's `is_remove_padding`.
+        calibration_quantized: what is fake-quantized during the calibration forward passes: `none`
+            (a floating-point forward, Outlier Suppression), `weights` (the default) or `all` (weights
+            and every activation with its running range, the official Bondarenko et al. code).
+        momentum: momentum of `running_minmax` and `percentile`, in [0, 1).
         percentile: upper percentile of `percentile` (the lower one is 100 - percentile), in (50, 100].
         num_calibration_batches: batches used to estimate activation ranges (>= 1).
         per_channel_weights: one weight scale per output channel instead of per tensor.
@@ -40,15 +154,21 @@ class W8A8Config:
         keep_fp_modules: module names (any dotted component) kept in floating point.
         gamma_migration: Outlier Suppression gamma migration (exact in floating point).
         token_wise_clipping: Outlier Suppression token-wise clipping of activation ranges.
-        clipping_quantiles: coarse grid of token-wise clipping, as quantiles of the per-token max/min.
-        clipping_steps: optimisation steps of the fine stage (0 skips it).
-        clipping_lr: learning rate of the fine stage.
+        clipping_quantiles: coarse grid of token-wise clipping, quantiles of the per-token extremes;
+            None (default) is the official grid `1.0 - 0.01 * i`: 10 ratios at 8 bits, 30 at 6 bits
+            (90 at 4 bits and below).
+        clipping_steps: Adam steps of the fine stage (one calibration batch each, in turn; 0 skips it).
+        clipping_lr: initial learning rate of the fine stage (cosine-annealed to 0 over the steps).
+        preset_name: the `W8A8Config.preset` this configuration came from (None: set by hand).
     """
 
     weight_bits: int = 8
     activation_bits: int = 8
     weight_estimator: str = "minmax"
     activation_estimator: str = "running_minmax"
+    activation_nodes: str = "all"
+    remove_padding: bool = False
+    calibration_quantized: str = "weights"
     momentum: float = 0.9
     percentile: float = 99.99
     num_calibration_batches: int = 16
@@ -58,16 +178,23 @@ class W8A8Config:
     keep_fp_modules: list[str] = field(default_factory=lambda: list(DEFAULT_KEEP_FP))
     gamma_migration: bool = False
     token_wise_clipping: bool = False
-    clipping_quantiles: list[float] = field(default_factory=lambda: [1.0, 0.99, 0.98, 0.95, 0.9, 0.8, 0.7, 0.5])
+    clipping_quantiles: list[float] | None = None
     clipping_steps: int = 50
-    clipping_lr: float = 1e-3
+    clipping_lr: float = 1e-5
+    preset_name: str | None = None
 
     def __post_init__(self):
         for name in ("momentum", "percentile", "clipping_lr"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"`{name}` must be a number, got {value!r}")
-        for name in ("per_channel_weights", "per_channel_residuals", "gamma_migration", "token_wise_clipping"):
+        for name in (
+            "per_channel_weights",
+            "per_channel_residuals",
+            "gamma_migration",
+            "token_wise_clipping",
+            "remove_padding",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.keep_fp_modules, (list, tuple)) or not all(
@@ -75,16 +202,22 @@ class W8A8Config:
         ):
             raise ValueError(f"`keep_fp_modules` must be a list of module names, got {self.keep_fp_modules!r}")
         quantiles = self.clipping_quantiles
-        if not isinstance(quantiles, (list, tuple)) or not all(
-            isinstance(q, (int, float)) and not isinstance(q, bool) for q in quantiles
+        if quantiles is not None and (
+            not isinstance(quantiles, (list, tuple))
+            or not all(isinstance(q, (int, float)) and not isinstance(q, bool) for q in quantiles)
         ):
-            raise ValueError(f"`clipping_quantiles` must be a non-empty list in (0, 1], got {quantiles!r}")
+            raise ValueError(f"`clipping_quantiles` must be null or a non-empty list in (0, 1], got {quantiles!r}")
         for name in ("weight_bits", "activation_bits"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not MIN_BITS <= value <= MAX_BITS:
                 raise ValueError(f"`{name}` must be an integer in [{MIN_BITS}, {MAX_BITS}], got {value!r}")
         if self.weight_estimator not in WEIGHT_ESTIMATORS:
             raise ValueError(f"`weight_estimator` must be one of {WEIGHT_ESTIMATORS}, got {self.weight_estimator!r}")
+        for name, allowed in (("activation_nodes", ACTIVATION_NODES), ("calibration_quantized", CALIBRATION_QUANTIZED)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"`{name}` must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.preset_name is not None and not isinstance(self.preset_name, str):
+            raise ValueError(f"`preset_name` must be a preset name or null, got {self.preset_name!r}")
         if self.activation_estimator not in ACTIVATION_ESTIMATORS:
             raise ValueError(
                 f"`activation_estimator` must be one of {ACTIVATION_ESTIMATORS}, got {self.activation_estimator!r}"
@@ -101,14 +234,40 @@ class W8A8Config:
         value = self.outlier_channels
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_OUTLIER_CHANNELS:
             raise ValueError(f"`outlier_channels` must be an integer in [0, {MAX_OUTLIER_CHANNELS}], got {value!r}")
-        if not self.clipping_quantiles or not all(0.0 < q <= 1.0 for q in self.clipping_quantiles):
+        if quantiles is not None and (not quantiles or not all(0.0 < q <= 1.0 for q in quantiles)):
             raise ValueError(
                 f"`clipping_quantiles` must be a non-empty list in (0, 1], got {self.clipping_quantiles!r}"
             )
         if not self.clipping_lr > 0:
             raise ValueError(f"`clipping_lr` must be > 0, got {self.clipping_lr!r}")
         self.keep_fp_modules = list(self.keep_fp_modules)
-        self.clipping_quantiles = [float(q) for q in self.clipping_quantiles]
+        if quantiles is not None:
+            self.clipping_quantiles = [float(q) for q in quantiles]
+
+    def clipping_grid(self) -> list[float]:
+        """The coarse grid of token-wise clipping: `clipping_quantiles`, or the official grid of the bits.
+
+        As `cac_step_iters` in the official `solver/token_wise_clipping.py` (step 0.01 at batch 32 x
+        128 tokens; 0.1 / 0.3 / 0.9 of the range searched at 8 / 6 / 4 bits).
+        """
+        if self.clipping_quantiles is not None:
+            return list(self.clipping_quantiles)
+        span = 0.1 if self.activation_bits >= 8 else 0.3 if self.activation_bits >= 6 else 0.9
+        return [round(1.0 - 0.01 * i, 2) for i in range(round(span / 0.01))]
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "W8A8Config":
+        """A named setting (`preset_names()`), with `overrides` on top; `preset_name` records the name.
+
+        The exact paper presets are slower than the default (`wei2022-os` runs 10 / 30 extra
+        forward passes over the calibration set and 24 training steps).
+        """
+        variant = next((v for v in PRESET_VARIANTS if name.endswith(f"-{v}")), None)
+        base = name[: -len(variant) - 1] if variant else name
+        if base not in PRESETS:
+            raise ValueError(f"unknown W8A8 preset {name!r}; known presets: {preset_names()}")
+        fields = {**PRESETS[base], **(PRESET_VARIANTS[variant] if variant else {}), **overrides}
+        return cls(**fields, preset_name=name)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -23,13 +23,36 @@ def _round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
+def _grad_scale(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """`x` in the forward pass, its gradient times `factor` in the backward pass (LSQ)."""
+    return (x - x * factor).detach() + x * factor
+
+
+def token_rows(x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """The rows of `x` at the non-padding tokens of `token_mask` (`[B, T]`, True at real tokens).
+
+    `[B, T, ...]` activations give `[N, ...]`; attention probabilities `[B, H, T, T_k]` give
+    `[N, H, T_k]` (the queries at real tokens, every key). Anything else is returned as is.
+    """
+    if token_mask is None:
+        return x
+    if x.dim() >= 3 and x.shape[:2] == token_mask.shape:
+        return x[token_mask]
+    if x.dim() == 4 and x.shape[0] == token_mask.shape[0] and x.shape[2] == token_mask.shape[1]:
+        return x.transpose(1, 2)[token_mask]
+    return x
+
+
 class ActivationQuantizer(nn.Module):
     """Asymmetric fake-quantizer of one activation: one grid per tensor, one per channel of the
     last axis when its range estimator is `per_channel`, or two (see `set_outlier_channels`).
 
-    Modes: `calibrate` (identity; feeds the range estimator), `quantize` (round and clamp with
-    the calibrated scale and zero point), `fp` (identity), `observe` (identity; calls `observers`). With `learn_scale`, the scale gets a
-    learnable factor trained through a straight-through estimator (token-wise clipping).
+    Modes: `calibrate` (feeds the range estimator; identity, or with `quantize_while_calibrating`
+    the fake quantization with the range estimated so far), `quantize` (round and clamp with the
+    calibrated scale and zero point), `fp` (identity), `observe` (identity; calls `observers`).
+    `token_mask` (`[B, T]`, set per batch) restricts calibration and observers to the real tokens.
+    With `learned` (scale, zero point parameters), `quantize` is LSQ+'s learnable fake quantization
+    (token-wise clipping's fine stage).
     """
 
     def __init__(self, bits: int, estimator: ActivationRangeEstimator):
@@ -39,7 +62,9 @@ class ActivationQuantizer(nn.Module):
         self.mode = "calibrate"
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("zero_point", torch.zeros(()))
-        self.scale_factor: nn.Parameter | None = None
+        self.learned: tuple[nn.Parameter, nn.Parameter] | None = None
+        self.quantize_while_calibrating = False
+        self.token_mask: torch.Tensor | None = None
         self.outlier_channels: torch.Tensor | None = None  # channels on the second grid
         self.observers: list = []  # callables seeing the FP input in observe mode
 
@@ -88,25 +113,32 @@ class ActivationQuantizer(nn.Module):
 
     def tensor_grid(self) -> TensorGrid | None:
         """The calibrated grid of the output while quantizing with one grid per tensor, else None."""
-        if self.mode != "quantize" or self.per_channel or self.scale_factor is not None:
+        if self.mode != "quantize" or self.per_channel or self.learned is not None:
             return None
         return TensorGrid(self.scale.item(), int(self.zero_point.item()), 2**self.bits - 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "calibrate":
-            self.estimator.update(x)
-            return x
+            self.estimator.update(token_rows(x, self.token_mask))
+            if not self.quantize_while_calibrating:
+                return x
+            scale, zero_point = activation_qparams(*self.estimator.range(), self.bits)
+            return fake_quantize_activation(x, scale, zero_point, self.bits)
         if self.mode == "observe":
             for observer in self.observers:
-                observer(x)
+                observer(token_rows(x, self.token_mask))
             return x
         if self.mode == "fp":
             return x
-        if self.scale_factor is None:
+        if self.learned is None:
             return fake_quantize_activation(x, self.scale, self.zero_point, self.bits)
-        scale = self.scale * self.scale_factor
-        codes = torch.clamp(_round_ste(x / scale) + self.zero_point, 0, 2**self.bits - 1)
-        return (codes - self.zero_point) * scale
+        # LSQ+ (as the official Outlier Suppression `fake_quantize_learnableplus_per_tensor_affine_training`).
+        levels = 2**self.bits - 1
+        factor = 1.0 / (x.numel() * levels) ** 0.5
+        scale = _grad_scale(self.learned[0], factor)
+        zero_point = _grad_scale(_round_ste(self.learned[1]), factor)
+        codes = torch.clamp(_round_ste(x / scale) + zero_point, 0, levels)
+        return (codes - zero_point) * scale
 
 
 class QuantizedLinear(nn.Linear):
@@ -168,7 +200,7 @@ class QuantizedLinear(nn.Linear):
         if not self.quantize_weights:
             return F.linear(x, self.weight, self.bias)
         source = self._source[0] if self._source else None
-        if source is None or source.mode != "quantize" or source.scale_factor is not None:
+        if source is None or source.mode != "quantize" or source.learned is not None:
             return F.linear(x, self.dequantized_weight(), self.bias)
         channels = source.outlier_channels
         if channels is None:

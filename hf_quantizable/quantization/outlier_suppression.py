@@ -4,16 +4,23 @@
   (so its quantized output loses the outlier channels that gamma amplifies); gamma moves into the
   weights of the linear layers that read it and, in post-LN BERT, onto the residual shortcut.
   An exact transformation in floating point.
-- Token-wise clipping: coarse stage picks clipping ranges from a quantile grid over the per-token
-  max/min of every quantized activation (by final-output MSE); the fine stage learns the step sizes
-  on the final-output MSE (straight-through rounding).
+- Token-wise clipping, as the official `solver/token_wise_clipping.py` with the
+  `AvgPruneMinMaxObserver` of `quantization/observer.py`: the coarse stage tries the clipping
+  ratios of `W8A8Config.clipping_grid()`; for each, every activation range is the per-batch range
+  of the tokens whose max (min) lies within the ratio's quantile of the tokens' |max| (|min|),
+  averaged over the batches (attention probabilities are never clipped, padding tokens never
+  count); the ratio with the smallest final-output MSE wins. The fine stage then learns every
+  scale and zero point LSQ+-style (Adam, cosine-annealed learning rate) on the same MSE. As in the
+  official code, both stages run with floating-point weights, and the search is not restricted
+  to ratios that beat the calibrated ranges. Unlike it, the learned grids are kept only when they
+  lower the MSE on the calibration batches (at the official learning rate they often do not).
 """
 
 import torch
 from torch import nn
 
 from ..modeling.int8 import install_shortcut_scale
-from .calibration import activation_quantizers, full_precision, run_batches, set_mode
+from .calibration import activation_quantizers, full_precision, run_batches, set_mode, weights_in_fp
 from .config import W8A8Config
 
 
@@ -84,109 +91,140 @@ def migrate_gamma(model: nn.Module) -> list[str]:
     return shortcuts
 
 
-def _final_output(outputs) -> torch.Tensor:
-    return outputs[0] if not isinstance(outputs, torch.Tensor) else outputs
+def _output_rows(outputs, batch: dict) -> torch.Tensor:
+    """The final output at the real tokens (`[N, ...]` where the batch has an attention mask)."""
+    output = outputs[0] if not isinstance(outputs, torch.Tensor) else outputs
+    mask = batch.get("attention_mask")
+    if mask is not None and output.dim() >= 3 and output.shape[:2] == mask.shape:
+        return output[mask.to(output.device).bool()]
+    return output
 
 
 def _output_mse(model: nn.Module, batches: list[dict], targets: list[torch.Tensor]) -> float:
+    """Mean over batches of the final-output MSE against `targets`."""
     with torch.no_grad():
-        errors = [(_final_output(out) - t).pow(2).mean().item() for out, t in zip(run_batches(model, batches), targets)]
+        errors = [
+            (_output_rows(out, batch) - target).pow(2).mean().item()
+            for out, batch, target in zip(run_batches(model, batches), batches, targets)
+        ]
     return sum(errors) / len(errors)
 
 
-def _token_extremes(model: nn.Module, batches: list[dict]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per-token max and min (over the last axis) of every quantized activation."""
-    stats: dict[str, tuple[list, list]] = {}
+def _token_extremes(model: nn.Module, batches: list[dict]) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Per batch, the max and min of every token (padding removed) at every activation quantizer,
+    from a floating-point forward pass."""
+    stats: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     quantizers = activation_quantizers(model)
 
     def observer(name):
-        def observe(x):
-            flat = x.detach().reshape(-1, x.shape[-1]).float()
-            stats.setdefault(name, ([], []))
-            stats[name][0].append(flat.amax(dim=1))
-            stats[name][1].append(flat.amin(dim=1))
+        def observe(rows):
+            # Tokens along the first axis; attention probabilities (never clipped) only need the extremes.
+            flat = rows.detach().reshape(-1, rows.shape[-1]).float()
+            stats.setdefault(name, []).append((flat.amax(dim=1), flat.amin(dim=1)))
 
         return observe
 
     for name, quantizer in quantizers.items():
         quantizer.observers.append(observer(name))
     set_mode(model, "observe")
-    with torch.no_grad():
-        for _ in run_batches(model, batches):
-            pass
-    for quantizer in quantizers.values():
-        quantizer.observers.clear()
-    return {name: (torch.cat(maxes), torch.cat(mins)) for name, (maxes, mins) in stats.items()}
+    try:
+        with torch.no_grad(), weights_in_fp(model):
+            for _ in run_batches(model, batches, remove_padding=True):
+                pass
+    finally:
+        for quantizer in quantizers.values():
+            quantizer.observers.clear()
+    return stats
 
 
-def _quantile(x: torch.Tensor, q: float) -> torch.Tensor:
-    k = min(x.numel(), max(1, round(q * x.numel())))
-    return x.kthvalue(k).values
+def clipped_range(token_max: torch.Tensor, token_min: torch.Tensor, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch's clipped range: the largest token max within the `ratio` quantile of |token max|,
+    the smallest token min within minus the `ratio` quantile of |token min| (`prune_token`)."""
+    upper = torch.quantile(token_max.abs(), ratio)
+    lower = -torch.quantile(token_min.abs(), ratio)
+    return token_min[token_min >= lower].min(), token_max[token_max <= upper].max()
+
+
+def token_ranges(extremes: list[tuple[torch.Tensor, torch.Tensor]], ratio: float, clip: bool = True):
+    """The range of one quantizer at `ratio`: per-batch clipped ranges averaged over the batches."""
+    ranges = [clipped_range(mx, mn, ratio) if clip else (mn.min(), mx.max()) for mx, mn in extremes]
+    return torch.stack([lo for lo, _ in ranges]).mean(), torch.stack([hi for _, hi in ranges]).mean()
+
+
+def _is_attention_probs(name: str) -> bool:
+    return name.endswith("probs_quant")
 
 
 def token_wise_clipping(model: nn.Module, batches: list[dict], config: W8A8Config) -> dict:
-    """Clip the calibrated activation ranges of `model` (in place) to lower the final-output MSE
-    (quantized model vs its floating-point original on `batches`).
+    """Set the per-tensor activation ranges of the calibrated `model` by token-wise clipping (in place).
 
-    Returns the final-output MSE of the calibrated ranges, after the coarse stage and after the
-    fine stage; every stage keeps the previous ranges if it does not lower the MSE.
+    Targets are the floating-point model's final outputs on `batches` (at the real tokens).
+    Returns the final-output MSE (with floating-point weights, as the search runs) of the
+    calibrated ranges, of every coarse ratio, of the chosen ratio and after the fine stage.
     """
-    quantizers = activation_quantizers(model)
+    quantizers = {name: q for name, q in activation_quantizers(model).items() if not q.per_channel}
     with torch.no_grad(), full_precision(model):
-        targets = [_final_output(out).detach() for out in run_batches(model, batches)]
+        targets = [_output_rows(out, batch).detach() for out, batch in zip(run_batches(model, batches), batches)]
     extremes = _token_extremes(model, batches)
     set_mode(model, "quantize")
-    calibrated = {name: (q.scale.clone(), q.zero_point.clone()) for name, q in quantizers.items()}
-    best_mse = calibrated_mse = _output_mse(model, batches, targets)
-    best = calibrated
-    # Coarse: one quantile of the per-token max/min for every per-tensor quantizer.
-    per_tensor = {name: q for name, q in quantizers.items() if not q.per_channel}
-    for quantile in config.clipping_quantiles:
-        for name, quantizer in per_tensor.items():
-            maxes, mins = extremes[name]
-            quantizer.set_range(_quantile(mins, 1.0 - quantile), _quantile(maxes, quantile))
-        mse = _output_mse(model, batches, targets)
-        if mse < best_mse:
-            best_mse = mse
-            best = {name: (q.scale.clone(), q.zero_point.clone()) for name, q in quantizers.items()}
-    for name, quantizer in quantizers.items():
-        quantizer.scale.copy_(best[name][0])
-        quantizer.zero_point.copy_(best[name][1])
-    coarse_mse = best_mse
-    # Fine: learn a step-size factor per quantizer on the final-output MSE.
-    if config.clipping_steps:
-        best_mse = _learn_step_sizes(model, quantizers, batches, targets, config, coarse_mse)
-    return {"calibrated_mse": calibrated_mse, "coarse_mse": coarse_mse, "fine_mse": best_mse}
+    with weights_in_fp(model):
+        calibrated_mse = _output_mse(model, batches, targets)
+        losses = {}
+        for ratio in config.clipping_grid():
+            for name, quantizer in quantizers.items():
+                quantizer.set_range(*token_ranges(extremes[name], ratio, clip=not _is_attention_probs(name)))
+            losses[ratio] = _output_mse(model, batches, targets)
+        best = min(losses, key=losses.get)  # the first of equal losses, as the official search
+        for name, quantizer in quantizers.items():
+            quantizer.set_range(*token_ranges(extremes[name], best, clip=not _is_attention_probs(name)))
+        learned_mse = None
+        if config.clipping_steps:
+            coarse = {name: (q.scale.clone(), q.zero_point.clone()) for name, q in quantizers.items()}
+            _learn_scales(model, quantizers, batches, targets, config)
+            learned_mse = _output_mse(model, batches, targets)
+            if learned_mse >= losses[best]:  # a guard the official code lacks
+                for name, quantizer in quantizers.items():
+                    quantizer.scale, quantizer.zero_point = coarse[name]
+    return {
+        "calibrated_mse": calibrated_mse,
+        "ratio_mse": losses,
+        "ratio": best,
+        "coarse_mse": losses[best],
+        "learned_mse": learned_mse,
+        "fine_mse": min(losses[best], learned_mse if learned_mse is not None else float("inf")),
+    }
 
 
-def _learn_step_sizes(model, quantizers, batches, targets, config: W8A8Config, start_mse: float) -> float:
-    """Adam on one step-size factor per quantizer; keep the factors only if the MSE drops."""
+def _learn_scales(model, quantizers: dict, batches: list[dict], targets: list[torch.Tensor], config) -> None:
+    """LSQ+ fine stage (official `learn_scale`): Adam on every scale and zero point, the learning
+    rate cosine-annealed to 0 over `config.clipping_steps` steps of one batch each."""
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     model.requires_grad_(False)
+    levels = 2**config.activation_bits - 1
     for quantizer in quantizers.values():
-        quantizer.scale_factor = nn.Parameter(torch.ones((), device=quantizer.scale.device))
-    factors = [quantizer.scale_factor for quantizer in quantizers.values()]
-    optimizer = torch.optim.Adam(factors, lr=config.clipping_lr)
+        quantizer.learned = (nn.Parameter(quantizer.scale.clone()), nn.Parameter(quantizer.zero_point.clone()))
+    params = [p for quantizer in quantizers.values() for p in quantizer.learned]
+    optimizer = torch.optim.Adam(params, lr=config.clipping_lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.clipping_steps, eta_min=0.0)
     try:
         for step in range(config.clipping_steps):
             i = step % len(batches)
-            output = _final_output(next(run_batches(model, [batches[i]])))
-            loss = (output - targets[i]).pow(2).mean()
+            loss = (_output_rows(next(run_batches(model, [batches[i]])), batches[i]) - targets[i]).pow(2).mean()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            schedule.step()
             with torch.no_grad():
-                for factor in factors:
-                    factor.clamp_(min=1e-3)
-        mse = _output_mse(model, batches, targets)
+                for scale, zero_point in (q.learned for q in quantizers.values()):
+                    scale.abs_().clamp_(min=torch.finfo(torch.float32).eps)
+                    zero_point.clamp_(0, levels)
+        with torch.no_grad():
+            for quantizer in quantizers.values():
+                scale, zero_point = quantizer.learned
+                quantizer.scale = scale.detach().clone()
+                quantizer.zero_point = zero_point.detach().round()
     finally:
         for quantizer in quantizers.values():
-            quantizer.scale_factor = None
+            quantizer.learned = None
         for name, p in model.named_parameters():
             p.requires_grad_(requires_grad[name])
-    if mse >= start_mse:
-        return start_mse
-    with torch.no_grad():
-        for quantizer, factor in zip(quantizers.values(), factors):
-            quantizer.scale.mul_(factor.detach())
-    return mse

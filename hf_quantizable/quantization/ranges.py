@@ -6,21 +6,26 @@ from ..modeling.int8 import activation_qparams, fake_quantize_activation, quanti
 
 _MSE_GRID = torch.linspace(0.01, 1.0, 100)
 _MSE_MAX_SAMPLES = 1 << 16
+_MSE_CANDIDATES, _MSE_WEIGHT_MARGIN = 100, 0.5
 
 
 def weight_absmax(weight: torch.Tensor, bits: int, estimator: str, per_channel: bool) -> torch.Tensor:
     """Symmetric clipping range of `weight` (`[out]` per channel, scalar per tensor).
 
-    `minmax` takes max |w|; `mse` searches a grid of fractions of max |w| for the smallest
-    squared rounding + clipping error.
+    `minmax` takes max |w|; `mse` is the official Bondarenko et al. grid (`MSE_Estimator`
+    `_perform_1D_search` in `quantization/range_estimators.py`, `OptMethod.grid`): 100 candidate
+    thresholds `i / 100 * (max |w| + 0.5)` (the tensor's max and the official `range_margin`),
+    the one with the smallest squared rounding + clipping error (per output channel when
+    `per_channel`).
     """
     absmax = weight.abs().amax(dim=1) if per_channel else weight.abs().max()
     if estimator == "minmax":
         return absmax
+    search_range = weight.abs().max() + _MSE_WEIGHT_MARGIN
     best_err = torch.full_like(absmax, float("inf"))
     best = absmax.clone()
-    for fraction in _MSE_GRID:
-        candidate = absmax * fraction
+    for i in range(1, _MSE_CANDIDATES + 1):
+        candidate = torch.full_like(absmax, (search_range * i / _MSE_CANDIDATES).item())
         scale = weight_scale(candidate, bits)
         scale_b = scale[:, None] if per_channel else scale
         err = (quantize_weight(weight, scale_b, bits) * scale_b - weight).pow(2)
@@ -71,11 +76,27 @@ def mse_range(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     return lo, hi
 
 
+def percentile(x: torch.Tensor, q: float) -> torch.Tensor:
+    """The `q`-th percentile along the last axis, linearly interpolated between order statistics
+    (`numpy.percentile`'s default, as the official `RunningMinMaxEstimator`); no size limit, unlike
+    `torch.quantile`."""
+    n = x.shape[-1]
+    position = q / 100 * (n - 1)
+    below = int(position)
+    low = x.kthvalue(below + 1, dim=-1).values
+    if below + 1 >= n or position == below:
+        return low
+    high = x.kthvalue(below + 2, dim=-1).values
+    return low + (high - low) * (position - below)
+
+
 class ActivationRangeEstimator:
     """Static activation range from calibration batches.
 
     - `running_minmax`: first batch's min/max, then `m * old + (1 - m) * new` per batch;
-    - `percentile`: per-batch `(100 - p)` and `p` percentiles, averaged over batches;
+    - `avg_minmax`: per-batch min/max, averaged over batches;
+    - `percentile`: per-batch `(100 - p)` and `p` percentiles, then the same moving average as
+      `running_minmax` (the official `RunningMinMaxEstimator` with `percentile`);
     - `mse`: per-batch MSE-optimal range (see `mse_range`), averaged over batches.
 
     With `per_channel`, one range per channel of the last axis (statistics over all other axes).
@@ -108,14 +129,11 @@ class ActivationRangeEstimator:
 
     def _range_of(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Range of the values along the last axis of `x` (`[N]` or `[C, N]`)."""
-        if self.estimator == "running_minmax":
+        if self.estimator in ("running_minmax", "avg_minmax"):
             return x.amin(dim=-1), x.amax(dim=-1)
         if self.estimator == "mse":
             return mse_range(x, self.bits)
-        n = x.shape[-1]
-        upper_k = min(n, max(1, round(self.percentile / 100 * n)))
-        lower_k = max(1, n - upper_k + 1)
-        return x.kthvalue(lower_k, dim=-1).values, x.kthvalue(upper_k, dim=-1).values
+        return percentile(x, 100.0 - self.percentile), percentile(x, self.percentile)
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
@@ -123,7 +141,7 @@ class ActivationRangeEstimator:
         self.num_batches += 1
         if self.x_min is None:
             self.x_min, self.x_max = lo, hi
-        elif self.estimator == "running_minmax":
+        elif self.estimator in ("running_minmax", "percentile"):
             self.x_min = self.momentum * self.x_min + (1 - self.momentum) * lo
             self.x_max = self.momentum * self.x_max + (1 - self.momentum) * hi
         else:  # running mean over batches
