@@ -165,8 +165,13 @@ def test_our_models_run_the_function_attn_implementation_names(family, attn_impl
 
 @pytest.mark.parametrize("attn_impl", CLIPPED)
 def test_clipped_variants_run_their_registered_function(attn_impl):
-    assert tiny_model("opt", attn_impl=attn_impl).config._attn_implementation == attn_impl
-    assert tiny_model("bert", attn_impl=attn_impl, attn_implementation="eager").config._attn_implementation == attn_impl
+    inputs = tiny_inputs("bert")
+    default = tiny_model("bert", attn_impl=attn_impl)
+    assert default.config._attn_implementation == attn_impl
+    eager = tiny_model("bert", attn_impl=attn_impl, attn_implementation="eager")  # their function is an eager one
+    assert eager.config._attn_implementation == "eager"
+    with torch.no_grad():
+        torch.testing.assert_close(eager(**inputs).logits, default(**inputs).logits, atol=0, rtol=0)
     with pytest.raises(ValueError, match="attn_implementation"):
         tiny_model("bert", attn_impl=attn_impl, attn_implementation="sdpa")
     with pytest.raises(ValueError, match=f"attn_impl='{attn_impl}'"):

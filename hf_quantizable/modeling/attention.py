@@ -250,13 +250,16 @@ for _name, _function in ATTENTION_FUNCTIONS.items():
 def check_attention_implementation(attn_impl: str, attn_implementation: str | None) -> str | None:
     """The `attn_implementation` a quantizable model of variant `attn_impl` runs, or ValueError.
 
-    The clipped variants run their own function (None, `eager` or their own name select it); vanilla and
-    gated attention run any function that takes a boolean 4-D mask (`sdpa`, `eager`, registered ones),
-    but not a clipped one (set `attn_impl` for that, so the checkpoint says what it is).
+    The clipped variants run their own function: unset means their own name; `eager` stays, as their
+    function is an eager one. Vanilla and gated
+    attention run any function that takes a boolean 4-D mask (`sdpa`, `eager`, registered ones), but not
+    a clipped one (set `attn_impl` for that, so the checkpoint says what it is).
     """
     if attn_impl in CLIPPED_IMPLS:
-        if attn_implementation in (None, "eager", attn_impl):
+        if attn_implementation in (None, attn_impl):
             return attn_impl
+        if attn_implementation == "eager":
+            return attn_implementation
         raise ValueError(
             f"attn_impl={attn_impl!r} computes explicit probabilities: `attn_implementation` must be "
             f"{attn_impl!r} (or 'eager' / unset), got {attn_implementation!r}"
