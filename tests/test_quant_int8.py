@@ -144,7 +144,7 @@ def test_int8_model_equals_simulation(family, config, tmp_path):
     assert all(grids[f"{quantizer.int8_model.base_model_prefix}.{name}"] == n > 1 for name, n in channels.items())
     for batch in batches:
         with torch.no_grad():
-            simulated = quantizer.model(**batch)[0]
+            simulated = quantizer.simulated_model(**batch)[0]
             int8 = quantizer.int8_model(**batch)[0]
         assert torch.equal(simulated, int8), (simulated - int8).abs().max()
 
@@ -178,7 +178,7 @@ def test_fresh_process_reload_agrees_with_simulation(tmp_path):
     quantizer, batches, out = _quantize("bert", tmp_path, config)
     batch = batches[0]
     with torch.no_grad():
-        expected = quantizer.model(**batch).logits
+        expected = quantizer.simulated_model(**batch).logits
     torch.save(batch, tmp_path / "batch.pt")
     code = f"""
         import torch
@@ -205,4 +205,4 @@ def test_gamma_migrated_checkpoint_reloads(tmp_path):
 
     reloaded = AutoModelForMaskedLM.from_pretrained(out, trust_remote_code=True).eval()
     with torch.no_grad():
-        assert torch.equal(reloaded(**batches[1]).logits, quantizer.model(**batches[1]).logits)
+        assert torch.equal(reloaded(**batches[1]).logits, quantizer.simulated_model(**batches[1]).logits)

@@ -74,3 +74,62 @@ def test_int8_checkpoint_is_quantized_without_the_package(folders):
         """
     )
     assert "RESULT True W8A8HfQuantizer transformers_modules" in out
+
+
+def _int8_logits(folder, inputs):
+    with torch.no_grad():
+        return AutoModelForMaskedLM.from_pretrained(folder)(**inputs).logits
+
+
+def test_quantizer_accepts_what_optimum_users_pass_and_quantizes_twice(folders, tmp_path):
+    from datasets import Dataset
+    from torch.utils.data import DataLoader
+    from transformers import BatchEncoding
+
+    batches = calibration_batches()
+    rows = {k: torch.cat([b[k] for b in batches]).tolist() for k in batches[0]}
+    quantizer = W8A8Quantizer.from_pretrained(folders / "bert")
+    inputs = tiny_inputs("bert")
+    sources = {
+        "dicts": batches,
+        "batch-encodings": [BatchEncoding(b) for b in batches],
+        "dataloader": DataLoader(Dataset.from_dict(rows).with_format("torch"), batch_size=4),
+        "dataset": Dataset.from_dict({**rows, "text": ["unused"] * 8}),  # batched by batch_size, text dropped
+    }
+    outputs = {}
+    for name, source in sources.items():  # one quantizer, four runs: its FP model stays FP
+        quantizer.quantize(tmp_path / name, W8A8Config(num_calibration_batches=2), source, batch_size=4)
+        outputs[name] = _int8_logits(tmp_path / name, inputs)
+    for name, logits in outputs.items():
+        torch.testing.assert_close(logits, outputs["dicts"], rtol=0, atol=0, msg=name)
+    reference = _int8_logits(folders / "bert-int8", inputs)  # a fresh quantizer, same data
+    torch.testing.assert_close(outputs["dicts"], reference, rtol=0, atol=0)
+    ragged = Dataset.from_dict({"input_ids": [[5, 6, 7], [5, 6]], "attention_mask": [[1, 1, 1], [1, 1]]})
+    with pytest.raises(ValueError, match="rows of different lengths: pad them"):
+        quantizer.quantize(tmp_path / "ragged", W8A8Config(num_calibration_batches=1), ragged)
+    assert not (tmp_path / "ragged").exists()
+
+
+def test_hub_ids_are_downloaded_after_the_local_folder_check(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match="no local folder org/not-cached, and it cannot be downloaded"):
+        W8A8Quantizer.from_pretrained("org/not-cached")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        W8A8Quantizer.from_pretrained(str(tmp_path / "missing"))  # a path is never taken for a repo id
+
+
+def test_stock_checkpoints_quantize_while_loading_through_our_classes(tmp_path):
+    from transformers import BertConfig, BertForMaskedLM
+
+    from hf_quantizable import QuantizableBertForMaskedLM
+    from tests.conftest import TINY_BERT
+
+    torch.manual_seed(0)
+    BertForMaskedLM(BertConfig(**TINY_BERT)).save_pretrained(tmp_path / "stock")
+    config = W8A8QuantizationConfig(calibration_dataset=calibration_batches(), num_calibration_batches=2)
+    model = QuantizableBertForMaskedLM.from_pretrained(tmp_path / "stock", quantization_config=config)
+    assert model.is_quantized and model.config.w8a8_config["quantized_linears"]
+    with pytest.raises(ValueError, match="load stock checkpoints with the hf_quantizable class"):
+        AutoModelForMaskedLM.from_pretrained(tmp_path / "stock", quantization_config=config)

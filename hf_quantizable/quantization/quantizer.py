@@ -2,8 +2,9 @@
 
 import copy
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from optimum.quantization_base import OptimumQuantizer
@@ -105,6 +106,7 @@ class W8A8Quantizer(OptimumQuantizer):
         """
         if isinstance(model_or_path, nn.Module):
             return cls(model_or_path)
+        model_or_path = local_folder(model_or_path)
         model_class = model_class_for(model_or_path)
         check_weight_files(model_or_path)
         fingerprint = model_fingerprint(model_or_path)
@@ -126,6 +128,7 @@ class W8A8Quantizer(OptimumQuantizer):
         progress=None,
         processor=None,
         overwrite: bool = False,
+        batch_size: int = 8,
     ) -> Path:
         """Calibrate, then write an INT8 checkpoint to `save_dir` (atomically: temp folder, then rename).
 
@@ -136,48 +139,100 @@ class W8A8Quantizer(OptimumQuantizer):
             save_dir: output folder (`save_pretrained` layout, reloads with `trust_remote_code=True`).
             file_prefix: unused (kept for the optimum interface).
             quantization_config: settings (default `W8A8Config()`).
-            calibration_dataset: batches (dicts of tensors the model's forward accepts).
+            calibration_dataset: batches (dicts of tensors the model's forward accepts, `BatchEncoding`s),
+                a `DataLoader` yielding them, or a `datasets.Dataset` of equal-length rows (batched by
+                `batch_size`); see `calibration_batches_of`.
             progress: optional tqdm-like bar advanced once per calibration batch.
             processor: optional tokenizer / image processor saved with the checkpoint.
             overwrite: replace `save_dir` when it holds a previous INT8 output (only then).
+            batch_size: rows per calibration batch of a `datasets.Dataset`.
         Returns:
-            the checkpoint folder. `self.report` holds nodes, ranges, sizes and timings.
+            the checkpoint folder. `self.report` holds nodes, ranges, sizes and timings;
+            `self.simulated_model` / `self.int8_model` the fake-quant and INT8 models. The wrapped FP
+            model is left as it was, so one quantizer can quantize again with other settings.
         """
         check_output_dir(save_dir, self.source_dir, overwrite)
         config = quantization_config or W8A8Config()
-        batches = take_batches(calibration_dataset, config)
+        batches = take_batches(calibration_batches_of(calibration_dataset, batch_size), config)
         start = time.perf_counter()
-        quantize_model(self.model, config, batches, progress=progress)
+        model = quantize_model(copy.deepcopy(self.model), config, batches, progress=progress)  # self.model stays FP
         calibration_s = time.perf_counter() - start
-        int8_model = build_int8_model(self.model, self.source_fingerprint)
-        sizes = weight_bytes(self.model)
+        int8_model = build_int8_model(model, self.source_fingerprint)
+        sizes = weight_bytes(model)
         save_dir = save_atomically(
             lambda tmp_dir: save_int8_checkpoint(int8_model, tmp_dir, processor), save_dir, overwrite
         )
-        self.int8_model = int8_model
+        self.simulated_model, self.int8_model = model, int8_model
         self.report = {
             "calibration_batches": len(batches),
             "calibration_seconds": calibration_s,
             "quantized_activations": {
-                name: quantizer.quant_range() for name, quantizer in activation_quantizers(self.model).items()
+                name: quantizer.quant_range() for name, quantizer in activation_quantizers(model).items()
             },
-            "quantized_linears": {
-                name: linear.input_quantizer for name, linear in quantized_linears(self.model).items()
-            },
+            "quantized_linears": {name: linear.input_quantizer for name, linear in quantized_linears(model).items()},
             **sizes,
             "checkpoint_bytes": sum(f.stat().st_size for f in save_dir.glob("*.safetensors")),
         }
         return save_dir
 
 
+def local_folder(model_or_path: str | Path) -> Path:
+    """A local model folder for `model_or_path`: the folder itself, else a snapshot of that Hub repo
+    (config, safetensors weights, tokenizer / image processor files). ValueError when it is neither."""
+    path = Path(model_or_path)
+    if path.is_dir() or path.exists() or str(model_or_path).startswith((".", "/", "~")):
+        return path  # a local path: checked by model_class_for (errors name the file)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.py", "*.jinja"]
+    try:
+        return Path(snapshot_download(str(model_or_path), allow_patterns=patterns))
+    except HFValidationError:
+        raise ValueError(f"{model_or_path!s} is neither a model folder nor a Hub repo id") from None
+    except OSError as error:  # offline, unknown repo, 401
+        raise ValueError(f"no local folder {model_or_path!s}, and it cannot be downloaded: {error}") from None
+
+
+def calibration_batches_of(dataset: Any, batch_size: int = 8) -> Iterator[dict[str, torch.Tensor]]:
+    """Calibration batches (dicts of tensors) from what optimum users pass.
+
+    Accepts an iterable of dicts or `BatchEncoding`s (a list, a `DataLoader`), or a `datasets.Dataset`
+    whose rows have equal lengths (batched here by `batch_size`); non-tensor columns (text) are dropped.
+    """
+    from datasets import Dataset
+
+    if isinstance(dataset, Dataset):
+        dataset = dataset.with_format("torch")
+        for start in range(0, len(dataset), batch_size):
+            rows = dataset[start : start + batch_size]
+            ragged = [k for k, v in rows.items() if isinstance(v, list) and v and isinstance(v[0], torch.Tensor)]
+            if ragged:
+                raise ValueError(
+                    f"calibration dataset column {ragged[0]!r} has rows of different lengths: pad them "
+                    "(tokenizer(..., padding='max_length')) or pass a DataLoader with a collator"
+                )
+            yield {k: v for k, v in rows.items() if isinstance(v, torch.Tensor)}
+        return
+    for batch in dataset:
+        if not isinstance(batch, Mapping):
+            raise ValueError(f"calibration batches must be dicts of tensors, got {type(batch).__name__}")
+        yield {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+
 def quantize_in_place(model: PreTrainedModel, settings: dict, calibration_dataset: Iterable[dict]) -> None:
     """Calibrate the FP `model` on `calibration_dataset` with the W8A8Config `settings`, then turn it
     into its INT8 model in place (what `from_pretrained(..., quantization_config=W8A8QuantizationConfig(...))`
     returns): the same modules and state as the INT8 checkpoint `W8A8Quantizer` would write."""
+    if not any(isinstance(m, QuantPoint) for m in model.modules()):
+        raise ValueError(
+            f"{type(model).__name__} has no quantization points: load stock checkpoints with the hf_quantizable "
+            "class (e.g. QuantizableBertForMaskedLM.from_pretrained(path, quantization_config=...))"
+        )
     config = W8A8Config.from_dict(settings)
     source = Path(model.name_or_path) if model.name_or_path else None
     fingerprint = model_fingerprint(source) if source is not None and source.is_dir() else None
-    simulated = quantize_model(copy.deepcopy(model), config, calibration_dataset)
+    simulated = quantize_model(copy.deepcopy(model), config, calibration_batches_of(calibration_dataset))
     int8_model = build_int8_model(simulated, fingerprint)
     convert_to_int8(model, int8_model.config.w8a8_config)
     model.config.w8a8_config = int8_model.config.w8a8_config
