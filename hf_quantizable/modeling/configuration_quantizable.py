@@ -117,7 +117,7 @@ class QuantizableBertConfig(BertConfig, QuantizableAttentionConfig):
     model_type = "quantizable_bert"
 
     def __post_init__(self, **kwargs):
-        kwargs.pop("model_type", None)  # a stock checkpoint's "bert" etc. becomes this class's type
+        kwargs.pop("model_type", None)  # a stock checkpoint's "bert" becomes this class's type
         self.validate_attention_fields()
         super().__post_init__(**kwargs)
 
@@ -134,7 +134,7 @@ class QuantizableOPTConfig(OPTConfig, QuantizableAttentionConfig):
     wd_ln_gamma: bool = False
 
     def __post_init__(self, **kwargs):
-        kwargs.pop("model_type", None)  # a stock checkpoint's "bert" etc. becomes this class's type
+        kwargs.pop("model_type", None)  # a stock checkpoint's "opt" becomes this class's type
         self.validate_attention_fields()
         if not isinstance(self.wd_ln_gamma, bool):
             raise ValueError(f"`wd_ln_gamma` must be True or False, got {self.wd_ln_gamma!r}")
@@ -158,7 +158,7 @@ class QuantizableViTConfig(ViTConfig, QuantizableAttentionConfig):
     patch_embed_layernorm: bool = False
 
     def __post_init__(self, **kwargs):
-        kwargs.pop("model_type", None)  # a stock checkpoint's "bert" etc. becomes this class's type
+        kwargs.pop("model_type", None)  # a stock checkpoint's "vit" becomes this class's type
         self.validate_attention_fields()
         if not isinstance(self.patch_embed_layernorm, bool):
             raise ValueError(f"`patch_embed_layernorm` must be True or False, got {self.patch_embed_layernorm!r}")

@@ -11,7 +11,6 @@ from optimum.quantization_base import OptimumQuantizer
 from torch import nn
 from transformers import PreTrainedModel
 
-from .. import modeling  # noqa: F401  (the model classes below register with the Auto classes)
 from ..modeling.int8 import QuantPoint, convert_to_int8
 from ..paths import read_model_config
 from ..provenance import model_fingerprint
