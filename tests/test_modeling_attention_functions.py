@@ -1,5 +1,8 @@
 """Attention variants as transformers attention functions: registration, our models' dispatch, stock models."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from transformers import (
@@ -94,6 +97,12 @@ def test_variants_are_registered_on_import():
     for name in CLIPPED:
         assert name in ALL_ATTENTION_FUNCTIONS.valid_keys()
         assert name in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
+    code = (
+        "import hf_quantizable; from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as F; "
+        f"print(all(name in F.valid_keys() for name in {CLIPPED!r}))"
+    )
+    fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert fresh.stdout.strip() == "True", fresh.stderr
 
 
 def test_parameters_come_from_the_config_with_documented_defaults():
