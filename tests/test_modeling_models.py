@@ -294,10 +294,49 @@ def test_stock_checkpoint_becomes_a_quantizable_config(minilm_path):
     assert QuantizableBertModel.from_pretrained(minilm_path).config.model_type == "quantizable_bert"
 
 
+NO_DROPOUT = {
+    "bert": dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+    "opt": dict(dropout=0.0, attention_dropout=0.0),
+    "vit": dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+}
+
+
+def _first_step_gradients(family: str, batch_size: int, accumulation: int, tmp_path) -> dict[str, torch.Tensor]:
+    """The gradients `Trainer` steps the optimizer with, on the same 8 examples (no padding, no dropout)."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    generator = torch.Generator().manual_seed(3)
+    if family == "vit":
+        examples = [
+            {"pixel_values": torch.randn(3, 16, 16, generator=generator), "labels": torch.tensor(i % 5)}
+            for i in range(8)
+        ]
+    else:
+        ids = torch.randint(2, 99, (8, 9), generator=generator)
+        examples = [{"input_ids": row, "attention_mask": torch.ones_like(row), "labels": row} for row in ids]
+    grads: dict[str, torch.Tensor] = {}
+
+    class Record(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path / f"run-{batch_size}"), per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation, max_steps=1, use_cpu=True, report_to=[], save_strategy="no",
+        max_grad_norm=0.0, seed=0,
+    )  # fmt: skip
+    Trainer(
+        model=tiny_model(family, **NO_DROPOUT[family]).train(), args=args, train_dataset=examples, callbacks=[Record()]
+    ).train()
+    return grads
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_trainer_scales_the_loss_for_gradient_accumulation(family, tmp_path):
-    from transformers import Trainer, TrainingArguments
-
-    model = tiny_model(family)
-    args = TrainingArguments(output_dir=str(tmp_path), gradient_accumulation_steps=4, use_cpu=True, report_to=[])
-    assert Trainer(model=model, args=args).model_accepts_loss_kwargs is False
+    """One batch of 8 and 4 accumulated batches of 2 give the same gradients (the loss is divided by
+    the accumulation steps: the models return a mean loss and take no `num_items_in_batch`)."""
+    whole = _first_step_gradients(family, 8, 1, tmp_path)
+    accumulated = _first_step_gradients(family, 2, 4, tmp_path)
+    assert whole.keys() == accumulated.keys() and whole
+    for name, grad in whole.items():
+        torch.testing.assert_close(accumulated[name], grad, rtol=1e-4, atol=1e-6, msg=name)
