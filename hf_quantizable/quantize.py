@@ -3,6 +3,7 @@
     python -m hf_quantizable.quantize runs/bert-gated --output runs/bert-gated-w8a8
     python -m hf_quantizable.quantize MODEL_DIR --output OUT --bits 6 --estimator percentile
     python -m hf_quantizable.quantize MINILM_DIR --output OUT --gamma-migration --token-wise-clipping
+    python -m hf_quantizable.quantize MINILM_DIR --output OUT --preset wei2022-os-6bit
 
 The output folder reloads with `AutoModel*.from_pretrained(OUT, trust_remote_code=True)`; it is
 written to a temporary folder and renamed, so a failed or interrupted run leaves nothing behind.
@@ -18,7 +19,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .cli import OneLineErrorParser, positive_int
-from .quantization.config import ACTIVATION_ESTIMATORS, WEIGHT_ESTIMATORS, W8A8Config
+from .quantization.config import ACTIVATION_ESTIMATORS, WEIGHT_ESTIMATORS, W8A8Config, preset_names
 
 DEFAULT_MAX_LENGTH = 128
 # Fields only some settings read: accepted only with those settings (no value is silently ignored).
@@ -62,6 +63,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--gamma-migration", action="store_true", help="Outlier Suppression gamma migration")
     parser.add_argument("--token-wise-clipping", action="store_true", help="Outlier Suppression token-wise clipping")
+    parser.add_argument(
+        "--weights-only", action="store_true", help="quantize the weights only (activations stay in floating point)"
+    )
+    parser.add_argument(
+        "--preset",
+        choices=preset_names(),
+        metavar="NAME",
+        help=f"a named paper setting (W8A8Config.preset), under --config and the flags: {', '.join(preset_names())}",
+    )
     parser.add_argument("--config", help="JSON file with W8A8Config fields (command-line flags win)")
     return parser.parse_args(argv)
 
@@ -112,9 +122,16 @@ def build_config(args: argparse.Namespace) -> W8A8Config:
         "outlier_channels": args.outlier_channels,
         "gamma_migration": args.gamma_migration or None,
         "token_wise_clipping": args.token_wise_clipping or None,
+        "activation_nodes": "none" if args.weights_only else None,
     }
     fields.update({k: v for k, v in flags.items() if v is not None})
-    config = W8A8Config.from_dict(fields)
+    if args.preset:
+        unknown = sorted(set(fields) - set(W8A8Config().to_dict()))
+        if unknown:
+            W8A8Config.from_dict(fields)  # the error naming the unknown fields
+        config = W8A8Config.preset(args.preset, **fields)
+    else:
+        config = W8A8Config.from_dict(fields)
     check_fields_used(set(fields), config)
     return config
 
@@ -135,6 +152,13 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
+def _activations(config: W8A8Config) -> str:
+    if config.activation_nodes == "none":
+        return "floating point (weights only)"
+    nodes = "every quantization point" if config.activation_nodes == "all" else "matrix-product inputs only"
+    return f"{config.activation_estimator}, asymmetric, {_activation_grids(config)}; {nodes}"
+
+
 def _activation_grids(config: W8A8Config) -> str:
     grids = ["per tensor"]
     if config.per_channel_residuals:
@@ -150,9 +174,10 @@ def summary(report: dict, config: W8A8Config, output: Path, source_bytes: int) -
     widest = sorted(ranges.items(), key=lambda item: item[1][0] - item[1][1])[:5]
     int8_gemm = sum(source is not None for source in report["quantized_linears"].values())
     lines = [
-        f"W{config.weight_bits}A{config.activation_bits} INT8 checkpoint -> {output}",
+        f"W{config.weight_bits}A{config.activation_bits} INT8 checkpoint -> {output}"
+        + (f" (preset {config.preset_name})" if config.preset_name else ""),
         f"  weights: {config.weight_estimator}, {'per-channel' if config.per_channel_weights else 'per-tensor'}"
-        f" symmetric; activations: {config.activation_estimator}, asymmetric, {_activation_grids(config)}",
+        f" symmetric; activations: {_activations(config)}",
         f"  outlier suppression: gamma migration={config.gamma_migration}, "
         f"token-wise clipping={config.token_wise_clipping}",
         f"  quantized activations: {len(ranges)}; quantized linear layers: {len(report['quantized_linears'])} "

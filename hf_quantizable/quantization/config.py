@@ -257,7 +257,8 @@ class W8A8Config:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "W8A8Config":
-        """A named setting (`preset_names()`), with `overrides` on top; `preset_name` records the name.
+        """A named setting (`preset_names()`), with `overrides` on top; `preset_name` records the name
+        (and the fields `overrides` changed, so a modified preset is never shown as the paper's).
 
         The exact paper presets are slower than the default (`wei2022-os` runs 10 / 30 extra
         forward passes over the calibration set and 24 training steps).
@@ -266,8 +267,11 @@ class W8A8Config:
         base = name[: -len(variant) - 1] if variant else name
         if base not in PRESETS:
             raise ValueError(f"unknown W8A8 preset {name!r}; known presets: {preset_names()}")
-        fields = {**PRESETS[base], **(PRESET_VARIANTS[variant] if variant else {}), **overrides}
-        return cls(**fields, preset_name=name)
+        fields = {**PRESETS[base], **(PRESET_VARIANTS[variant] if variant else {})}
+        defaults = cls()
+        changed = sorted(k for k, v in overrides.items() if v != fields.get(k, getattr(defaults, k, None)))
+        label = f"{name} (modified: {', '.join(changed)})" if changed else name
+        return cls(**{**fields, **overrides}, preset_name=label)
 
     def to_dict(self) -> dict:
         return asdict(self)

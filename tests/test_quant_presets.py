@@ -1,0 +1,146 @@
+"""W8A8Config presets: each preset's quantized node set, the recorded name, the CLI flags."""
+
+import json
+
+import pytest
+
+from hf_quantizable.quantization import W8A8Config, quantize_model
+from hf_quantizable.quantization.calibration import activation_quantizers, quantized_linears
+from hf_quantizable.quantization.config import preset_names
+from hf_quantizable.quantize import main
+from tests.test_quant_cli import model_dir  # noqa: F401  (fixture)
+from tests.test_quant_core import tiny_model
+
+
+def _bert_layer(i: int, last: bool) -> list[str]:
+    """The Outlier Suppression nodes of one BERT layer (official `model/quant_bert.py`): Q, K, V
+    (`query_permute`, `key_transpose`, `value_permute`), `attention_probs`, `context_view`, the
+    attention LayerNorm output, `intermediate_act_fn`, and the output LayerNorm except the last layer's."""
+    layer = f"bert.encoder.layer.{i}"
+    nodes = [
+        f"{layer}.attention.self.query_quant",
+        f"{layer}.attention.self.key_quant",
+        f"{layer}.attention.self.value_quant",
+        f"{layer}.attention.self.core.probs_quant",
+        f"{layer}.attention.self.core.context_quant",
+        f"{layer}.attention.output.output_quant",
+        f"{layer}.intermediate.act_quant",
+    ]
+    return nodes if last else [*nodes, f"{layer}.output.output_quant"]
+
+
+OS_BERT = ["bert.embeddings.output_quant", *_bert_layer(0, last=False), *_bert_layer(1, last=True)]
+# Bondarenko et al.'s BERT set (official `models/quantized_bert.py`, quant_setup "all"): the
+# embedding sum and LayerNorm output, Q/K/V, scores, probabilities, context, each dense output, each
+# residual sum, each LayerNorm output, the FFN activation. (Their embedding tables, LayerNorm weights
+# and word + token-type partial sum are not quantization points here yet.)
+ALL_BERT = ["bert.embeddings.sum_quant", "bert.embeddings.output_quant"] + [
+    f"bert.encoder.layer.{i}.{node}"
+    for i in range(2)
+    for node in (
+        "attention.self.query_quant",
+        "attention.self.key_quant",
+        "attention.self.value_quant",
+        "attention.self.core.scores_quant",
+        "attention.self.core.probs_quant",
+        "attention.self.core.context_quant",
+        "attention.output.dense_quant",
+        "attention.output.residual_quant",
+        "attention.output.output_quant",
+        "intermediate.act_quant",
+        "output.dense_quant",
+        "output.residual_quant",
+        "output.output_quant",
+    )
+]
+OS_OPT = [
+    f"model.decoder.layers.{i}.{node}"
+    for i in range(2)
+    for node in (
+        "self_attn.q_quant",
+        "self_attn.k_quant",
+        "self_attn.v_quant",
+        "self_attn.core.probs_quant",
+        "self_attn.core.context_quant",
+        "attn_ln_quant",
+        "ffn_ln_quant",
+        "act_quant",
+    )
+]
+
+
+def _nodes(family: str, config: W8A8Config) -> list[str]:
+    model, batches = tiny_model(family, attn_impl="softmax")
+    quantize_model(model, config, batches)
+    return sorted(activation_quantizers(model)), model
+
+
+@pytest.mark.parametrize(
+    ("family", "preset", "expected"),
+    [
+        ("bert", "wei2022-os", OS_BERT),
+        ("bert", "wei2022-os-6bit", OS_BERT),
+        ("bert", "bondarenko2023-bert", ALL_BERT),
+        ("bert", "liao2024-bert", ALL_BERT),
+        ("bert", "hf-quantizable-best", ALL_BERT),
+        ("bert", "bondarenko2023-bert-weights-only", []),
+        ("opt", "wei2022-os", OS_OPT),
+    ],
+)
+def test_preset_node_set_is_the_official_list(family, preset, expected):
+    config = W8A8Config.preset(preset, clipping_quantiles=[1.0], clipping_steps=0)
+    nodes, model = _nodes(family, config)
+    assert nodes == sorted(expected)
+    linears = quantized_linears(model)
+    assert linears and all(linear.input_quantizer in (set(nodes) | {None}) for linear in linears.values())
+    assert model.w8a8_config.preset_name.startswith(preset)
+
+
+def test_every_preset_is_valid_and_named():
+    for name in preset_names():
+        config = W8A8Config.preset(name)
+        assert config.preset_name == name
+        assert W8A8Config.from_dict(json.loads(config.to_json_string())) == config
+    assert W8A8Config.preset("wei2022-os", num_calibration_batches=2).preset_name == (
+        "wei2022-os (modified: num_calibration_batches)"
+    )
+    assert W8A8Config.preset("wei2022-os", clipping_steps=24).preset_name == "wei2022-os"  # the preset's own value
+    with pytest.raises(ValueError, match="unknown W8A8 preset 'wei2023'"):
+        W8A8Config.preset("wei2023")
+
+
+def test_official_settings_of_the_presets():
+    os8, os6 = W8A8Config.preset("wei2022-os"), W8A8Config.preset("wei2022-os-6bit")
+    assert (os8.clipping_lr, os8.num_calibration_batches, os8.clipping_steps) == (1e-5, 8, 3 * 8)
+    assert len(os8.clipping_grid()) == 10 and len(os6.clipping_grid()) == 30 and os6.activation_bits == 6
+    assert os8.per_channel_weights and os8.remove_padding and os8.calibration_quantized == "none"
+    opt = W8A8Config.preset("bondarenko2023-opt")
+    assert (opt.weight_estimator, opt.activation_estimator, opt.percentile, opt.momentum) == (
+        "mse",
+        "percentile",
+        99.999,
+        0.9,
+    )
+    assert opt.num_calibration_batches == 4 and W8A8Config.preset("liao2024-opt").num_calibration_batches == 16
+    bert = W8A8Config.preset("bondarenko2023-bert")
+    assert (bert.activation_estimator, bert.momentum, bert.num_calibration_batches) == ("running_minmax", 0.9, 16)
+    assert bert.calibration_quantized == "all" and not bert.per_channel_weights
+
+
+def test_cli_preset_and_weights_only(model_dir, tmp_path, capsys):  # noqa: F811
+    common = ["--calibration-data", str(model_dir / "calib.txt"), "--batch-size", "4"]
+    out = tmp_path / "preset"
+    assert main([str(model_dir), "--output", str(out), "--preset", "bondarenko2023-bert", *common]) == 0
+    summary = capsys.readouterr().out
+    assert "(preset bondarenko2023-bert)" in summary and "quantized activations: 28" in summary
+    settings = json.loads((out / "config.json").read_text())["w8a8_config"]
+    assert settings["preset_name"] == "bondarenko2023-bert" and settings["calibration_quantized"] == "all"
+    out = tmp_path / "weights"
+    assert main([str(model_dir), "--output", str(out), "--weights-only", "--num-batches", "1", *common]) == 0
+    assert "activations: floating point (weights only)" in capsys.readouterr().out
+    settings = json.loads((out / "config.json").read_text())["w8a8_config"]
+    assert settings["quantized_activations"] == [] and not any(settings["quantized_linears"].values())
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(model_dir), "--output", str(tmp_path / "bad"), "--preset", "nope", *common])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
