@@ -6,6 +6,7 @@
     python -m hf_quantizable.evaluate runs/vit-gated --task image --dataset ../shared/data/mnist --calibration-split test
     python -m hf_quantizable.evaluate MINILM_DIR --task embedding --dataset ../shared/data/wikitext-2 --outlier-suppression
     python -m hf_quantizable.evaluate MINILM_DIR --task glue --glue-task sst2 --glue-data ../shared/data/glue
+    python -m hf_quantizable.evaluate MINILM_DIR --task embedding --w8a8-preset wei2022-os-6bit
 
 Writes `OUTPUT/results.json` (the result records: task metric and outlier statistics per variant)
 and `OUTPUT/plots/*.png`; OUTPUT defaults to MODEL when it is a local folder. Prints a table.
@@ -28,7 +29,7 @@ NOT_GLUE = (
 )  # fmt: skip
 W8A8_OPTIONS = (
     "outlier_suppression", "per_channel_weights", "per_channel_residuals", "outlier_channels",
-    "num_calibration_batches", "clipping_steps", "calibration_split",
+    "num_calibration_batches", "clipping_steps", "calibration_split", "w8a8_preset",
 )  # fmt: skip
 DEFAULT_DATASETS = {
     "mlm": ("wikitext", "wikitext-2-raw-v1"),
@@ -103,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="W8A8: per-channel grids for the residual-stream activations",
     )
     quant.add_argument("--outlier-channels", type=int, help="W8A8: channels per linear input on their own grid")
+    quant.add_argument(
+        "--w8a8-preset",
+        metavar="NAME",
+        help="W8A8: a named paper setting (W8A8Config.preset, e.g. bondarenko2023-bert, wei2022-os-6bit); the "
+        "other quantization flags apply on top (--preset is the GLUE fine-tuning preset)",
+    )
     quant.add_argument("--num-calibration-batches", type=int, help="calibration batches (default 16)")
     quant.add_argument(
         "--clipping-steps",
@@ -161,15 +168,26 @@ def check_options(args: argparse.Namespace, given: set[str]) -> None:
             )
     if args.no_w8a8:
         unused.update({name: "has no effect with --no-w8a8" for name in W8A8_OPTIONS})
-    elif not args.outlier_suppression:
-        unused["clipping_steps"] = "applies only with --outlier-suppression"
+    elif not args.outlier_suppression and not _clips(args.w8a8_preset):
+        unused["clipping_steps"] = "applies only with --outlier-suppression or a token-wise clipping --w8a8-preset"
     if args.append and args.overwrite:
         unused["overwrite"] = "and --append exclude each other: keep the earlier records or replace them"
     refuse_unused(given, unused)
+    if args.w8a8_preset is not None:
+        w8a8_overrides(args)  # an unknown preset name fails here, before any model is loaded
+
+
+def _clips(preset: str | None) -> bool:
+    """Whether the W8A8 preset `preset` runs token-wise clipping (False for none or an unknown name)."""
+    if preset is None:
+        return False
+    from .quantization.config import PRESETS
+
+    return any(preset.startswith(name) and fields.get("token_wise_clipping") for name, fields in PRESETS.items())
 
 
 def w8a8_overrides(args: argparse.Namespace) -> dict:
-    """W8A8Config fields set on the command line."""
+    """W8A8Config fields set on the command line (all of the preset's, with --w8a8-preset)."""
     fields = (
         ("num_calibration_batches", args.num_calibration_batches),
         ("clipping_steps", args.clipping_steps),
@@ -177,7 +195,12 @@ def w8a8_overrides(args: argparse.Namespace) -> dict:
         ("per_channel_residuals", args.per_channel_residuals or None),
         ("outlier_channels", args.outlier_channels),
     )
-    return {key: value for key, value in fields if value is not None}
+    given = {key: value for key, value in fields if value is not None}
+    if args.w8a8_preset is None:
+        return given
+    from .quantization import W8A8Config
+
+    return W8A8Config.preset(args.w8a8_preset, **given).to_dict()
 
 
 def check_results_file(path: Path, args: argparse.Namespace) -> None:
@@ -260,7 +283,7 @@ def run_glue(args: argparse.Namespace) -> tuple[list[ResultRecord], Path]:
         from .quantization import W8A8Config
 
         suppression = dict(gamma_migration=True, token_wise_clipping=True) if args.outlier_suppression else {}
-        w8a8 = W8A8Config(**w8a8_overrides(args), **suppression)
+        w8a8 = W8A8Config(**{**w8a8_overrides(args), **suppression})
     records = finetune_glue(
         args.model,
         args.glue_task,

@@ -144,3 +144,28 @@ def test_cli_preset_and_weights_only(model_dir, tmp_path, capsys):  # noqa: F811
         main([str(model_dir), "--output", str(tmp_path / "bad"), "--preset", "nope", *common])
     assert exit_info.value.code == 2
     assert "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+def _evaluate_options(*argv: str):
+    from hf_quantizable.cli import given_options
+    from hf_quantizable.evaluate import build_parser, check_options, w8a8_overrides
+
+    parser = build_parser()
+    args = parser.parse_args(["MODEL", "--task", "embedding", *argv])
+    check_options(args, given_options(parser, ["MODEL", "--task", "embedding", *argv]))
+    return w8a8_overrides(args)
+
+
+def test_evaluate_w8a8_preset_option():
+    fields = _evaluate_options("--w8a8-preset", "wei2022-os-6bit", "--clipping-steps", "3")
+    assert fields["activation_nodes"] == "matmul_inputs" and fields["activation_bits"] == 6
+    assert fields["clipping_steps"] == 3 and fields["preset_name"] == "wei2022-os-6bit (modified: clipping_steps)"
+    assert _evaluate_options("--w8a8-preset", "bondarenko2023-bert")["preset_name"] == "bondarenko2023-bert"
+    with pytest.raises(ValueError, match="clipping-steps"):
+        _evaluate_options("--w8a8-preset", "bondarenko2023-bert", "--clipping-steps", "3")
+    with pytest.raises(ValueError, match="w8a8-preset.*--no-w8a8"):
+        _evaluate_options("--w8a8-preset", "wei2022-os", "--no-w8a8")
+    with pytest.raises(ValueError, match="unknown W8A8 preset 'nope'"):
+        _evaluate_options("--w8a8-preset", "nope")
+    with pytest.raises(ValueError, match="applies to --task glue only"):
+        _evaluate_options("--w8a8-preset", "wei2022-os", "--preset", "bondarenko")
