@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     glue.add_argument(
         "--preset",
         default="bondarenko",
-        help="fine-tuning preset: bondarenko, liao-monz (unverified values, see README) or cpu-smoke",
+        help="fine-tuning preset: bondarenko, liao-monz (MNLI/QNLI/QQP/SST-2), liao-monz-lr{1e-5,2e-5,3e-5}-bs{16,32} "
+        "(their grid for CoLA/RTE/MRPC/STS-B), liao-monz-cpu (3 epochs) or cpu-smoke",
     )
     glue.add_argument("--max-train-samples", type=int)
     glue.add_argument("--max-eval-samples", type=int)

@@ -1,6 +1,5 @@
 """GLUE: TSV reading, official metrics against scikit-learn/scipy, a short MiniLM fine-tune FP -> W8A8."""
 
-import dataclasses
 import json
 
 import numpy as np
@@ -139,23 +138,32 @@ def test_preset_fields_reach_training_arguments(name, tmp_path):
     assert preset.source
 
 
-def test_liao_monz_preset_says_what_is_unverified():
+def test_liao_monz_presets_follow_appendix_a():
+    """Liao & Monz 2024, Table 4: lr 1e-5 / batch 32 (large tasks), a lr x batch grid (small tasks),
+    weight decay 0.1, 10 epochs, warmup 0.06; only the max length comes from their script."""
     preset = get_preset("liao-monz")
     assert "2402.12102" in preset.source and "Table 4" in preset.source
-    assert "NOT from the paper" in preset.source  # the table could not be read: placeholders are marked
-    assert set(preset.unverified) == {f.name for f in dataclasses.fields(GluePreset)} - {"name", "source", "unverified"}
+    assert (preset.learning_rate, preset.batch_size, preset.num_train_epochs) == (1e-5, 32, 10.0)
+    assert (preset.weight_decay, preset.warmup_ratio, preset.max_length) == (0.1, 0.06, 128)
+    assert preset.unverified == ("max_length",)
+    grid = {
+        (get_preset(f"liao-monz-lr{lr}-bs{b}").learning_rate, b) for lr in ("1e-5", "2e-5", "3e-5") for b in (16, 32)
+    }
+    assert grid == {(lr, b) for lr in (1e-5, 2e-5, 3e-5) for b in (16, 32)}
+    assert get_preset("liao-monz-cpu").num_train_epochs == 3.0
     assert get_preset("bondarenko").unverified == ()
     with pytest.raises(ValueError, match="unknown fields \\['epochs'\\]"):
         GluePreset("x", 128, 3.0, 2e-5, 16, unverified=("epochs",))
 
 
 def test_unknown_preset_names_the_allowed_values(minilm_path, tmp_path, capsys):
-    with pytest.raises(ValueError, match="choose one of \\['bondarenko', 'cpu-smoke', 'liao-monz'\\]"):
+    with pytest.raises(ValueError, match="choose one of \\['bondarenko', 'cpu-smoke', 'liao-monz', 'liao-monz-cpu', "):
         get_preset("fast")
     argv = [minilm_path, "--task", "glue", "--glue-task", "rte", "--preset", "fast", "--output", str(tmp_path / "x")]
     assert evaluate_cli.main(argv) == 2
     assert (
-        "unknown GLUE preset 'fast'; choose one of ['bondarenko', 'cpu-smoke', 'liao-monz']" in capsys.readouterr().err
+        "unknown GLUE preset 'fast'; choose one of ['bondarenko', 'cpu-smoke', 'liao-monz', 'liao-monz-cpu', "
+        in capsys.readouterr().err
     )
     assert not (tmp_path / "x").exists()
 
@@ -177,7 +185,7 @@ def test_cli_preset_reaches_the_trainer(minilm_path, data_dir, tmp_path, monkeyp
     output = tmp_path / "rte"
     argv = [minilm_path, "--task", "glue", "--glue-task", "rte", "--preset", "liao-monz"]
     argv += ["--glue-data", str(data_dir / "glue"), "--max-train-samples", "8", "--max-eval-samples", "8"]
-    with pytest.warns(UserWarning, match="'liao-monz': max_length, num_train_epochs, learning_rate"):
+    with pytest.warns(UserWarning, match="'liao-monz': max_length is a placeholder"):
         with pytest.raises(_Stop):
             evaluate_cli.run(evaluate_cli.build_parser().parse_args([*argv, "--output", str(output)]))
     preset, args = get_preset("liao-monz"), seen["args"]
