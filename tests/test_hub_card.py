@@ -165,7 +165,7 @@ def test_body_sections(records):
     assert "| ours |" in ours and "17.31" in ours and "23.41" in ours and "6.719" in ours
     assert "| 735 |" in refs and "| 1294 |" in refs  # Bondarenko et al. Table 2, vanilla
     assert "Gated attention, linear (pi_init = 0.25 ... 0.75) *" in refs  # this model's variant is marked
-    assert "MLP (n_hid = 4) *" not in refs and "Vanilla softmax *" not in refs
+    assert "MLP (n_hid = d_head / 4 = 16) *" not in refs and "Vanilla softmax *" not in refs
     assert "after 300 training\n  steps" in text
     for citation in ("Bondarenko", "Liao", "Wei"):
         assert citation in text.split("## Citations")[1]

@@ -169,3 +169,29 @@ def test_evaluate_w8a8_preset_option():
         _evaluate_options("--w8a8-preset", "nope")
     with pytest.raises(ValueError, match="applies to --task glue only"):
         _evaluate_options("--w8a8-preset", "wei2022-os", "--preset", "bondarenko")
+
+
+def test_training_presets_follow_the_official_scripts():
+    """BERT MLP gate width d_head // 4 (official bert_attention.py, `attn_gate_mlp`); OPT's clipped
+    softmax gamma = -alpha / training length, fixed at build time as the official code."""
+    from hf_quantizable.training.presets import PRESETS
+
+    base = PRESETS["bert-base-gated"].model
+    assert base["gate_n_hid"] == 768 // 12 // 4 == 16
+    opt = PRESETS["opt-125m-clipped"].model
+    assert (opt["clip_alpha"], opt["clip_alpha_length"], opt["clip_max_length"]) == (12.0, "fixed", 512)
+
+
+def test_clip_alpha_length_fixed_or_runtime():
+    from hf_quantizable.modeling.configuration_quantizable import QuantizableOPTConfig
+
+    fixed = QuantizableOPTConfig(
+        attn_impl="clipped_softmax", clip_alpha=12.0, clip_alpha_length="fixed", clip_max_length=512
+    )
+    runtime = QuantizableOPTConfig(attn_impl="clipped_softmax", clip_alpha=12.0)
+    assert fixed.clip_gamma_for(100) == fixed.clip_gamma_for(512) == -12.0 / 512
+    assert runtime.clip_gamma_for(100) == -0.12 and runtime.clip_gamma_for(512) == -12.0 / 512
+    with pytest.raises(ValueError, match="needs `clip_max_length`"):
+        QuantizableOPTConfig(attn_impl="clipped_softmax", clip_alpha=12.0, clip_alpha_length="fixed")
+    with pytest.raises(ValueError, match="`clip_alpha_length` must be 'runtime' or 'fixed'"):
+        QuantizableOPTConfig(attn_impl="clipped_softmax", clip_alpha=12.0, clip_alpha_length="max")

@@ -36,7 +36,13 @@ class QuantizableAttentionConfig:
             `attn_implementation` names (`sdpa` by default), the clipped variants their registered one
             (`attention.check_attention_implementation`).
         clip_gamma: clipped softmax lower stretch `gamma <= 0` (used when `clip_alpha` is None).
-        clip_alpha: clipped softmax `alpha >= 0`, giving `gamma = -alpha / T` with T the key length.
+        clip_alpha: clipped softmax `alpha >= 0`, giving `gamma = -alpha / T`.
+        clip_alpha_length: what T is: `runtime` (the key length of each forward pass) or `fixed`
+            (`clip_max_length`, the training sequence length; the official code fixes
+            `gamma = -alpha / max_seq_length` when it builds the attention). They agree on full-length
+            training batches; in generation with a KV cache, `runtime` gives every new token the gamma
+            of its prefix length (weaker clipping early), `fixed` the trained gamma throughout.
+        clip_max_length: T of `clip_alpha_length="fixed"` (a positive integer; needed then).
         clip_zeta: clipped softmax upper stretch `zeta >= 1`.
         ncs_zeta: normalized clipped softmax upper stretch `zeta >= 1`.
         ncs_beta: normalized clipped softmax target sum of the stretched probabilities (`beta <= zeta`).
@@ -49,6 +55,8 @@ class QuantizableAttentionConfig:
     attn_impl: str = "softmax"
     clip_gamma: float | None = None
     clip_alpha: float | None = None
+    clip_alpha_length: str = "runtime"
+    clip_max_length: int | None = None
     clip_zeta: float = 1.0
     ncs_zeta: float = 1.0
     ncs_beta: float | None = None
@@ -89,6 +97,16 @@ class QuantizableAttentionConfig:
             self.ncs_beta = self.default_ncs_beta
         if self.ncs_beta > self.ncs_zeta:
             raise ValueError(f"`ncs_beta` must be <= `ncs_zeta` ({self.ncs_zeta}), got {self.ncs_beta}")
+        if self.clip_alpha_length not in ("runtime", "fixed"):
+            raise ValueError(f"`clip_alpha_length` must be 'runtime' or 'fixed', got {self.clip_alpha_length!r}")
+        if self.clip_max_length is not None and (
+            isinstance(self.clip_max_length, bool)
+            or not isinstance(self.clip_max_length, int)
+            or self.clip_max_length < 1
+        ):
+            raise ValueError(f"`clip_max_length` must be a positive integer or None, got {self.clip_max_length!r}")
+        if self.clip_alpha is not None and self.clip_alpha_length == "fixed" and self.clip_max_length is None:
+            raise ValueError("`clip_alpha_length='fixed'` needs `clip_max_length` (the training sequence length)")
         if self.attn_impl == "clipped_softmax" and self.clip_gamma is None and self.clip_alpha is None:
             self.clip_gamma = -0.025  # Bondarenko et al.'s best BERT setting (alpha = 3.2 at T = 128)
         if not 0.0 < self.pi_init < 1.0:
@@ -99,9 +117,9 @@ class QuantizableAttentionConfig:
             raise ValueError(f"`w8a8_config` must be a dict or None, got {type(self.w8a8_config).__name__}")
 
     def clip_gamma_for(self, key_length: int) -> float:
-        """Clipped softmax gamma for a key axis of `key_length` (alpha form: -alpha / T)."""
+        """Clipped softmax gamma for a key axis of `key_length` (alpha form: -alpha / T, see `clip_alpha_length`)."""
         if self.clip_alpha is not None:
-            return -self.clip_alpha / key_length
+            return -self.clip_alpha / (self.clip_max_length if self.clip_alpha_length == "fixed" else key_length)
         return self.clip_gamma
 
 

@@ -126,7 +126,9 @@ _ATTN = {
     "bert": {
         "vanilla": {"attn_impl": "softmax"},
         "clipped": {"attn_impl": "clipped_softmax", "clip_gamma": -0.025, "clip_zeta": 1.0},
-        "gated": {"attn_impl": "gated", "gate_type": "mlp", "gate_n_hid": 4, "pi_init": 0.5},
+        # gate_n_hid: d_head // 4 (16 at BERT-base), set per model in `_build_presets` as the official
+        # `BertSelfAttentionWithExtras` (transformers_language/models/bert_attention.py, attn_gate_mlp).
+        "gated": {"attn_impl": "gated", "gate_type": "mlp", "pi_init": 0.5},
     },
     "opt": {
         "vanilla": {"attn_impl": "softmax"},
@@ -349,11 +351,16 @@ def _build_presets() -> dict[str, TrainingPreset]:
     for base, (family, description, model, training, data) in _BASES.items():
         for variant in VARIANTS:
             name = f"{base}-{variant}"
+            attention = dict(_ATTN[family][variant])
+            if attention.get("gate_type") == "mlp":
+                attention["gate_n_hid"] = max(1, model["hidden_size"] // model["num_attention_heads"] // 4)
+            if "clip_alpha" in attention:  # gamma = -alpha / training length, fixed as the official code
+                attention.update(clip_alpha_length="fixed", clip_max_length=data["seq_length"])
             presets[name] = TrainingPreset(
                 name=name,
                 family=family,
                 description=f"{description} Attention: {variant}.",
-                model={**model, **_ATTN[family][variant]},
+                model={**model, **attention},
                 training=dict(training),
                 data=DataSpec(**data),
                 tracking=TrackingSpec(outlier_every_n_steps=training["logging_steps"]),
@@ -478,7 +485,7 @@ _IMAGE_ONLY_DATA = {"image_size", "augmentation", "image_column", "label_column"
 _HUB_ONLY_DATA = {"dataset_config"}
 _ATTENTION_FIELDS = {
     "gated": {"gate_type", "gate_n_hid", "pi_init"},
-    "clipped_softmax": {"clip_gamma", "clip_alpha", "clip_zeta"},
+    "clipped_softmax": {"clip_gamma", "clip_alpha", "clip_alpha_length", "clip_max_length", "clip_zeta"},
     "normalized_clipped_softmax": {"ncs_zeta", "ncs_beta"},
 }
 _SET_FROM_DATA = {
