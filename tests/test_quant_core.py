@@ -329,13 +329,16 @@ def test_quantize_model_errors():
         quantize_model(torch.nn.Sequential(torch.nn.Linear(2, 2)), W8A8Config(), [{"x": torch.ones(1)}])
 
 
-@pytest.mark.parametrize("bits", [8, 6, 4])
-def test_simulated_model_degrades_gracefully_with_bits(bits):
-    model, batches = tiny_model("bert", attn_impl="softmax")
-    with torch.no_grad():
-        reference = model(**batches[0]).logits
-    quantize_model(model, W8A8Config(weight_bits=bits, activation_bits=bits, num_calibration_batches=3), batches)
-    with torch.no_grad():
-        quantized = model(**batches[0]).logits
-    error = (quantized - reference).norm() / reference.norm()
-    assert 0 < error < {8: 0.05, 6: 0.2, 4: 1.0}[bits]
+def test_simulated_model_degrades_gracefully_with_bits():
+    """The relative logit error grows as the bits shrink: error(8) < error(6) < error(4), each bounded."""
+    errors = {}
+    for bits in (8, 6, 4):
+        model, batches = tiny_model("bert", attn_impl="softmax")
+        with torch.no_grad():
+            reference = model(**batches[0]).logits
+        quantize_model(model, W8A8Config(weight_bits=bits, activation_bits=bits, num_calibration_batches=3), batches)
+        with torch.no_grad():
+            quantized = model(**batches[0]).logits
+        errors[bits] = ((quantized - reference).norm() / reference.norm()).item()
+    assert 0 < errors[8] < errors[6] < errors[4], errors
+    assert errors[8] < 0.05 and errors[6] < 0.2 and errors[4] < 1.0, errors
