@@ -3,16 +3,15 @@
 Without VNNI, x86 int8 kernels (oneDNN, MLAS, fbgemm) multiply uint8 x int8 with `vpmaddubsw`, which
 adds input pairs in int16, and widen every pair sum to int32 at once (`vpmaddwd`): two multiplier
 instructions per 32 multiply-adds. This kernel adds two pair sums in int16 before widening (three
-instructions per 64); a whole INT8 BERT-base forward here is ~1.3x as fast with it as with
-oneDNN's GEMM (benchmarks/int8_speed.py). It stays exact in two steps. First
+instructions per 64): fewer multiplier instructions per multiply-add than oneDNN's GEMM
+(benchmarks/int8_speed.py measures the difference). It stays exact in two steps. First
 `split_for_int16_lanes` takes off the few weights that would let one pair saturate (same-sign pairs
 whose magnitudes times the largest activation code exceed int16); they come back as sparse entries
 added in int32 inside the kernel. Then `pack_weight` pairs the quads (four input channels) of each
 block of 16 outputs so that the two pair sums added in one int16 lane cannot overflow either
 (greedy: the most loaded quad first, with the most loaded partner that fits); pairs it cannot make
-safe are widened one by one. (A fixed pairing of neighbouring quads left ~0.8% of a random-init
-BERT-base weight as sparse entries, which cost ~15% of the GEMM; the greedy one pairs every quad
-safely there.) Its epilogue applies the zero point, the rescaling and the bias with the float
+safe are widened one by one. (A fixed pairing of neighbouring quads leaves far more weights as
+sparse entries, which are slow; benchmarks/int8_speed.py records the shares.) Its epilogue applies the zero point, the rescaling and the bias with the float
 operations of `rescale_accumulator`, so its outputs equal the simulation's bit for bit. `fake_quantize` does the activation quantizers' arithmetic in
 one pass instead of four (writing the uint8 codes too where an integer GEMM reads them), and
 `grid_matmul` the attention products of activations on grids (Q.K^T, P.V) as int16 `vpmaddwd`

@@ -19,11 +19,11 @@ Saturation. Without VNNI, x86 uint8 x int8 kernels (ONNX Runtime's MLAS like one
 products of input pairs `(2i, 2i+1)` in int16 (`vpmaddubsw`), which saturates for large same-sign
 weight pairs. The linears that read one input (e.g. Q, K and V) therefore get one order of their
 input channels in which no pair saturates (`pairing.safe_pairing`): the uint8 codes are gathered
-into that order once (`Transpose -> Gather -> Transpose`, ~0.3 ms for a BERT-base input) and the
+into that order once (`Transpose -> Gather -> Transpose`, a small cost beside the GEMMs) and the
 weight columns stored in it. Where no such order exists, the exported weight is the part
 `split_saturating_pairs` proves safe, and the removed entries are added back by a correction: a float
 `MatMul` over the input channels they sit in (`Gather` of those channels, then `[..., k] x [k, N]`). (ONNX Runtime's uint8 x
-uint8 kernel is exact too, but on AVX2 it is only ~1.3x faster than fp32 against ~1.8x for uint8 x int8.)
+uint8 kernel is exact too, but on AVX2 it is much slower than the uint8 x int8 one.)
 
 Agreement with the PyTorch runtime. The integer products are exact in both; the float ops around
 them (LayerNorm, softmax, GELU, requantization of residual sums, which ONNX Runtime fuses into
