@@ -8,9 +8,9 @@
   `AvgPruneMinMaxObserver` of `quantization/observer.py`: the coarse stage tries the clipping
   ratios of `W8A8Config.clipping_grid()`; for each, every activation range is the per-batch range
   of the tokens whose max (min) lies within the ratio's quantile of the tokens' |max| (|min|),
-  averaged over the batches (attention probabilities are never clipped, padding tokens never
-  count); the ratio with the smallest final-output MSE wins. The fine stage then learns every
-  scale and zero point LSQ+-style (Adam, cosine-annealed learning rate) on the same MSE. As in the
+  averaged over the batches (attention probabilities are never clipped; padding tokens do not
+  count with `remove_padding`, as the official `is_remove_padding`); the ratio with the smallest
+  final-output MSE wins. The fine stage then learns every scale and zero point LSQ+-style (Adam, cosine-annealed learning rate) on the same MSE. As in the
   official code, both stages run with floating-point weights, and the search is not restricted
   to ratios that beat the calibrated ranges. Unlike it, the learned grids are kept only when they
   lower the MSE on the calibration batches (at the official learning rate they often do not).
@@ -110,9 +110,11 @@ def _output_mse(model: nn.Module, batches: list[dict], targets: list[torch.Tenso
     return sum(errors) / len(errors)
 
 
-def _token_extremes(model: nn.Module, batches: list[dict]) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Per batch, the max and min of every token (padding removed) at every activation quantizer,
-    from a floating-point forward pass."""
+def _token_extremes(
+    model: nn.Module, batches: list[dict], remove_padding: bool
+) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Per batch, the max and min of every token (of the real tokens with `remove_padding`) at every
+    activation quantizer, from a floating-point forward pass."""
     stats: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     quantizers = activation_quantizers(model)
 
@@ -129,7 +131,7 @@ def _token_extremes(model: nn.Module, batches: list[dict]) -> dict[str, list[tup
     set_mode(model, "observe")
     try:
         with torch.no_grad(), weights_in_fp(model):
-            for _ in run_batches(model, batches, remove_padding=True):
+            for _ in run_batches(model, batches, remove_padding):
                 pass
     finally:
         for quantizer in quantizers.values():
@@ -165,7 +167,7 @@ def token_wise_clipping(model: nn.Module, batches: list[dict], config: W8A8Confi
     quantizers = {name: q for name, q in activation_quantizers(model).items() if not q.per_channel}
     with torch.no_grad(), full_precision(model):
         targets = [_output_rows(out, batch).detach() for out, batch in zip(run_batches(model, batches), batches)]
-    extremes = _token_extremes(model, batches)
+    extremes = _token_extremes(model, batches, config.remove_padding)
     set_mode(model, "quantize")
     with weights_in_fp(model):
         calibrated_mse = _output_mse(model, batches, targets)
