@@ -142,6 +142,46 @@ def write_record(output: str, results: dict, total: int, lines: int) -> None:
     write_text_atomic(output, json.dumps(record, indent=2) + "\n")
 
 
+def clipping_diagnosis(fp_model, tokenizer, calibration: list[dict], bits: int) -> dict:
+    """Why token-wise clipping does not help here: per quantizer, the range at clipping ratios 0.99 and
+    0.98 relative to ratio 1.0 (the unclipped per-batch min/max, averaged), and which tokens the
+    clipped ones are (the tokens above the 0.99 quantile of |token max|)."""
+    from collections import Counter
+
+    from hf_quantizable.quantization.outlier_suppression import _token_extremes, token_ranges
+
+    config = W8A8Config.preset("wei2022-os" if bits == 8 else "wei2022-os-6bit", token_wise_clipping=False)
+    model = quantize_model(copy.deepcopy(fp_model), config, calibration)
+    extremes = _token_extremes(model, calibration, remove_padding=True)
+    tokens = [tokenizer.convert_ids_to_tokens(b["input_ids"][b["attention_mask"].bool()].tolist()) for b in calibration]
+    per_quantizer, clipped_tokens = {}, Counter()
+    for name, batches in extremes.items():
+        if name.endswith("probs_quant"):
+            continue
+        lo1, hi1 = token_ranges(batches, 1.0)
+        width = (hi1 - lo1).item()
+        per_quantizer[name] = {
+            "range_ratio_1.0": [lo1.item(), hi1.item()],
+            **{
+                f"width_at_{r}": ((lambda lo, hi: (hi - lo).item() / width)(*token_ranges(batches, r)))
+                for r in (0.99, 0.98)
+            },
+        }
+        for (token_max, _), words in zip(batches, tokens):
+            if len(words) == token_max.numel():
+                threshold = torch.quantile(token_max.abs(), 0.99)
+                clipped_tokens.update(w for w, m in zip(words, token_max.tolist()) if abs(m) > threshold)
+    narrowed = sorted(per_quantizer.items(), key=lambda item: item[1]["width_at_0.99"])
+    total = sum(clipped_tokens.values())
+    return {
+        "bits": bits,
+        "quantizers_most_narrowed_at_0.99": dict(narrowed[:10]),
+        "median_width_at_0.99": sorted(v["width_at_0.99"] for v in per_quantizer.values())[len(per_quantizer) // 2],
+        "median_width_at_0.98": sorted(v["width_at_0.98"] for v in per_quantizer.values())[len(per_quantizer) // 2],
+        "clipped_token_share": {w: c / total for w, c in clipped_tokens.most_common(10)},
+    }
+
+
 def markdown_table(path: str) -> str:
     """W8A8 and W6A6 mean cosine of every setting in the JSON at `path`, side by side."""
     results = json.loads(Path(path).read_text())["results"]
@@ -162,6 +202,9 @@ def main() -> None:
     parser.add_argument("--lines", type=int, default=192, help="WikiText-2 test lines evaluated")
     parser.add_argument("--settings", nargs="*", help="subset of setting names (default: all)")
     parser.add_argument("--table", action="store_true", help="print the markdown table of --output and exit")
+    parser.add_argument(
+        "--diagnose", action="store_true", help="add the token-wise clipping diagnosis to --output and exit"
+    )
     args = parser.parse_args()
     if args.table:
         print(markdown_table(args.output))
@@ -174,6 +217,15 @@ def main() -> None:
     validation = read_lines(data / "valid.txt")
     evaluation = text_batches(tokenizer, read_lines(data / "test.txt")[: args.lines], 16, 128, args.lines // 16)
     reference = mean_pooled(fp_model, evaluation)
+    if args.diagnose:
+        calibration = text_batches(
+            tokenizer, validation, 32, 128, W8A8Config.preset("wei2022-os").num_calibration_batches
+        )
+        record = json.loads(Path(args.output).read_text())
+        record["clipping_diagnosis"] = [clipping_diagnosis(fp_model, tokenizer, calibration, bits) for bits in (8, 6)]
+        write_text_atomic(args.output, json.dumps(record, indent=2) + "\n")
+        print(json.dumps(record["clipping_diagnosis"], indent=2))
+        return
     chosen = {name: config for name, config in settings().items() if not args.settings or name in args.settings}
 
     results = {}
