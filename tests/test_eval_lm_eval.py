@@ -3,7 +3,6 @@ task YAMLs, offline on a tiny OPT."""
 
 import json
 import math
-from pathlib import Path
 
 import lm_eval
 import pytest
@@ -14,8 +13,8 @@ from transformers import PreTrainedTokenizerFast
 
 from hf_quantizable.evaluation import lm_eval_model
 from hf_quantizable.evaluation.lm_eval_model import lm_eval_records
-from hf_quantizable.paths import LM_EVAL_TASKS_DIR
 from hf_quantizable.evaluation.results import read_results, write_results
+from hf_quantizable.paths import LM_EVAL_TASKS_DIR
 from hf_quantizable.quantization import W8A8Config, W8A8Quantizer
 from tests.conftest import tiny_model
 from tests.isolation import run_without_package

@@ -245,5 +245,5 @@ def test_int8_model_index_holds_only_its_own_results(records):
     variants = {r.metric_config for r in card.data.eval_results}
     assert variants == {"w8a8-sim", "int8"}  # the FP numbers stay in the comparison table
     assert "| 17.31 |" in card.text
-    assert "int8_kernel=\"onednn\"" in card.text and "HF_QUANTIZABLE_INT8_KERNEL=onednn" in card.text
+    assert 'int8_kernel="onednn"' in card.text and "HF_QUANTIZABLE_INT8_KERNEL=onednn" in card.text
     assert "arXiv:2402.12102" in card.text and "2402.08337" not in card.text

@@ -21,10 +21,10 @@ from transformers import AutoTokenizer
 from hf_quantizable import QuantizableBertConfig, QuantizableBertForMaskedLM
 from hf_quantizable.evaluation import compute_outlier_stats
 from hf_quantizable.evaluation.results import ResultRecord, write_results
-from hf_quantizable.provenance import model_fingerprint
 from hf_quantizable.hub.card import validate_model_card
 from hf_quantizable.hub.publish import plan_push, write_plan
 from hf_quantizable.hub.upload import upload_repo_folder
+from hf_quantizable.provenance import model_fingerprint
 from hf_quantizable.push import main as push_main
 from hf_quantizable.quantize import main as quantize_main
 from tests.isolation import run_without_package

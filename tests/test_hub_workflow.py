@@ -1,6 +1,5 @@
 """The GitHub workflows pass actionlint, and evaluate-hub.yml calls hub_eval with arguments it accepts."""
 
-import shlex
 import shutil
 import subprocess
 import sys

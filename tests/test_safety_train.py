@@ -101,8 +101,16 @@ TRAIN_CASES = [
     BadInput(
         "batch-size-0", lambda w: train_argv(w / "out", "per_device_train_batch_size=0"), r"batch_size must be > 0"
     ),
-    BadInput("max-steps-flag-negative", lambda w: train_argv(w / "out", "--max-steps", "-5"), r"--max-steps: must be an integer >= 1"),
-    BadInput("max-steps-flag-zero", lambda w: train_argv(w / "out", "--max-steps", "0"), r"--max-steps: must be an integer >= 1"),
+    BadInput(
+        "max-steps-flag-negative",
+        lambda w: train_argv(w / "out", "--max-steps", "-5"),
+        r"--max-steps: must be an integer >= 1",
+    ),
+    BadInput(
+        "max-steps-flag-zero",
+        lambda w: train_argv(w / "out", "--max-steps", "0"),
+        r"--max-steps: must be an integer >= 1",
+    ),
     BadInput("max-steps-field-zero", lambda w: train_argv(w / "out", "max_steps=0"), r"max_steps must be > 0"),
     BadInput(
         "dataset-missing",
@@ -218,7 +226,9 @@ RETROFIT_CASES = [
         "model-not-bert", lambda w: retrofit_argv(w, model=str(w / "roberta")), r"supports BERT checkpoints.*roberta"
     ),
     BadInput("pi-init-0", lambda w: retrofit_argv(w, "--pi-init", "0"), r"pi_init.*\(0, 1\)"),
-    BadInput("max-steps-minus-1", lambda w: retrofit_argv(w, "--max-steps", "-1"), r"--max-steps: must be an integer >= 1"),
+    BadInput(
+        "max-steps-minus-1", lambda w: retrofit_argv(w, "--max-steps", "-1"), r"--max-steps: must be an integer >= 1"
+    ),
     BadInput("max-steps-0", lambda w: retrofit_argv(w, "--max-steps", "0"), r"--max-steps: must be an integer >= 1"),
     BadInput("batch-size-0", lambda w: retrofit_argv(w, "--batch-size", "0"), r"--batch-size: must be an integer >= 1"),
     BadInput("learning-rate-abc", lambda w: retrofit_argv(w, "--learning-rate", "abc"), r"--learning-rate.*positive"),
