@@ -20,6 +20,7 @@ from transformers import AutoTokenizer
 
 import hf_quantizable
 from hf_quantizable import QuantizableBertModel
+from hf_quantizable.evaluation.quality import sentence_embeddings
 from hf_quantizable.paths import shared_data_dir, write_text_atomic
 from hf_quantizable.quantization import W8A8Config, quantize_model
 from hf_quantizable.quantization.calibration import set_mode
@@ -54,17 +55,6 @@ SETTINGS = {
         False,
     ),
 }
-
-
-def mean_pooled(model, batches) -> torch.Tensor:
-    """Attention-mask mean of the last hidden states (the sentence-transformers pooling)."""
-    embeddings = []
-    with torch.no_grad():
-        for batch in batches:
-            hidden = model(**batch).last_hidden_state
-            mask = batch["attention_mask"][..., None].to(hidden.dtype)
-            embeddings.append((hidden * mask).sum(1) / mask.sum(1))
-    return torch.cat(embeddings)
 
 
 def best_settings(results: dict) -> dict:
@@ -119,7 +109,7 @@ def main() -> None:
     data = shared_data_dir() / "wikitext-2"
     calibration = text_batches(tokenizer, read_lines(data / "valid.txt"), 16, 128, 8)
     evaluation = text_batches(tokenizer, read_lines(data / "test.txt")[:192], 16, 128, 12)
-    reference = mean_pooled(fp_model, evaluation)
+    reference = sentence_embeddings(fp_model, evaluation)
 
     results = {}
     for name, (config, weights_only) in SETTINGS.items():
@@ -131,7 +121,7 @@ def main() -> None:
         seconds = time.perf_counter() - start
         if weights_only:
             set_mode(model, "fp")
-        cosine = F.cosine_similarity(mean_pooled(model, evaluation), reference, dim=-1)
+        cosine = F.cosine_similarity(sentence_embeddings(model, evaluation), reference, dim=-1)
         results[name] = {
             "mean_cosine": cosine.mean().item(),
             "min_cosine": cosine.min().item(),

@@ -28,6 +28,7 @@ from transformers import AutoTokenizer
 
 import hf_quantizable
 from hf_quantizable import QuantizableBertModel
+from hf_quantizable.evaluation.quality import sentence_embeddings
 from hf_quantizable.paths import shared_data_dir, write_text_atomic
 from hf_quantizable.quantization import W8A8Config, quantize_model
 from hf_quantizable.quantization.calibration import activation_quantizers
@@ -64,17 +65,6 @@ def settings() -> dict[str, W8A8Config]:
             out.setdefault(f"W{bits}A{bits} {preset}", W8A8Config.preset(preset + suffix))
     out["W8 weights only (bondarenko2023-bert-weights-only)"] = W8A8Config.preset("bondarenko2023-bert-weights-only")
     return out
-
-
-def mean_pooled(model, batches) -> torch.Tensor:
-    """Attention-mask mean of the last hidden states (the sentence-transformers pooling)."""
-    embeddings = []
-    with torch.no_grad():
-        for batch in batches:
-            hidden = model(**batch).last_hidden_state
-            mask = batch["attention_mask"][..., None].to(hidden.dtype)
-            embeddings.append((hidden * mask).sum(1) / mask.sum(1))
-    return torch.cat(embeddings)
 
 
 def clipping_summary(model, minmax_ranges: dict) -> dict | None:
@@ -216,7 +206,7 @@ def main() -> None:
     data = shared_data_dir() / "wikitext-2"
     validation = read_lines(data / "valid.txt")
     evaluation = text_batches(tokenizer, read_lines(data / "test.txt")[: args.lines], 16, 128, args.lines // 16)
-    reference = mean_pooled(fp_model, evaluation)
+    reference = sentence_embeddings(fp_model, evaluation)
     if args.diagnose:
         calibration = text_batches(
             tokenizer, validation, 32, 128, W8A8Config.preset("wei2022-os").num_calibration_batches
@@ -240,7 +230,7 @@ def main() -> None:
         start = time.perf_counter()
         quantize_model(model, config, calibration)
         seconds = time.perf_counter() - start
-        cosine = F.cosine_similarity(mean_pooled(model, evaluation), reference, dim=-1)
+        cosine = F.cosine_similarity(sentence_embeddings(model, evaluation), reference, dim=-1)
         results[name] = {
             "mean_cosine": cosine.mean().item(),
             "min_cosine": cosine.min().item(),
