@@ -404,12 +404,9 @@ def agreement(work: Path, rows: dict) -> None:
 
 
 def cpu_info() -> dict:
-    model, flags = platform.processor(), set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name") and model == platform.processor():
-            model = line.split(":", 1)[1].strip()
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
+    from hf_quantizable.evaluation.results import cpu_description
+
+    model, flags = cpu_description()
     wanted = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
     return {"cpu": model, "flags": {flag: flag in flags for flag in wanted}}
 

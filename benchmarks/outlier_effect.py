@@ -37,7 +37,7 @@ import torch
 
 import hf_quantizable.quantization  # noqa: F401  (imported now: a long run must not pick up later edits)
 from hf_quantizable.evaluation import compute_outlier_stats
-from hf_quantizable.evaluation.results import package_versions
+from hf_quantizable.evaluation.results import cpu_description, package_versions
 from hf_quantizable.paths import shared_data_dir, write_text_atomic
 from hf_quantizable.training.callbacks import OutlierTrackingCallback, gate_statistics, probe_quality, record_gates
 from hf_quantizable.training.presets import VARIANTS, apply_overrides, get_preset
@@ -189,15 +189,7 @@ SETTINGS: dict[str, Setting] = {
 
 def machine() -> dict[str, Any]:
     """Host, CPU model and flags, thread settings and accelerator of this process."""
-    model, flags = "", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and not model:
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
+    model, flags = cpu_description()
     affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     return {
         "host": socket.gethostname(),

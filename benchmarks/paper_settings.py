@@ -29,6 +29,7 @@ from transformers import AutoTokenizer
 import hf_quantizable
 from hf_quantizable import QuantizableBertModel
 from hf_quantizable.evaluation.quality import sentence_embeddings
+from hf_quantizable.evaluation.results import cpu_description
 from hf_quantizable.paths import shared_data_dir, write_text_atomic
 from hf_quantizable.quantization import W8A8Config, quantize_model
 from hf_quantizable.quantization.calibration import activation_quantizers
@@ -85,25 +86,7 @@ def clipping_summary(model, minmax_ranges: dict) -> dict | None:
     }
 
 
-def cpu_flags() -> list[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                wanted = ("avx", "avx2", "avx512f", "avx512_vnni", "avx_vnni", "fma", "sse4_2", "amx_int8")
-                return sorted(set(line.split(":", 1)[1].split()) & set(wanted))
-    except OSError:
-        pass
-    return []
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+CPU_FLAGS = ("avx", "avx2", "avx512f", "avx512_vnni", "avx_vnni", "fma", "sse4_2", "amx_int8")
 
 
 def write_record(output: str, results: dict, total: int, lines: int) -> None:
@@ -118,8 +101,8 @@ def write_record(output: str, results: dict, total: int, lines: int) -> None:
         "results": results,
         "machine": {
             "platform": platform.platform(),
-            "cpu": cpu_model(),
-            "cpu_flags": cpu_flags(),
+            "cpu": cpu_description()[0],
+            "cpu_flags": sorted(cpu_description()[1] & set(CPU_FLAGS)),
             "torch_threads": torch.get_num_threads(),
         },
         "versions": {

@@ -56,6 +56,23 @@ def package_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
     return versions
 
 
+@cache
+def cpu_description() -> tuple[str, frozenset[str]]:
+    """(CPU model name, instruction-set flags) of this machine, for benchmark records (performance
+    claims name the CPU they were measured on); the flags are empty where /proc/cpuinfo is absent."""
+    model, flags = platform.processor(), frozenset()
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return model, flags
+    for line in lines:
+        if line.startswith("model name") and model == platform.processor():
+            model = line.split(":", 1)[1].strip()
+        if line.startswith("flags") and not flags:
+            flags = frozenset(line.split(":", 1)[1].split())
+    return model, flags
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
