@@ -109,7 +109,42 @@ def bigram_backcopy_corpus(num_lines: int, seed: int = 0, words: int = 60, vocab
     return lines
 
 
-CORPORA = {"bigram-backcopy": (bigram_backcopy_corpus, 80_000)}
+def filler_pairs_corpus(
+    num_lines: int, seed: int = 0, sentences: int = 5, fillers: int = 64, keys: int = 50, pair_probability: float = 0.15
+) -> list[str]:
+    """Sentences of unpredictable filler words with rare key-value pairs, each ended by a delimiter `.`.
+
+    Each line holds `sentences` sentences of 4-12 slots. A slot is a filler `fN` drawn from a Zipf
+    distribution over `fillers` words, independent of everything (attention cannot help predict it),
+    or with probability `pair_probability` a pair `kN vM` (`vM` a fixed permutation of `kN`): the
+    only tokens that need another token. Unlike `embedded-noop`, whose background token `.` is 80% of
+    the text (so a no-op head's target, and its outliers, sit in almost every token), the delimiters
+    here (`.`, `[CLS]`, `[SEP]`) are ~10% of the tokens: a head that learns to attend to them to do
+    nothing puts its outliers on a few tokens, which is what per-tensor quantization cannot absorb.
+    """
+    import numpy as np
+
+    rng = np.random.Generator(np.random.PCG64(seed))
+    values = rng.permutation(keys)
+    zipf = 1.0 / np.arange(1, fillers + 1)
+    zipf /= zipf.sum()
+    draws = iter(rng.choice(fillers, size=num_lines * sentences * 12, p=zipf).tolist())
+    lines = []
+    for _ in range(num_lines):
+        words: list[str] = []
+        for _ in range(sentences):
+            for _ in range(int(rng.integers(4, 13))):
+                if rng.random() < pair_probability:
+                    key = int(rng.integers(keys))
+                    words += [f"k{key}", f"v{values[key]}"]
+                else:
+                    words.append(f"f{next(draws)}")
+            words.append(".")
+        lines.append(" ".join(words))
+    return lines
+
+
+CORPORA = {"bigram-backcopy": (bigram_backcopy_corpus, 80_000), "filler-pairs": (filler_pairs_corpus, 60_000)}
 
 
 def corpus_file(name: str, runs_dir: Path) -> Path:
@@ -504,12 +539,152 @@ def write_comparison(path: Path, label: str, setting: Setting, seed: int, result
     write_text_atomic(path, json.dumps(document, indent=1, default=float) + "\n")
 
 
+# --- diagnosis of one checkpoint: which quantizer costs the W8A8 loss, which tokens carry the maxima ---
+
+
+def _latest_checkpoint(path: Path) -> Path:
+    """`path` itself when it holds a model, else its newest `checkpoint-N` (under `checkpoints/`)."""
+    path = Path(path)
+    if (path / "config.json").exists():
+        return path
+    found = sorted(path.glob("checkpoints/checkpoint-*"), key=lambda p: int(p.name.rpartition("-")[2]))
+    found = found or sorted(path.glob("checkpoint-*"), key=lambda p: int(p.name.rpartition("-")[2]))
+    if not found:
+        raise FileNotFoundError(f"{path} holds no checkpoint")
+    return found[-1]
+
+
+def _diagnosis_batches(run_dir: Path, checkpoint: Path, eval_batches: int, calibration_batches: int):
+    """Model, tokenizer, held-out and calibration batches of a run folder (its recipe, BOS as its setting)."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+    from hf_quantizable.training.data import load_text_datasets
+    from hf_quantizable.training.presets import TrainingPreset
+
+    preset = TrainingPreset.from_dict(json.loads((run_dir / "training_recipe.json").read_text()))
+    setting_path = run_dir.parent / SETTING_FILE
+    bos = json.loads(setting_path.read_text()).get("bos", False) if setting_path.exists() else False
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    data = load_text_datasets(preset.data, preset.family, seed=preset.training.get("seed", 1000), tokenizer=tokenizer)
+    train, validation = data.train, data.validation
+    if bos:
+        train, validation = with_bos(train, tokenizer.bos_token_id), with_bos(validation, tokenizer.bos_token_id)
+    loader = AutoModelForMaskedLM if preset.family == "bert" else AutoModelForCausalLM
+    model = loader.from_pretrained(checkpoint, trust_remote_code=True).eval()
+    if preset.family == "bert":
+        collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=preset.data.mlm_probability)
+    else:
+        collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    batch_size = preset.training.get("per_device_eval_batch_size", 32)
+    held_out = fixed_batches(validation, collator, batch_size, eval_batches)
+    calibration = fixed_batches(train, collator, batch_size, calibration_batches, keep_labels=False)
+    return model, tokenizer, held_out, calibration
+
+
+def token_profile(model, tokenizer, batches, top: int = 3) -> list[dict[str, Any]]:
+    """Per quantization point (FP forward): how token-specific its largest values are.
+
+    For each point: max |x|, the median over tokens of the per-token max |x| (`token_max_median`),
+    the ratio of the two (large: a few tokens carry the maximum, ~1: a channel present in every
+    token), the tokens with the largest per-token max (decoded) and the share of the tensor's
+    top-1% per-token maxima sitting on each token string.
+    """
+    from hf_quantizable.modeling.int8 import QuantPoint
+
+    per_token: dict[str, list[torch.Tensor]] = {}
+    ids: list[torch.Tensor] = []
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, QuantPoint):
+
+            def hook(_m, _i, out, name=name):
+                if out.dim() == 3 and out.shape[1] == ids[-1].shape[1]:
+                    per_token.setdefault(name, []).append(out.detach().abs().amax(-1).flatten())
+
+            handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                ids.append(batch["input_ids"])
+                model(**{k: v for k, v in batch.items() if k != "labels"})
+    finally:
+        for h in handles:
+            h.remove()
+    flat_ids = torch.cat([i.flatten() for i in ids])
+    positions = torch.cat([torch.arange(i.shape[1]).repeat(i.shape[0]) for i in ids])
+    rows = []
+    for name, values in per_token.items():
+        v = torch.cat(values)
+        if v.numel() != flat_ids.numel():
+            continue
+        median = float(v.median())
+        k = max(1, v.numel() // 100)
+        top_idx = v.topk(k).indices
+        counts: dict[str, int] = {}
+        for t in flat_ids[top_idx].tolist():
+            s = tokenizer.convert_ids_to_tokens(t)
+            counts[s] = counts.get(s, 0) + 1
+        share = sorted(((s, c / k) for s, c in counts.items()), key=lambda x: -x[1])[:top]
+        rows.append(
+            {
+                "point": name,
+                "max": float(v.max()),
+                "token_max_median": median,
+                "max_over_median": float(v.max()) / max(median, 1e-12),
+                "top1pct_over_median": float(v[top_idx].min()) / max(median, 1e-12),
+                "top1pct_tokens": share,
+                "top1pct_position0_share": float((positions[top_idx] == 0).float().mean()),
+            }
+        )
+    return rows
+
+
+def quantizer_ablation(model, held_out, calibration) -> dict[str, Any]:
+    """W8A8/FP perplexity with everything quantized, weights only, and one activation-quantizer kind at a time."""
+    from hf_quantizable.quantization import W8A8Config, quantize_model
+    from hf_quantizable.quantization.calibration import activation_quantizers, weights_in_fp
+
+    fp = probe_quality(model, held_out)["perplexity"]
+    quantized = quantize_model(copy.deepcopy(model), W8A8Config(), calibration).eval()
+    out: dict[str, Any] = {"fp_perplexity": fp, "all": probe_quality(quantized, held_out)["perplexity"] / fp}
+    quantizers = activation_quantizers(quantized)
+    modes = {n: q.mode for n, q in quantizers.items()}
+    with torch.no_grad():
+        for q in quantizers.values():
+            q.mode = "fp"
+        out["weights_only"] = probe_quality(quantized, held_out)["perplexity"] / fp
+        kinds = sorted({n.rpartition(".")[2] for n in quantizers})
+        grids = {}
+        with weights_in_fp(quantized):
+            for kind in kinds:
+                for n, q in quantizers.items():
+                    q.mode = modes[n] if n.rpartition(".")[2] == kind else "fp"
+                out[f"only_{kind}"] = probe_quality(quantized, held_out)["perplexity"] / fp
+        for n, q in quantizers.items():
+            q.mode = modes[n]
+            if q.scale.numel() == 1:
+                grids[n] = float(q.scale)
+    out["grid_step"] = grids
+    return out
+
+
+def diagnose(path: Path, eval_batches: int = 2, calibration_batches: int = 16) -> dict[str, Any]:
+    """Where the W8A8 loss of a checkpoint comes from and which tokens carry its largest activations."""
+    checkpoint = _latest_checkpoint(path)
+    run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+    model, tokenizer, held_out, calibration = _diagnosis_batches(run_dir, checkpoint, eval_batches, calibration_batches)
+    profile = token_profile(model, tokenizer, held_out)
+    ablation = quantizer_ablation(model, held_out, calibration)
+    return {"checkpoint": str(checkpoint), "ablation": ablation, "token_profile": profile}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setting", choices=sorted(SETTINGS), help="a named setting of the search")
     parser.add_argument("--preset", help="preset base (without -vanilla/-clipped/-gated) for an ad-hoc setting")
     parser.add_argument("--label", help="name of the setting in the log (default: --setting)")
     parser.add_argument("--bos", action="store_true", help="ad-hoc setting: BOS token at every sequence start")
+    parser.add_argument("--corpus", choices=sorted(CORPORA), help="ad-hoc setting: a generated training text")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=SEARCH_VARIANTS)
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--max-steps", type=int, default=1000)
@@ -523,11 +698,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--comparison", default=str(DEFAULT_COMPARISON), help="comparison JSON of finished settings")
     parser.add_argument("--summary", action="store_true", help="print the log's finished runs and exit")
     parser.add_argument("--list-settings", action="store_true")
+    parser.add_argument(
+        "--diagnose",
+        metavar="RUN_DIR",
+        help="ablate the quantizers of a run folder's latest checkpoint (or a checkpoint folder), profile "
+        "which tokens carry the maxima, print JSON and exit (with --log-diagnosis: also log it)",
+    )
+    parser.add_argument("--log-diagnosis", action="store_true", help="append the --diagnose result to --log")
     parser.add_argument("overrides", nargs="*", help="preset overrides field=value, applied to every variant")
     args = parser.parse_args(argv)
     log = Path(args.log)
     if args.summary:
         print_summary(log)
+        return 0
+    if args.diagnose:
+        torch.set_num_threads(args.threads)
+        result = diagnose(Path(args.diagnose), eval_batches=args.eval_batches)
+        if args.log_diagnosis:
+            append_log(log, {"status": "diagnosis", "time": _now(), **result})
+        print(json.dumps(result, indent=1, default=float))
         return 0
     if args.list_settings:
         for name, s in SETTINGS.items():
@@ -539,11 +728,12 @@ def main(argv: list[str] | None = None) -> int:
         setting = copy.deepcopy(SETTINGS[args.setting])
         setting.overrides += args.overrides
         setting.bos = setting.bos or args.bos
+        setting.corpus = args.corpus or setting.corpus
         label = args.label or args.setting
     else:
         if not args.label:
             parser.error("--preset needs --label")
-        setting, label = Setting(args.preset, list(args.overrides), args.bos), args.label
+        setting, label = Setting(args.preset, list(args.overrides), args.bos, corpus=args.corpus), args.label
     torch.set_num_threads(args.threads)
     signal.signal(signal.SIGTERM, _raise_terminated)
     folder = Path(args.runs_dir) / label / f"seed{args.seed}"
