@@ -32,10 +32,20 @@ from .quantizable_utils import QuantizableModelMixin
 
 
 class QuantizableBertEmbeddings(BertEmbeddings):
-    """Word + position + token-type embeddings, with the sum and the LayerNorm output quantized."""
+    """Word + position + token-type embeddings, with the sum and the LayerNorm output quantized.
+
+    As the official `QuantizedBertEmbeddings` (Qualcomm-AI-research/outlier-free-transformers,
+    `transformers_language/models/quantized_bert.py`): `(word + token type)` is the partial sum
+    `token_type_sum_quant` (`sum_input_token_type_embd_act_quantizer`; a quantization point only
+    with `W8A8Config.quantize_embeddings`, `w8a8_option`), `+ position` is `sum_quant`
+    (`sum_pos_embd_act_quantizer`). The tables may be INT8 (`int8_embedding.Int8Embedding`, float32
+    rows): they are brought to the LayerNorm's dtype.
+    """
 
     def __init__(self, config: QuantizableBertConfig):
         super().__init__(config)
+        self.token_type_sum_quant = QuantPoint(residual_stream=True)
+        self.token_type_sum_quant.w8a8_option = "quantize_embeddings"  # quantized only with this W8A8Config field
         self.sum_quant = QuantPoint(residual_stream=True)
         self.output_quant = QuantPoint()
 
@@ -52,10 +62,12 @@ class QuantizableBertEmbeddings(BertEmbeddings):
             position_ids = self.position_ids[:, :seq_length]  # [1, T]
         if token_type_ids is None:
             token_type_ids = self.token_type_ids[:, :seq_length].expand(input_shape)  # [B, T]
+        dtype = self.LayerNorm.weight.dtype
         if inputs_embeds is None:
-            inputs_embeds = self.word_embeddings(input_ids)  # [B, T, D]
-        embeddings = inputs_embeds + self.token_type_embeddings(token_type_ids) + self.position_embeddings(position_ids)
-        embeddings = self.output_quant(self.LayerNorm(self.sum_quant(embeddings)))
+            inputs_embeds = self.word_embeddings(input_ids).to(dtype)  # [B, T, D]
+        embeddings = self.token_type_sum_quant(inputs_embeds + self.token_type_embeddings(token_type_ids).to(dtype))
+        embeddings = self.sum_quant(embeddings + self.position_embeddings(position_ids).to(dtype))
+        embeddings = self.output_quant(self.LayerNorm(embeddings))
         return self.dropout(embeddings)
 
 

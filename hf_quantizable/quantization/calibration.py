@@ -10,7 +10,7 @@ from torch import nn
 from ..modeling.attention import AttentionGate
 from ..modeling.int8 import QuantPoint
 from .config import W8A8Config
-from .modules import ActivationQuantizer, QuantizedLinear
+from .modules import ActivationQuantizer, QuantizedEmbedding, QuantizedLayerNorm, QuantizedLinear
 from .ranges import ActivationRangeEstimator
 
 
@@ -25,7 +25,12 @@ def _gate_modules(model: nn.Module) -> set[str]:
 
 def insert_quantizers(model: nn.Module, config: W8A8Config) -> None:
     """Replace every `QuantPoint` by an `ActivationQuantizer` and every `nn.Linear` outside the kept
-    floating-point modules (task head, gates) by a `QuantizedLinear` (in place)."""
+    floating-point modules (task head, gates) by a `QuantizedLinear` (in place); with
+    `quantize_embeddings` every `nn.Embedding` by a `QuantizedEmbedding`, with
+    `quantize_layernorm_weights` every `nn.LayerNorm` by a `QuantizedLayerNorm`.
+
+    A `QuantPoint` with a `w8a8_option` (the name of a W8A8Config field, e.g. BERT's word +
+    token-type partial sum under `quantize_embeddings`) is quantized only when that field is true."""
     points = [name for name, module in model.named_modules() if isinstance(module, QuantPoint)]
     if not points:
         raise ValueError(
@@ -37,6 +42,9 @@ def insert_quantizers(model: nn.Module, config: W8A8Config) -> None:
         if is_kept_fp(name, config) or any(name.startswith(gate + ".") for gate in gates):
             continue
         if isinstance(module, QuantPoint):
+            option = getattr(module, "w8a8_option", None)
+            if option is not None and not getattr(config, option):
+                continue
             per_channel = config.per_channel_residuals and module.residual_stream
             estimator = ActivationRangeEstimator(
                 config.activation_estimator, config.activation_bits, config.momentum, config.percentile, per_channel
@@ -47,6 +55,12 @@ def insert_quantizers(model: nn.Module, config: W8A8Config) -> None:
             replacement = QuantizedLinear(
                 module, config.weight_bits, config.weight_estimator, config.per_channel_weights
             )
+        elif type(module) is nn.Embedding and config.quantize_embeddings:
+            replacement = QuantizedEmbedding(
+                module, config.weight_bits, config.weight_estimator, config.per_channel_weights
+            )
+        elif type(module) is nn.LayerNorm and config.quantize_layernorm_weights and module.weight is not None:
+            replacement = QuantizedLayerNorm(module, config.weight_bits, config.weight_estimator)
         else:
             continue
         parent_name, _, child = name.rpartition(".")
@@ -88,6 +102,20 @@ def quantized_linears(model: nn.Module) -> dict[str, QuantizedLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
 
 
+def quantized_embeddings(model: nn.Module) -> dict[str, QuantizedEmbedding]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedEmbedding)}
+
+
+def quantized_layernorms(model: nn.Module) -> dict[str, QuantizedLayerNorm]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLayerNorm)}
+
+
+def weight_quantized_modules(model: nn.Module) -> list[nn.Module]:
+    """Every module with fake-quantized weights (`quantize_weights` switches them off)."""
+    kinds = (QuantizedLinear, QuantizedEmbedding, QuantizedLayerNorm)
+    return [m for m in model.modules() if isinstance(m, kinds)]
+
+
 def set_mode(model: nn.Module, mode: str) -> None:
     """Put every activation quantizer in `calibrate`, `observe`, `quantize` or `fp` mode."""
     for quantizer in activation_quantizers(model).values():
@@ -96,8 +124,9 @@ def set_mode(model: nn.Module, mode: str) -> None:
 
 @contextmanager
 def weights_in_fp(model: nn.Module):
-    """Run the linear layers with their floating-point weights inside the block (activations unchanged)."""
-    linears = quantized_linears(model).values()
+    """Run the linear layers (and quantized embedding tables / LayerNorms) with their floating-point
+    weights inside the block (activations unchanged)."""
+    linears = weight_quantized_modules(model)
     for linear in linears:
         linear.quantize_weights = False
     try:
@@ -112,7 +141,7 @@ def full_precision(model: nn.Module):
     """Run the simulated model as its floating-point original (activations and weights) inside the block."""
     quantizers = activation_quantizers(model)
     modes = {name: q.mode for name, q in quantizers.items()}
-    linears = quantized_linears(model).values()
+    linears = weight_quantized_modules(model)
     set_mode(model, "fp")
     for linear in linears:
         linear.quantize_weights = False

@@ -16,7 +16,8 @@ MIN_BITS, MAX_BITS = 2, 8
 MAX_OUTLIER_CHANNELS = 512
 
 # Modules kept in floating point by default: the task heads of BERT (MLM head `cls`, pooler,
-# classifier), OPT (`lm_head`) and ViT (`classifier`). Gates and LayerNorms are never quantized.
+# classifier), OPT (`lm_head`) and ViT (`classifier`). Gates are never quantized; LayerNorm weights
+# and embedding tables only with `quantize_layernorm_weights` / `quantize_embeddings`.
 DEFAULT_KEEP_FP = ("cls", "pooler", "classifier", "lm_head")
 
 
@@ -27,20 +28,31 @@ PRESETS: dict[str, dict] = {
     # min-max weights, asymmetric per-tensor running min-max activations, 16 batches, quant_setup
     # "all"); `quantization/range_estimators.py` `RunningMinMaxEstimator` (momentum 0.9);
     # `validate_mlm.py` (`set_quant_state(weight_quant, act_quant)` before
-    # `pass_data_for_range_estimation`: the quantizers are on while calibrating). Not yet covered:
-    # the official BERT node set also quantizes the embedding tables, the LayerNorm weights and
-    # the word + token-type partial sum (`models/quantized_bert.py`); here they stay in FP.
+    # `pass_data_for_range_estimation`: the quantizers are on while calibrating). The BERT node set
+    # of `transformers_language/models/quantized_bert.py`: `QuantizedBertEmbeddings` quantizes the
+    # three embedding tables as weights (`quantize_model(org_model.word_embeddings)` etc., i.e.
+    # `quantization/autoquant_utils.py` `QuantEmbedding`: the weight quantizer, output not
+    # re-quantized), the word + token-type partial sum (`sum_input_token_type_embd_act_quantizer`)
+    # and the position sum (`sum_pos_embd_act_quantizer`); every LayerNorm outside the FP head
+    # (`quantize_model(org_model.LayerNorm)` = `QuantLayerNorm`, a `QuantizationHijacker`: weight
+    # through the 8-bit symmetric per-tensor weight quantizer, bias in FP, output quantized).
     "bondarenko2023-bert": {
         "weight_estimator": "minmax",
         "activation_estimator": "running_minmax",
         "momentum": 0.9,
         "num_calibration_batches": 16,
         "calibration_quantized": "all",
+        "quantize_embeddings": True,
+        "quantize_layernorm_weights": True,
     },
     # Bondarenko et al. 2023 OPT: `validate_clm.py` main (weights `RangeEstimators.MSE` with
     # `OptMethod.grid`; activations `running_minmax` with `--percentile 99.999`, i.e. an EMA of
     # per-batch percentiles in `RunningMinMaxEstimator`; `--est_num_batches 4` in
-    # `scripts/opt_125m_vanilla.sh`; quant_setup `fp32_head`).
+    # `scripts/opt_125m_vanilla.sh`; quant_setup `fp32_head`). Not yet covered: the official
+    # `models/quantized_opt.py` `QuantizedOPTDecoder` also quantizes `embed_tokens`, the learned
+    # positional embedding (`QuantizedOPTLearnedPositionalEmbedding`) and the LayerNorm weights;
+    # `quantize_embeddings` reaches only `embed_tokens` here (the positional table is an
+    # `nn.Embedding` subclass), so the OPT presets leave both options off.
     "bondarenko2023-opt": {
         "weight_estimator": "mse",
         "activation_estimator": "percentile",
@@ -82,14 +94,17 @@ PRESETS: dict[str, dict] = {
     # Liao & Monz 2024 (arXiv:2402.12102, Section 5 / Appendix A): every weight and activation but
     # the final layer, BERT running min-max (momentum 0.9) over 16 batches, OPT MSE weights and
     # 99.999% percentiles over 16 batches; their code (BaohaoLiao/improved_transformer_v3) reuses
-    # the Bondarenko et al. quantization code. As for bondarenko2023-bert, the word embeddings and
-    # the LayerNorm weights stay in FP here.
+    # the Bondarenko et al. quantization code: as bondarenko2023-bert, the embedding tables, the
+    # partial sum and the LayerNorm weights are quantized ("including the word embeddings and the
+    # normalization layers").
     "liao2024-bert": {
         "weight_estimator": "minmax",
         "activation_estimator": "running_minmax",
         "momentum": 0.9,
         "num_calibration_batches": 16,
         "calibration_quantized": "all",
+        "quantize_embeddings": True,
+        "quantize_layernorm_weights": True,
     },
     "liao2024-opt": {
         "weight_estimator": "mse",
@@ -152,6 +167,15 @@ class W8A8Config:
             per-embedding-group quantization of Bondarenko et al. (2021) with two groups. 0 (the
             default) keeps one grid per tensor; at most 512 (the exact integer product bound).
         keep_fp_modules: module names (any dotted component) kept in floating point.
+        quantize_embeddings: quantize the embedding tables (every `nn.Embedding` outside
+            `keep_fp_modules`: BERT's word, position and token-type tables, OPT's token table) as
+            weights: `weight_bits` symmetric, range from `weight_estimator`, per tensor (per row with
+            `per_channel_weights`); the INT8 checkpoint stores int8 codes. In BERT also the word +
+            token-type partial sum gets an activation quantizer. The official Bondarenko et al. BERT
+            node set (True in the `bondarenko2023-bert` and `liao2024-bert` presets; default False).
+        quantize_layernorm_weights: fake-quantize every LayerNorm weight (gamma) outside
+            `keep_fp_modules`, `weight_bits` symmetric per tensor; biases stay FP (the official
+            `QuantLayerNorm`; True in the same presets).
         gamma_migration: Outlier Suppression gamma migration (exact in floating point).
         token_wise_clipping: Outlier Suppression token-wise clipping of activation ranges.
         clipping_quantiles: coarse grid of token-wise clipping, quantiles of the per-token extremes;
@@ -176,6 +200,8 @@ class W8A8Config:
     per_channel_residuals: bool = False
     outlier_channels: int = 0
     keep_fp_modules: list[str] = field(default_factory=lambda: list(DEFAULT_KEEP_FP))
+    quantize_embeddings: bool = False
+    quantize_layernorm_weights: bool = False
     gamma_migration: bool = False
     token_wise_clipping: bool = False
     clipping_quantiles: list[float] | None = None
@@ -194,6 +220,8 @@ class W8A8Config:
             "gamma_migration",
             "token_wise_clipping",
             "remove_padding",
+            "quantize_embeddings",
+            "quantize_layernorm_weights",
         ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be true or false, got {getattr(self, name)!r}")

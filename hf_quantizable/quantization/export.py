@@ -7,9 +7,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..modeling.int8_embedding import Int8Embedding, convert_embeddings_to_int8
 from ..modeling.quantization_method import W8A8QuantizationConfig, quantization_settings
 from ..paths import atomic_folder, check_output_folder
-from .calibration import activation_quantizers, quantized_linears
+from .calibration import activation_quantizers, quantized_embeddings, quantized_layernorms, quantized_linears
 
 FORMAT_VERSION = 1
 
@@ -46,6 +47,12 @@ def int8_config_dict(model: nn.Module, source_fingerprint: str | None = None) ->
             if linear.input_quantizer is not None and sources[linear.input_quantizer].outlier_channels is not None
         },
         "shortcut_scales": sorted(_strip(name, prefix) for name in getattr(model, "w8a8_shortcut_scales", [])),
+        # name -> whether the table has one scale per row (`Int8Embedding`)
+        "quantized_embeddings": {
+            _strip(name, prefix): table.per_row for name, table in quantized_embeddings(model).items()
+        },
+        # LayerNorms whose weight is on its grid (stored dequantized, in float)
+        "quantized_layernorms": sorted(_strip(name, prefix) for name in quantized_layernorms(model)),
     }
 
 
@@ -69,6 +76,11 @@ def int8_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
                 state[f"{name}.outlier_channels"] = source.outlier_channels
             state[f"{name}.input_scale"] = scale.detach().clone()
             state[f"{name}.input_zero_point"] = zero_point.detach().clone()
+    for name, table in quantized_embeddings(model).items():
+        state[f"{name}.weight"] = table.weight_codes().to(torch.int8)
+        state[f"{name}.weight_scale"] = table.weight_scale.detach().clone()
+    for name, layer_norm in quantized_layernorms(model).items():
+        state[f"{name}.weight"] = layer_norm.dequantized_weight().detach().clone()
     return state
 
 
@@ -81,6 +93,14 @@ def build_int8_model(model: nn.Module, source_fingerprint: str | None = None) ->
     # A BERT base model built without its pooler is rebuilt the same way.
     kwargs = {"add_pooling_layer": False} if getattr(model, "pooler", True) is None else {}
     int8_model = type(model)(config, **kwargs)
+    convert_embeddings_to_int8(int8_model, config.w8a8_config)  # (also done by `convert_to_int8`; idempotent)
+    unconverted = sorted(
+        name
+        for name in config.w8a8_config["quantized_embeddings"]
+        if not isinstance(int8_model.base_model.get_submodule(name), Int8Embedding)
+    )
+    if unconverted:
+        raise RuntimeError(f"INT8 export: the embedding tables {unconverted} did not become Int8Embedding")
     state = int8_state_dict(model)
     expected = int8_model.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -149,8 +169,13 @@ def save_atomically(save_fn, save_dir: str | Path, overwrite: bool = False) -> P
 
 
 def weight_bytes(model: nn.Module) -> dict[str, int]:
-    """Bytes of the quantized linear weights in fp32 and as int8 codes + scales."""
+    """Bytes of the quantized linear weights (and embedding tables) in fp32 and as int8 codes + scales."""
     linears = quantized_linears(model).values()
     fp32 = sum(linear.weight.numel() * 4 for linear in linears)
     int8 = sum(linear.weight.numel() + linear.weight_scale.numel() * 4 for linear in linears)
-    return {"linear_weights_fp32": fp32, "linear_weights_int8": int8}
+    tables = quantized_embeddings(model).values()
+    sizes = {"linear_weights_fp32": fp32, "linear_weights_int8": int8}
+    if tables:
+        sizes["embedding_tables_fp32"] = sum(table.weight.numel() * 4 for table in tables)
+        sizes["embedding_tables_int8"] = sum(table.weight.numel() + table.weight_scale.numel() * 4 for table in tables)
+    return sizes

@@ -1,4 +1,5 @@
-"""Simulated (fake-quant) modules: an activation quantizer and a weight-quantized linear layer."""
+"""Simulated (fake-quant) modules: an activation quantizer, a weight-quantized linear layer, and the
+weight-quantized embedding table and LayerNorm of the Bondarenko et al. BERT node set."""
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,7 @@ from ..modeling.int8 import (
     rescale_accumulator,
     weight_scale,
 )
+from ..modeling.int8_embedding import embedding_codes, lookup_rows
 from .ranges import ActivationRangeEstimator, weight_absmax
 
 
@@ -216,3 +218,86 @@ class QuantizedLinear(nn.Linear):
             return out
         outlier_weight = self.weight_codes().index_select(1, channels)
         return add_outlier_channels(out, x, channels, outlier_scale, outlier_weight, self.weight_scale)
+
+
+class QuantizedEmbedding(nn.Embedding):
+    """nn.Embedding whose table is fake-quantized on a symmetric grid, per table or per row.
+
+    As the official `QuantEmbedding` (Qualcomm-AI-research/outlier-free-transformers,
+    `quantization/autoquant_utils.py`): the table goes through the weight quantizer (symmetric,
+    range from the weight estimator, per tensor unless per-channel weights: then one scale per row)
+    and the looked-up rows are not quantized again. The table stays the original parameter (a task
+    head tied to it keeps reading the FP weights, as the official head does). Rows are looked up with
+    `int8_embedding.lookup_rows`, as `Int8Embedding` does, so both give the same bits.
+    """
+
+    def __init__(self, embedding: nn.Embedding, bits: int, estimator: str, per_row: bool):
+        super().__init__(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx, device="meta")
+        self.weight = embedding.weight  # the same parameter (a tied head keeps it)
+        self.bits = bits
+        self.estimator = estimator
+        self.per_row = per_row
+        self.register_buffer("weight_scale", torch.ones(embedding.num_embeddings if per_row else ()))
+        self._cache: tuple | None = None
+        self.quantize_weights = True  # False: plain nn.Embedding (floating-point reference)
+        self.update_weight_scale()
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, bits={self.bits}, per_row={self.per_row}"
+
+    @torch.no_grad()
+    def update_weight_scale(self) -> None:
+        absmax = weight_absmax(self.weight.detach().float(), self.bits, self.estimator, self.per_row)
+        self.weight_scale.copy_(weight_scale(absmax, self.bits))
+
+    @torch.no_grad()
+    def weight_codes(self) -> torch.Tensor:
+        """Integer codes of the table (as float), cached while the table and its scale are unchanged."""
+        key = (self.weight._version, self.weight.data_ptr(), self.weight_scale._version)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, embedding_codes(self.weight, self.weight_scale, self.bits))
+        return self._cache[1]
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if not self.quantize_weights:
+            return super().forward(input_ids)
+        return lookup_rows(input_ids, self.weight_codes(), self.weight_scale, self.padding_idx)
+
+
+class QuantizedLayerNorm(nn.LayerNorm):
+    """nn.LayerNorm whose weight (gamma) is fake-quantized on a symmetric per-tensor grid; bias in FP.
+
+    As the official `QuantLayerNorm` (`quantization/autoquant_utils.py`, a `QuantizationHijacker`:
+    `get_params` quantizes the weight only, with the weight quantizer: 8-bit symmetric per tensor,
+    current min-max for BERT). Always per tensor here (the official hijacker would give a
+    per-channel setting one scale per element, i.e. no quantization). The INT8 checkpoint stores the
+    dequantized weight in a plain LayerNorm (the same float values, so the same outputs).
+    """
+
+    def __init__(self, layer_norm: nn.LayerNorm, bits: int, estimator: str):
+        super().__init__(layer_norm.normalized_shape, eps=layer_norm.eps, elementwise_affine=True, device="meta")
+        self.weight = layer_norm.weight
+        self.bias = layer_norm.bias
+        self.bits = bits
+        self.estimator = estimator
+        self.register_buffer("weight_scale", torch.ones(()))
+        self._cache: tuple | None = None
+        self.quantize_weights = True
+        self.update_weight_scale()
+
+    @torch.no_grad()
+    def update_weight_scale(self) -> None:
+        absmax = weight_absmax(self.weight.detach().float(), self.bits, self.estimator, False)
+        self.weight_scale.copy_(weight_scale(absmax, self.bits))
+
+    @torch.no_grad()
+    def dequantized_weight(self) -> torch.Tensor:
+        key = (self.weight._version, self.weight.data_ptr(), self.weight_scale._version)
+        if self._cache is None or self._cache[0] != key:
+            codes = quantize_weight(self.weight, self.weight_scale, self.bits)
+            self._cache = (key, (codes * self.weight_scale).to(self.weight.dtype))
+        return self._cache[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.dequantized_weight() if self.quantize_weights else self.weight
+        return F.layer_norm(x, self.normalized_shape, weight, self.bias, self.eps)
