@@ -7,14 +7,19 @@ through the share of weights our AVX2 kernel splits off and the share of its ste
 in int16, recorded as `split_off_weight_share` and `paired_step_share`):
 
     fp32 eager                PyTorch, the fp32 checkpoint
+    fp32 torch.compile        the same through torch.compile (inductor; the warm-up forward compiles)
     ours int8 (PyTorch)       our INT8 checkpoint (16 calibration batches, the papers' W8A8 setting)
-                              reloaded with from_pretrained: on x86 without VNNI our AVX2 int8 GEMM
-                              (hf_quantizable.modeling.int8_kernel), elsewhere oneDNN's
+                              reloaded with from_pretrained, the route `auto` picks: on x86 without
+                              VNNI our AVX2 kernel (torch.ops.hf_quantizable), elsewhere oneDNN's GEMM
+    ours int8 (PyTorch, AVX2 kernel)  the same with HF_QUANTIZABLE_INT8_KERNEL=avx2
     ours int8 (PyTorch, oneDNN GEMM)  the same with HF_QUANTIZABLE_INT8_KERNEL=onednn (oneDNN's uint8 x
                               int8 GEMMs, the activation quantizers as torch ops)
+    ours int8 (PyTorch, torch.compile)  `auto`'s route through torch.compile (inductor)
     ours int8 (onnxruntime)   the same INT8 model through hf_quantizable.quantization.onnx_export
     onnxruntime fp32          the fp32 model through the same export (the like-for-like ratio)
-    torch.ao dynamic int8     torch.ao.quantization.quantize_dynamic (int8 weights, dynamic activations)
+    torch.ao dynamic int8     torch.ao.quantization.quantize_dynamic (int8 weights, dynamic activations;
+                              its x86 linear quantizes activations to 7 bits, `reduce_range`, so its
+                              int16 pair sums cannot saturate: the comparison point for our exact split)
     quanto W8A8               optimum-quanto quantize(weights=qint8, activations=qint8) + Calibration + freeze
 
 Every row runs in its own subprocess (which loads its model from the files the preparation step
@@ -25,7 +30,7 @@ Latency: `--rounds` rounds over the rows in rotated order (background load then 
 alike), each row a fresh process per round with one warm-up forward and `--repeats` timed ones;
 median and min over all timed forwards. Ratios between rows (speed-ups, ours vs peers) are the
 median of the per-round ratios (`time_ratio`). A row whose forward makes no progress for
-`--forward-timeout` seconds is killed and recorded as timed out. quanto's
+`--forward-timeout` seconds (5x for the torch.compile rows) is killed and recorded as timed out. quanto's
 calibration stops after the batch that exhausts `--quanto-calibration-budget` seconds (its forward
 takes about a minute on a CPU without VNNI); the batches it used are recorded. Each row's output of
 the warm-up forward is compared with fp32 eager and with our PyTorch INT8 runtime.
@@ -54,8 +59,11 @@ BATCH, SEQ = 8, 128
 MODELS = {"bert-base": 30522, "opt-125m": 50272}  # name -> vocabulary size
 ROWS = {  # label -> child kind
     "fp32 eager": "fp32",
+    "fp32 torch.compile": "fp32-compiled",
     "ours int8 (PyTorch)": "ours",
+    "ours int8 (PyTorch, AVX2 kernel)": "ours-avx2",
     "ours int8 (PyTorch, oneDNN GEMM)": "ours-onednn",
+    "ours int8 (PyTorch, torch.compile)": "ours-compiled",
     "ours int8 (onnxruntime)": "ours-ort",
     "onnxruntime fp32": "fp32-ort",
     "torch.ao dynamic int8": "torch-ao",
@@ -196,9 +204,10 @@ def _int8_gemm(int8) -> dict:
     """Which GEMM our PyTorch runtime uses here (building the AVX2 kernel now, so no row pays for it)
     and, for the AVX2 kernel, the share of weights its split moves to the exact int32 side path and
     the share of its steps that add two quads in int16 (the others widen each quad on its own)."""
-    from hf_quantizable.modeling.int8 import Int8Linear, avx2_kernel
+    from hf_quantizable.modeling.int8 import Int8Linear
+    from hf_quantizable.modeling.int8_kernel import avx2_ops
 
-    if avx2_kernel() is None:
+    if not avx2_ops():
         return {"int8_gemm": "oneDNN"}
     linears = [m for m in int8.modules() if isinstance(m, Int8Linear) and m.has_input_quant]
     packed = [m.avx2_weight() for m in linears]
@@ -267,6 +276,8 @@ def child_row(args: argparse.Namespace, work: Path) -> None:
 
         if not any(isinstance(m, Int8Linear) for m in model.modules()):
             raise RuntimeError("the INT8 checkpoint did not load as an INT8 model")
+    if kind.endswith("-compiled"):  # inductor; the warm-up forward compiles
+        model = torch.compile(model)
     elif kind == "torch-ao":
         start = time.perf_counter()
         model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
@@ -314,8 +325,8 @@ def run_child(args: argparse.Namespace, work: Path, kind: str, row: str | None, 
     if row:
         command += ["--row", row]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    if ROWS.get(row) == "ours-onednn":
-        env["HF_QUANTIZABLE_INT8_KERNEL"] = "onednn"
+    if ROWS.get(row) in ("ours-onednn", "ours-avx2"):
+        env["HF_QUANTIZABLE_INT8_KERNEL"] = ROWS[row].removeprefix("ours-")
     stderr_path = work / f"stderr-{ROWS.get(row, kind)}.txt"
     record: dict = {}
     lines: queue.Queue = queue.Queue()
@@ -477,6 +488,37 @@ def targets(results: dict) -> dict:
     return out
 
 
+def runtime_goals(results: dict) -> dict:
+    """Issue 23's goals, per model: our PyTorch route >= 1.3x torch.ao and >= 0.8x our ONNX Runtime
+    route; `auto` the fastest exact route (within 5% of the faster of the forced AVX2 / oneDNN rows)."""
+    out = {}
+    for name, result in results.items():
+        rows = {label: row for label, row in result["rows"].items() if row.get("status") == "ok"}
+        ours = rows.get("ours int8 (PyTorch)")
+        if ours is None:
+            continue
+        goals: dict = {}
+        if "torch.ao dynamic int8" in rows:
+            ratio = time_ratio(rows["torch.ao dynamic int8"], ours)
+            goals["vs torch.ao (>= 1.3)"] = {"ratio": ratio, "met": ratio >= 1.3}
+        if "ours int8 (onnxruntime)" in rows:
+            ratio = time_ratio(rows["ours int8 (onnxruntime)"], ours)
+            goals["vs our ONNX Runtime route (>= 0.8)"] = {"ratio": ratio, "met": ratio >= 0.8}
+        forced = [
+            label for label in ("ours int8 (PyTorch, AVX2 kernel)", "ours int8 (PyTorch, oneDNN GEMM)") if label in rows
+        ]
+        if forced:
+            fastest = min(forced, key=lambda label: rows[label]["median_s"])
+            ratio = time_ratio(rows[fastest], ours)
+            goals["auto is the fastest route"] = {
+                "fastest forced route": fastest,
+                "ratio": ratio,
+                "met": ratio >= 1 / 1.05,
+            }
+        out[name] = goals
+    return out
+
+
 def print_table(name: str, result: dict) -> None:
     print(f"\n{name}: batch {BATCH} x seq {SEQ}")
     print(f"  {'row':34s} {'median s':>9s} {'min s':>8s} {'vs fp32':>8s} {'peak MiB':>9s} {'prep s':>8s}  status")
@@ -547,7 +589,9 @@ def main() -> None:
                 if round_index == 0 and "quanto W8A8" in labels:
                     order.append("quanto W8A8")  # once: minutes per forward
                 for label in order:
-                    record = run_child(args, work, "row", label, args.forward_timeout)
+                    # torch.compile rows: the warm-up forward compiles for minutes without progress lines
+                    timeout = args.forward_timeout * (5 if ROWS[label].endswith("-compiled") else 1)
+                    record = run_child(args, work, "row", label, timeout)
                     record["load_average_after"] = os.getloadavg()[0]
                     runs[label].append(record)
                     timing = f"{record['median_s']:.3f} s" if record["status"] == "ok" else record["status"]
@@ -599,6 +643,7 @@ def main() -> None:
         },
         "results": results,
         "targets": targets(results),
+        "runtime_goals": runtime_goals(results),
         "machine": {
             **cpu_info(),
             "platform": platform.platform(),
@@ -611,6 +656,7 @@ def main() -> None:
     }
     write_text_atomic(args.output, json.dumps(record, indent=2) + "\n")
     print(f"\ntargets: {json.dumps(record['targets'], indent=1)}")
+    print(f"runtime goals: {json.dumps(record['runtime_goals'], indent=1)}")
     print(f"wrote {args.output}")
 
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hf_quantizable.modeling import int8
+from hf_quantizable.modeling import int8, int8_kernel
 from hf_quantizable.modeling.int8 import Int8Linear, int8_gemm_saturates, split_saturating_pairs
+from hf_quantizable.modeling.int8_kernel import cpu_has_avx2
 from hf_quantizable.quantization import W8A8Config, W8A8Quantizer
 from tests.isolation import run_without_package
 from tests.test_quant_core import tiny_model
-from tests.test_quant_int8_kernel import expected_avx2_route
 
 
 def test_split_saturating_pairs_is_exact_and_safe():
@@ -59,7 +59,7 @@ def test_saturation_probe_matches_the_kernel(monkeypatch):
     codes = torch.randint(200, 256, (8, 64)).float()
     expected = (codes @ weight.float().t()) * 0.01
     for saturates in (True, int8_gemm_saturates()):
-        monkeypatch.setattr(int8, "_PAIRS_SATURATE", [saturates])
+        monkeypatch.setattr(int8_kernel, "_PAIRS_SATURATE", [saturates])
         layer = Int8Linear(64, 16, bias=False, per_channel=False, has_input_quant=True, input_bits=8)
         layer.weight.copy_(weight)
         layer.weight_scale.fill_(0.01)
@@ -71,7 +71,7 @@ def test_saturation_probe_matches_the_kernel(monkeypatch):
 def test_saturation_correction_is_exact_entry_by_entry_and_dense(monkeypatch, dense):
     """Few removed entries in many channels are added one by one; many in few channels (per-channel
     weight scales put a 127 in every row) by one product over those channels. Both are exact."""
-    monkeypatch.setattr(int8, "_PAIRS_SATURATE", [True])
+    monkeypatch.setattr(int8_kernel, "_PAIRS_SATURATE", [True])
     generator = torch.Generator().manual_seed(0)
     weight = torch.randint(-20, 21, (128, 64), generator=generator, dtype=torch.int8)
     if dense:
@@ -167,6 +167,7 @@ def test_checkpoint_layout_and_size(tmp_path):
     assert {p.name for p in out.iterdir()} >= {
         "int8.py",
         "int8_kernel.py",
+        "int8_avx2.cpp",
         "modeling_quantizable_bert.py",
         "config.json",
     }
@@ -180,21 +181,23 @@ def test_fresh_process_reload_agrees_with_simulation(tmp_path):
     with torch.no_grad():
         expected = quantizer.simulated_model(**batch).logits
     torch.save(batch, tmp_path / "batch.pt")
-    code = f"""
-        import torch
-        from transformers import AutoModelForMaskedLM
-        model = AutoModelForMaskedLM.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
-        linear = model.bert.encoder.layer[0].attention.self.query
-        assert type(linear).__name__ == "Int8Linear" and linear.weight.dtype == torch.int8, linear
-        with torch.no_grad():
-            logits = model(**torch.load({str(tmp_path / "batch.pt")!r})).logits
-        torch.save(logits, {str(tmp_path / "logits.pt")!r})
-        print("avx2 kernel:", linear.avx2_weight() is not None)
-    """
-    stdout = run_without_package(code)
-    assert torch.equal(torch.load(tmp_path / "logits.pt"), expected)
-    # The remote code builds and runs the AVX2 kernel where this process does (int8_kernel.py travels too).
-    assert f"avx2 kernel: {expected_avx2_route()}" in stdout
+    for choice in (None, "avx2"):
+        code = f"""
+            import torch
+            from transformers import AutoModelForMaskedLM
+            kwargs = {{}} if {choice!r} is None else {{"int8_kernel": {choice!r}}}
+            model = AutoModelForMaskedLM.from_pretrained({str(out)!r}, trust_remote_code=True, **kwargs).eval()
+            linear = model.bert.encoder.layer[0].attention.self.query
+            assert type(linear).__name__ == "Int8Linear" and linear.weight.dtype == torch.int8, linear
+            with torch.no_grad():
+                logits = model(**torch.load({str(tmp_path / "batch.pt")!r})).logits
+            torch.save(logits, {str(tmp_path / "logits.pt")!r})
+            print("avx2 kernel:", linear.avx2_weight() is not None)
+        """
+        stdout = run_without_package(code)
+        assert torch.equal(torch.load(tmp_path / "logits.pt"), expected), choice
+        # Without the package the checkpoint's kernel source is built only when asked for.
+        assert f"avx2 kernel: {choice == 'avx2' and cpu_has_avx2()}" in stdout, stdout
 
 
 def test_gamma_migrated_checkpoint_reloads(tmp_path):

@@ -1,32 +1,36 @@
 """The AVX2 int8 kernel: the weight split keeps every int16 lane exact, the kernel equals the exact
-integer product with the runtime's rescaling bit for bit, and the INT8 runtime picks it where it should."""
+integer product with the runtime's rescaling bit for bit, and the INT8 runtime picks it where it should.
 
-import platform
+The kernel tests run on every x86 CPU with AVX2 (the `kernel` fixture builds the ops and the tests
+force the route), also where `auto` would not choose the kernel (CPUs with VNNI)."""
 
 import pytest
 import torch
 
 from hf_quantizable.modeling import int8, int8_kernel
-from hf_quantizable.modeling.int8 import Int8Linear, int8_gemm_saturates, integer_matmul_reference
-from hf_quantizable.modeling.int8_kernel import PackedInt8Weight, load_avx2_kernel, split_for_int16_lanes
+from hf_quantizable.modeling.int8 import Int8Linear, integer_matmul_reference
+from hf_quantizable.modeling.int8_kernel import (
+    PackedInt8Weight,
+    build_kernel,
+    cpu_has_avx2,
+    int8_gemm_saturates,
+    package_kernel_source,
+    split_for_int16_lanes,
+)
 
 
 def expected_avx2_route() -> bool:
-    """Whether the INT8 runtime must run the AVX2 kernel here (x86 with AVX2, an int8 GEMM that saturates)."""
-    capable = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() in (
-        "AVX2",
-        "AVX512",
-    )
-    return capable and int8_gemm_saturates()
+    """Whether `auto` must run the AVX2 kernel here (x86 with AVX2, an int8 GEMM that saturates)."""
+    return cpu_has_avx2() and int8_gemm_saturates()
 
 
 @pytest.fixture(scope="module")
 def kernel():
-    if not expected_avx2_route():
-        pytest.skip("the AVX2 kernel runs on x86 CPUs with AVX2 whose int8 GEMM saturates")
-    module = load_avx2_kernel()
-    assert module is not None, "the AVX2 int8 kernel did not build (see the logged warning)"
-    return module
+    """`torch.ops.hf_quantizable`, built from the package's source on any x86 CPU with AVX2."""
+    if not cpu_has_avx2():
+        pytest.skip("the AVX2 kernel needs an x86 CPU with AVX2")
+    assert build_kernel(package_kernel_source()), "the AVX2 int8 kernel did not build (see the logged warning)"
+    return torch.ops.hf_quantizable
 
 
 def _pair_loads(weight: torch.Tensor) -> torch.Tensor:
@@ -108,7 +112,7 @@ def test_kernel_equals_exact_product_and_rescaling(kernel, rows, k, n, bits, low
     input_scale = torch.tensor(0.05)
     weight_scale = torch.rand(n, generator=generator) * 0.01 if per_channel else torch.tensor(0.003)
     bias_values = torch.randn(n, generator=generator) if bias else None
-    packed = PackedInt8Weight(kernel, weight, max_code)
+    packed = PackedInt8Weight(weight, max_code)
     exact = integer_matmul_reference(codes, torch.tensor(float(zero_point)), weight)
     # The runtime's rescaling (`rescale_accumulator`): the same float operations.
     expected = int8.rescale_accumulator(exact.clone(), input_scale, weight_scale, bias_values)
@@ -153,27 +157,27 @@ def test_unknown_kernel_choice_is_refused(monkeypatch):
         layer(torch.zeros(2, 8))
 
 
-def test_build_failure_falls_back_to_onednn(monkeypatch, caplog):
+def test_build_failure_falls_back_to_onednn(monkeypatch, caplog, tmp_path):
     """Without a compiler the runtime still works (oneDNN), and says why once."""
     import torch.utils.cpp_extension
 
     def no_compiler(**kwargs):
         raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(int8_kernel, "_cpu_has_avx2", lambda: True)
-    monkeypatch.setattr(torch.utils.cpp_extension, "load_inline", no_compiler)
+    source = tmp_path / int8_kernel.SOURCE_FILE
+    source.write_text("// a kernel source that is never compiled\n")
+    monkeypatch.setattr(int8_kernel, "cpu_has_avx2", lambda: True)
+    monkeypatch.setattr(int8_kernel, "ops_registered", lambda: False)
+    monkeypatch.setattr(int8_kernel, "package_kernel_source", lambda: source)
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
     monkeypatch.setenv(int8_kernel.ENV_VAR, "avx2")
-    load_avx2_kernel.cache_clear()
-    try:
-        layer = Int8Linear(8, 4, bias=False, per_channel=False, has_input_quant=True, input_bits=8)
-        layer.weight.fill_(1)
-        with caplog.at_level("WARNING"):
-            out = layer(torch.ones(2, 8))
+    layer = Int8Linear(8, 4, bias=False, per_channel=False, has_input_quant=True, input_bits=8)
+    layer.weight.fill_(1)
+    with caplog.at_level("WARNING"):
+        out = layer(torch.ones(2, 8))
         assert layer.avx2_weight() is None
-        assert torch.equal(out, torch.full((2, 4), 8.0))
-        assert "no C++ compiler" in caplog.text and "using oneDNN" in caplog.text
-    finally:
-        load_avx2_kernel.cache_clear()
+    assert torch.equal(out, torch.full((2, 4), 8.0))
+    assert caplog.text.count("no C++ compiler") == 1 and "using oneDNN" in caplog.text
 
 
 def test_fused_fake_quantize_equals_the_torch_operations(kernel):
@@ -184,70 +188,11 @@ def test_fused_fake_quantize_equals_the_torch_operations(kernel):
     x[0, 50:53] = torch.tensor([float("nan"), float("inf"), -float("inf")])
     x[1, :4] = torch.tensor([1e6, -1e6, 0.0, -0.0])
     expected = x.div(scale).round_().clamp_(-zero_point, levels - zero_point).mul_(scale)
-    got = int8_kernel.fake_quantize(kernel, x, scale, zero_point, levels)
+    got = int8_kernel.fake_quantize(x, scale, zero_point, levels)
     assert torch.equal(got.nan_to_num(), expected.nan_to_num()) and torch.equal(got.isnan(), expected.isnan())
-    assert int8_kernel.fake_quantize(kernel, x.t(), scale, zero_point, levels) is None  # not contiguous
+    assert int8_kernel.fake_quantize(x.t(), scale, zero_point, levels) is None  # not contiguous
     with torch.enable_grad():
-        assert int8_kernel.fake_quantize(kernel, x.requires_grad_(), scale, zero_point, levels) is None
-
-
-def test_pooled_output_is_written_again_only_when_nothing_else_holds_it(kernel):
-    """The fused fake-quant writes into an earlier output only when no reference, view or alias of it
-    is left (and never with autograd on); what a caller still holds never changes."""
-    pool = int8_kernel.OutputPool()
-    first, second = torch.randn(4, 16), torch.randn(4, 16)
-
-    def run(x):
-        return int8_kernel.fake_quantize(kernel, x, 0.05, 7, 255, pool)
-
-    def expected(x):
-        return x.div(0.05).round_().clamp_(-7, 248).mul_(0.05)
-
-    with torch.no_grad():
-        held = run(first)
-        address = held.data_ptr()
-        held.note = "previous life"
-        del held
-        again = run(second)
-        assert again.data_ptr() == address and not hasattr(again, "note")  # recycled, attributes dropped
-        assert torch.equal(again, expected(second))
-        for keep in (lambda t: t, lambda t: t[1:], lambda t: t.numpy(), lambda t: t.detach()):
-            kept = keep(again)
-            snapshot = torch.as_tensor(kept).clone()
-            del again
-            again = run(first)
-            assert again.data_ptr() != torch.as_tensor(kept).data_ptr()
-            assert torch.equal(torch.as_tensor(kept), snapshot)
-            del kept
-    address = again.data_ptr()
-    del again
-    with torch.enable_grad():
-        assert run(second).data_ptr() != address
-
-
-def test_pooled_activation_does_not_reuse_stale_codes(kernel, monkeypatch):
-    """An Int8Linear caches the uint8 codes of its input on the tensor; an activation written into the
-    same buffer must not hand the previous forward's codes to the next one."""
-    monkeypatch.setenv(int8_kernel.ENV_VAR, "avx2")
-    torch.manual_seed(0)
-    quantizer = int8.Int8ActivationQuantizer(bits=8)
-    quantizer.scale.fill_(0.05)
-    quantizer.zero_point.fill_(100)
-    layer = Int8Linear(32, 24, bias=True, per_channel=False, has_input_quant=True, input_bits=8)
-    layer.weight.copy_(torch.randint(-127, 128, (24, 32), dtype=torch.int8))
-    layer.bias.copy_(torch.randn(24))
-    layer.input_scale.fill_(0.05)
-    layer.input_zero_point.fill_(100)
-    first, second = torch.randn(5, 32), torch.randn(5, 32)
-    with torch.no_grad():
-        activation = quantizer(first)
-        address = activation.data_ptr()
-        first_output = layer(activation)  # caches the codes of `first` on the activation
-        del activation
-        activation = quantizer(second)
-        assert activation.data_ptr() == address  # the same buffer, now holding `second`
-        assert torch.equal(layer(activation), layer(activation.clone()))  # a clone has no cached codes
-        assert torch.equal(first_output, layer(quantizer(first).clone()))
+        assert int8_kernel.fake_quantize(x.requires_grad_(), scale, zero_point, levels) is None
 
 
 @pytest.mark.parametrize("bits", [8, 6])
@@ -256,53 +201,64 @@ def test_quantizer_writes_the_codes_its_linear_reads(kernel, monkeypatch, bits):
     torch.manual_seed(0)
     quantizer = int8.Int8ActivationQuantizer(bits=bits)
     layer = Int8Linear(32, 24, bias=True, per_channel=False, has_input_quant=True, input_bits=bits)
-    layer.output_pool = quantizer.output_pool
     layer.weight.copy_(torch.randint(-(2 ** (bits - 1)) + 1, 2 ** (bits - 1), (24, 32), dtype=torch.int8))
     for module in (quantizer, layer):
         module.get_buffer("scale" if module is quantizer else "input_scale").fill_(0.05)
         module.get_buffer("zero_point" if module is quantizer else "input_zero_point").fill_(20)
     x = torch.randn(6, 32) * 2
     with torch.no_grad():
-        first = quantizer(x)
-        assert not quantizer.emit_codes and not hasattr(first, int8._CODES)
-        expected = layer(first)  # computes the codes itself, then asks the quantizer for them
-        assert quantizer.emit_codes
-        second = quantizer(x)
-        grid, codes = getattr(second, int8._CODES)
-        assert grid == (0.05000000074505806, 20.0) and codes.dtype == torch.uint8
-        assert torch.equal(codes, int8.grid_codes(first, quantizer.scale, quantizer.zero_point, bits))
-        assert torch.equal(second, first) and torch.equal(layer(second), expected)
+        out = quantizer(x)
+        grid, codes = getattr(out, int8._CODES)
+        assert grid == (0.05000000074505806, 20) and codes.dtype == torch.uint8
+        assert torch.equal(codes, int8.grid_codes(out.clone(), *grid, bits))
+        expected = layer(out.clone())  # a clone carries no codes: the layer computes its own
+        assert torch.equal(layer(out), expected)
         layer.input_zero_point.fill_(21)  # another grid: the written codes are not the layer's
-        assert torch.equal(layer(second), layer(second.clone()))
+        assert torch.equal(layer(out), layer(out.clone()))
 
 
-def test_int8_modules_share_one_pool_and_recycle_safely(kernel, monkeypatch):
+def test_changed_buffers_are_read_again(kernel, monkeypatch):
+    """The cached Python numbers of a module follow its buffers (no stale grid after an in-place change)."""
+    monkeypatch.setenv(int8_kernel.ENV_VAR, "avx2")
+    quantizer = int8.Int8ActivationQuantizer(bits=8)
+    quantizer.scale.fill_(0.05)
+    x = torch.randn(4, 16)
+    first = quantizer(x)
+    quantizer.scale.fill_(0.1)
+    second = quantizer(x)
+    assert torch.equal(second, x.div(0.1).round().clamp(0, 255).mul(0.1)) and not torch.equal(first, second)
+    quantizer.load_state_dict({"scale": torch.tensor(0.2), "zero_point": torch.tensor(3.0)})
+    assert torch.equal(quantizer(x), x.div(0.2).round().clamp(-3, 252).mul(0.2))
+
+
+def test_int8_linear_pickles_and_copies(kernel, monkeypatch):
     import copy
     import pickle
 
     monkeypatch.setenv(int8_kernel.ENV_VAR, "avx2")
     layer = Int8Linear(16, 8, bias=False, per_channel=False, has_input_quant=True, input_bits=8)
     layer.weight.copy_(torch.randint(-127, 128, (8, 16), dtype=torch.int8))
-    xs = [(torch.randint(0, 256, (2, 3, 16)).float() - 128) for _ in range(3)]
-    with torch.no_grad():
-        held = layer(xs[0])
-        snapshot = held.clone()
-        address = layer(xs[1]).data_ptr()  # a new output: the first one is still held
-        assert address != held.data_ptr() and torch.equal(held, snapshot)
-        assert layer(xs[2]).data_ptr() == address  # the second was released: written again
-        del held
-        assert torch.equal(layer(xs[0]), snapshot)
-    # One size, two buffers: the one still held above and the one written again since.
-    assert [len(buffers) for buffers in layer.output_pool._buffers.values()] == [2]
-    clone = copy.deepcopy(layer)
-    assert clone.output_pool._buffers == {} and torch.equal(clone(xs[0]), snapshot)
-    assert pickle.loads(pickle.dumps(layer)).avx2_weight() is not None
-    model = torch.nn.Sequential(int8.QuantPoint(), torch.nn.Linear(16, 8))
-    int8.convert_to_int8(
-        model,
-        {"quantized_linears": {"1": True}, "quantized_activations": ["0"], "activation_bits": 8},
-    )
-    assert model[0].output_pool is model[1].output_pool
+    x = torch.randint(0, 256, (2, 3, 16)).float() - 128
+    expected = layer(x)
+    assert layer.avx2_weight() is not None
+    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert clone._avx2 is None and torch.equal(clone(x), expected)
+
+
+def test_ops_have_valid_schemas_and_meta_kernels(kernel):
+    """torch.library's own checks (schema, FakeTensor / Meta kernels, no aliasing) for every traced op."""
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 24, generator=generator)
+    torch.library.opcheck(kernel.fake_quantize, (x, 0.05, 7, 255))
+    torch.library.opcheck(kernel.fake_quantize_with_codes, (x, 0.05, 7, 255))
+    packed = PackedInt8Weight(torch.randint(-127, 128, (20, 24), generator=generator, dtype=torch.int8), 255)
+    codes = torch.randint(0, 256, (5, 24), generator=generator, dtype=torch.uint8)
+    args = (codes, 3, packed.packed, packed.step_offsets, packed.safe_steps, 20, packed.column_sums)
+    args += (packed.entry_offsets, packed.used_inputs, packed.entry_inputs, packed.entry_values)
+    torch.library.opcheck(kernel.linear, (*args, torch.full((20,), 0.01), torch.randn(20)))
+    a, b = torch.randn(2, 3, 5, 8).mul(20).round(), torch.randn(2, 3, 8, 4).mul(20).round()
+    for heads_last in (False, True):
+        torch.library.opcheck(kernel.grid_matmul, (a, 1.0, b, 1.0, 0.5, heads_last))
 
 
 def _on_grid(shape: tuple[int, ...], grid: int8.TensorGrid) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, BertTokenizerFast
 
-from hf_quantizable.modeling import int8
+from hf_quantizable.modeling import int8_kernel
 from hf_quantizable.modeling.int8 import Int8ActivationQuantizer, Int8Linear
 from hf_quantizable.provenance import model_fingerprint
 from hf_quantizable.quantization import W8A8Config, W8A8Quantizer
@@ -463,15 +463,21 @@ def test_half_precision_load_keeps_quantization_parameters_fp32(workspace, famil
             assert (logits.float() - reference).abs().max() < 0.05 * reference.abs().max()
 
 
-# --- the shipped C++ kernel is compiled only with consent --------------------------------------------
+# --- C++ shipped with a checkpoint is compiled only with consent ------------------------------------
 
 
 @pytest.fixture
 def kernel_would_compile(monkeypatch):
-    """Pretend the CPU's int8 GEMM saturates (where `auto` compiles the kernel) and record compiles."""
+    """Pretend the CPU's int8 GEMM saturates (where `auto` runs the kernel) and the ops are not yet
+    registered; record the source files a build would compile."""
+    import torch.utils.cpp_extension
+
     compiled = []
-    monkeypatch.setattr(int8, "_PAIRS_SATURATE", [True])
-    monkeypatch.setattr(int8, "load_avx2_kernel", lambda: compiled.append(True))
+    monkeypatch.setattr(int8_kernel, "_PAIRS_SATURATE", [True])
+    monkeypatch.setattr(int8_kernel, "cpu_has_avx2", lambda: True)
+    monkeypatch.setattr(int8_kernel, "ops_registered", lambda: False)
+    monkeypatch.setattr(int8_kernel, "_BUILDS", {})
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", lambda sources, **kwargs: compiled.extend(sources))
     return compiled
 
 
@@ -484,14 +490,34 @@ def _int8_forward(folder: Path, **kwargs) -> None:
 def test_onednn_switches_never_compile_the_kernel(template, monkeypatch, kernel_would_compile):
     monkeypatch.delenv("HF_QUANTIZABLE_INT8_KERNEL", raising=False)
     _int8_forward(template / "int8")
-    assert kernel_would_compile  # the default asks for it on such a CPU
+    # The default asks for it on such a CPU: the installed package's own source, never the checkpoint's.
+    assert kernel_would_compile == [str(int8_kernel.package_kernel_source())]
     kernel_would_compile.clear()
+    monkeypatch.setattr(int8_kernel, "_BUILDS", {})
     _int8_forward(template / "int8", int8_kernel="onednn")
     _int8_forward(template / "int8", int8_kernel="onednn", dtype=torch.float16)
     assert not kernel_would_compile
     monkeypatch.setenv("HF_QUANTIZABLE_INT8_KERNEL", "onednn")
     _int8_forward(template / "int8")
     assert not kernel_would_compile
+
+
+def test_checkpoint_kernel_source_is_compiled_only_when_asked(template, monkeypatch, kernel_would_compile):
+    """Without the package, `auto` runs oneDNN; `int8_kernel="avx2"` (or the environment's `avx2`) is
+    the consent to build the `int8_avx2.cpp` the checkpoint ships."""
+    folder = template / "int8"
+    assert (folder / int8_kernel.SOURCE_FILE).read_bytes() == int8_kernel.package_kernel_source().read_bytes()
+    monkeypatch.setattr(int8_kernel, "package_kernel_source", lambda: None)
+    monkeypatch.delenv("HF_QUANTIZABLE_INT8_KERNEL", raising=False)
+    _int8_forward(folder)
+    assert kernel_would_compile == []
+    _int8_forward(folder, int8_kernel="avx2")
+    assert kernel_would_compile == [str((folder / int8_kernel.SOURCE_FILE).resolve())]
+    kernel_would_compile.clear()
+    monkeypatch.setattr(int8_kernel, "_BUILDS", {})
+    monkeypatch.setenv("HF_QUANTIZABLE_INT8_KERNEL", "avx2")
+    _int8_forward(folder)
+    assert kernel_would_compile == [str((folder / int8_kernel.SOURCE_FILE).resolve())]
 
 
 def test_int8_kernel_argument_is_validated(template, tmp_path):
@@ -501,7 +527,5 @@ def test_int8_kernel_argument_is_validated(template, tmp_path):
         AutoModelForMaskedLM.from_pretrained(template / "model", int8_kernel="onednn")
     model = AutoModelForMaskedLM.from_pretrained(template / "int8", int8_kernel="onednn")
     assert all(
-        m.output_pool.kernel_choice == "onednn"
-        for m in model.modules()
-        if isinstance(m, (Int8Linear, Int8ActivationQuantizer))
+        m.kernel_choice == "onednn" for m in model.modules() if isinstance(m, (Int8Linear, Int8ActivationQuantizer))
     )

@@ -26,7 +26,7 @@ from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
-from .int8 import QuantPoint, TensorGrid, grid_matmul
+from .int8 import Int8ActivationQuantizer, QuantPoint, TensorGrid, grid_matmul, uses_avx2
 
 CLIPPED_IMPLS = ("clipped_softmax", "normalized_clipped_softmax")
 # Attention functions that need masks (or caches) other than the boolean 4-D mask our models build.
@@ -481,7 +481,7 @@ class AttentionCore(nn.Module):
         q_grid, k_grid, v_grid = (None,) * 3 if plain else map(tensor_grid, qkv_quant)
         if q_grid is not None and k_grid is not None:
             scale = q_grid.scale * k_grid.scale * self.scaling
-            products = grid_matmul(query, q_grid, key.transpose(-1, -2), k_grid, scale, self._pool())
+            products = grid_matmul(query, q_grid, key.transpose(-1, -2), k_grid, scale, self._kernel())
         else:
             products = torch.matmul(query, key.transpose(-1, -2)).mul_(self.scaling)
         # In place on the quantizer's new output (the same values, one fewer [B, H, T_q, T_k] tensor).
@@ -492,11 +492,11 @@ class AttentionCore(nn.Module):
         p_grid = tensor_grid(self.probs_quant)
         if p_grid is not None and v_grid is not None and dropout == 0.0:
             scale = p_grid.scale * v_grid.scale
-            context = grid_matmul(probs, p_grid, value, v_grid, scale, self._pool(), heads_last=True)
+            context = grid_matmul(probs, p_grid, value, v_grid, scale, self._kernel(), heads_last=True)
         else:
             context = torch.matmul(F.dropout(probs, p=dropout, training=self.training), value)
         return context.transpose(1, 2), probs  # [B, T_q, H, d_head]
 
-    def _pool(self):
-        """The INT8 runtime's output pool (held by its quantizers), else None."""
-        return getattr(self.probs_quant, "output_pool", None)
+    def _kernel(self) -> bool | None:
+        """The INT8 runtime's GEMM route (`int8.uses_avx2` of its quantizers); None in the simulation."""
+        return uses_avx2(self.probs_quant) if isinstance(self.probs_quant, Int8ActivationQuantizer) else None

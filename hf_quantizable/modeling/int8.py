@@ -7,12 +7,14 @@ checkpoint whose config holds `w8a8_config` is rebuilt by `convert_to_int8` with
 - `Int8ActivationQuantizer`: rounds and clamps an activation to its calibrated asymmetric grid
   (the same arithmetic as the simulation);
 - `Int8Linear`: int8 weights with their scales; integer matrix products (uint8 activations x int8
-  weights, int32 accumulation: `int8_kernel` on x86 without VNNI, oneDNN elsewhere), then the
-  simulation's rescaling and bias.
+  weights, int32 accumulation: the AVX2 kernel of `int8_kernel` on x86 without VNNI, oneDNN
+  elsewhere), then the simulation's rescaling and bias.
 
-Where the AVX2 kernel runs, both write their outputs into one `int8_kernel.OutputPool` per model.
 `grid_matmul` computes the attention products of quantized activations (Q.K^T, P.V) as exact integer
-products of their grid steps, in the simulation and the runtime alike.
+products of their grid steps, in the simulation and the runtime alike. The INT8 modules read their
+scales and zero points as Python numbers, cached until a buffer changes (under `torch.compile` the
+cache is taken as it is: `prepare_int8_runtime` fills it), so a forward neither synchronises on
+`.item()` nor breaks a compiled graph.
 
 Self-contained: torch and relative imports only (this file is copied into checkpoints).
 """
@@ -24,15 +26,48 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .int8_kernel import OutputPool, PackedInt8Weight, fake_quantize, kernel_choice, load_avx2_kernel
+from .int8_kernel import (
+    PackedInt8Weight,
+    avx2_ops,
+    fake_quantize,
+    int8_gemm_saturates,
+    kernel_choice,
+    onednn_int8_accumulator,
+)
 
-# `grid_codes` uses torch.quantize_per_tensor only to read uint8 codes (the fastest CPU route); its
-# deprecation notice says nothing actionable to users of a checkpoint.
-warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel")
-
-# Attribute under which the uint8 codes of an activation are left for the Int8Linears reading it
-# (by the quantizer that wrote them, or by the first of those linears).
+# Attribute under which an activation quantizer leaves the uint8 codes of its output for the
+# Int8Linears reading it (or the first of those linears leaves them for the others).
 _CODES = "_w8a8_codes"
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def cached_numbers(module: nn.Module, names: tuple[str, ...]) -> tuple:
+    """The one-element buffers `names` of `module` as Python numbers, read again only after one changes.
+
+    Under `torch.compile` the cached numbers are used as they are (constants of the graph).
+    """
+    cache = module.__dict__.get("_numbers")
+    if _compiling() and cache is not None:
+        return cache[1]
+    buffers = [getattr(module, name) for name in names]
+    key = tuple((b.data_ptr(), b._version) for b in buffers)
+    if cache is None or cache[0] != key:
+        cache = (key, tuple(b.item() for b in buffers))
+        module.__dict__["_numbers"] = cache
+    return cache[1]
+
+
+def uses_avx2(module: nn.Module) -> bool:
+    """Whether `module` (an INT8 module) runs on the AVX2 kernel: `avx2_ops` for its `kernel_choice`,
+    decided again each eager forward (the environment may change), cached for `torch.compile`."""
+    if _compiling() and "_avx2_route" in module.__dict__:
+        return module.__dict__["_avx2_route"]
+    route = avx2_ops(module.kernel_choice)
+    module.__dict__["_avx2_route"] = route
+    return route
 
 
 class QuantPoint(nn.Identity):
@@ -63,41 +98,46 @@ def weight_scale(w_absmax: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.clamp(w_absmax / (2 ** (bits - 1) - 1), min=1e-12)
 
 
-def fake_quantize_activation(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, pool: OutputPool | None = None
-) -> torch.Tensor:
+def fake_quantize_activation(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
     """Round and clamp `x` to its asymmetric `bits`-bit grid, back in floating point.
 
     `(clamp(round(x / s) + z, 0, 2^b - 1) - z) * s` in in-place passes over one new tensor (several
     times faster on CPU than `torch.fake_quantize_*`). With one zero point, as
     `clamp(round(x / s), -z, 2^b - 1 - z) * s`: the same values (the rounded codes are integers, exact
     in float) in four passes instead of six. (torch's fused quantize / dequantize would save two
-    passes, ~2% of a BERT-base forward, but rounds `x * (1 / s)` rather than `x / s` as ONNX's
-    `QuantizeLinear` does; in a model as sensitive as the MiniLM that moved the ONNX export 10x
-    further from this runtime.) Where the AVX2 kernel runs (`avx2_kernel`), the same operations in
-    one pass (`int8_kernel.fake_quantize`), the output from `pool` when given.
+    passes, but rounds `x * (1 / s)` rather than `x / s` as ONNX's `QuantizeLinear` does; in a model
+    as sensitive as the MiniLM that moved the ONNX export 10x further from this runtime.) With one
+    grid, `fake_quantize_on_grid`.
     """
     levels = 2**bits - 1
-    if zero_point.numel() == 1:  # clamp to numbers: tensor bounds take a slow unvectorised path
+    if zero_point.numel() == 1 and not _compiling():  # clamp to numbers: tensor bounds take a slow path
         z = zero_point.item()
         if scale.numel() == 1 and not scale.requires_grad:
-            # Division by a number: the same float32 division, ~4x faster than by a 0-dim tensor.
-            scale = scale.item()
-            kernel = avx2_kernel(pool)
-            fused = None if kernel is None else fake_quantize(kernel, x, scale, int(z), levels, pool)
-            if fused is not None:
-                return fused
+            return fake_quantize_on_grid(x, scale.item(), int(z), levels, avx2_ops())
         return x.div(scale).round_().clamp_(-z, levels - z).mul_(scale)
     return x.div(scale).round_().add_(zero_point).clamp_(0, levels).sub_(zero_point).mul_(scale)
 
 
-def grid_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+def fake_quantize_on_grid(x: torch.Tensor, scale: float, zero_point: int, levels: int, kernel: bool) -> torch.Tensor:
+    """`fake_quantize_activation` on one grid given as numbers: division by a number is the same
+    float32 division as by a 0-dim tensor, ~4x faster. With `kernel` (`avx2_ops`), in one pass where
+    the AVX2 kernel takes `x`."""
+    fused = fake_quantize(x, scale, zero_point, levels) if kernel else None
+    if fused is not None:
+        return fused
+    return x.div(scale).round_().clamp_(-zero_point, levels - zero_point).mul_(scale)
+
+
+def grid_codes(x: torch.Tensor, scale: float, zero_point: int, bits: int) -> torch.Tensor:
     """uint8 codes of `x`, a tensor already on the grid (the output of `fake_quantize_activation`).
 
-    On the grid `x / scale` is an integer up to float rounding, so every rounding rule gives the same code.
+    On the grid `x / scale` is an integer up to float rounding, so every rounding rule gives the same
+    code: `torch.quantize_per_tensor` (the fastest CPU route) where it applies.
     """
-    if bits <= 8 and scale.dim() == 0 and x.dtype == torch.float32 and hasattr(torch, "quantize_per_tensor"):
-        quantized = torch.quantize_per_tensor(x, scale.item(), int(zero_point.item()), torch.quint8)
+    if bits <= 8 and x.dtype == torch.float32 and not _compiling() and hasattr(torch, "quantize_per_tensor"):
+        with warnings.catch_warnings():  # its deprecation notice says nothing actionable to our users
+            warnings.simplefilter("ignore")
+            quantized = torch.quantize_per_tensor(x, scale, zero_point, torch.quint8)
         # The codes as a uint8 view of the quantized tensor's storage (`int_repr` copies them, slowly).
         codes = torch.empty(0, dtype=torch.uint8, device=x.device)
         return codes.set_(quantized.untyped_storage(), quantized.storage_offset(), quantized.size(), quantized.stride())
@@ -129,7 +169,7 @@ def grid_matmul(
     b: torch.Tensor,
     b_grid: TensorGrid,
     out_scale: float,
-    pool: OutputPool | None = None,
+    kernel: bool | None = None,
     heads_last: bool = False,
 ) -> torch.Tensor:
     """`a @ b` (`[..., M, K] x [..., K, N]`) of two activations on their grids (the attention products
@@ -138,17 +178,20 @@ def grid_matmul(
 
     Exact in float32 while every partial sum stays below 2^24 (in any summation order, so any BLAS
     gives the same result); in float64 beyond. The simulation and the INT8 runtime therefore agree
-    bit for bit, whichever computes it: where the AVX2 kernel runs, 4-D products run there in int16
-    (`vpmaddwd`, int32 sums; the heads of Q, K and V read in place, without copies), the output from
-    `pool`; with `heads_last` its memory is `[B, M, H, N]` (the context's layout once the heads are
-    merged).
+    bit for bit, whichever computes it: with `kernel` (the INT8 runtime's route, `uses_avx2`; None:
+    the environment's, `avx2_ops`), 4-D products run on the AVX2 kernel in int16 (`vpmaddwd`, int32
+    sums; the heads of Q, K and V read in place, without copies); with `heads_last` its memory is
+    `[B, M, H, N]` (the context's layout once the heads are merged).
     """
     if a.dtype != torch.float32 or b.dtype != torch.float32:  # fp16 would overflow: exact in float32
-        return grid_matmul(a.float(), a_grid, b.float(), b_grid, out_scale, pool, heads_last).to(a.dtype)
+        return grid_matmul(a.float(), a_grid, b.float(), b_grid, out_scale, kernel, heads_last).to(a.dtype)
     bound = a_grid.max_step * b_grid.max_step * a.shape[-1]
-    kernel = avx2_kernel(pool) if bound < 2**31 and max(a_grid.max_step, b_grid.max_step) < 2**15 else None
+    if kernel is None:
+        kernel = not _compiling() and avx2_ops()
     if (
-        kernel is not None
+        kernel
+        and bound < 2**31
+        and max(a_grid.max_step, b_grid.max_step) < 2**15
         and a.dim() == b.dim() == 4
         and a.shape[:2] == b.shape[:2]
         and a.dtype == b.dtype == torch.float32
@@ -156,17 +199,9 @@ def grid_matmul(
         and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))
         and not torch.jit.is_tracing()
     ):
-        batch, heads, rows, cols = *a.shape[:3], b.shape[-1]
         a = a if a.stride(-1) == 1 else a.contiguous()
         b = b if 1 in (b.stride(-1), b.stride(-2)) else b.contiguous()
-        if heads_last:
-            shape = (batch, rows, heads, cols)
-            out = (torch.empty(shape) if pool is None else pool.empty(kernel, shape)).transpose(1, 2)
-        else:
-            shape = (batch, heads, rows, cols)
-            out = torch.empty(shape) if pool is None else pool.empty(kernel, shape)
-        kernel.grid_matmul(a, a_grid.scale, b, b_grid.scale, out_scale, out)
-        return out
+        return torch.ops.hf_quantizable.grid_matmul(a, a_grid.scale, b, b_grid.scale, out_scale, heads_last)
     steps_a = a.div(a_grid.scale).round_()
     steps_b = b.div(b_grid.scale).round_()
     if bound < 2**24:
@@ -178,9 +213,8 @@ class Int8ActivationQuantizer(nn.Module):
     """Static asymmetric activation quantizer of an INT8 checkpoint (the simulation's arithmetic).
 
     One grid per tensor, or one per hidden channel (`channels`, residual-stream points only). The
-    output is the dequantized activation; the consuming `Int8Linear`s compute its uint8 codes once
-    and leave them on the tensor for each other (Q, K and V share one input). Once an `Int8Linear`
-    has read its output (`emit_codes`), the fused AVX2 pass writes the codes with it.
+    output is the dequantized activation. On the AVX2 route the same pass writes its uint8 codes and
+    leaves them on the output for the `Int8Linear`s reading it (Q, K and V share one input).
     """
 
     def __init__(self, bits: int, channels: int | None = None):
@@ -189,37 +223,33 @@ class Int8ActivationQuantizer(nn.Module):
         shape = () if channels is None else (channels,)
         self.register_buffer("scale", torch.ones(shape))
         self.register_buffer("zero_point", torch.zeros(shape))
-        self.output_pool = OutputPool()  # `convert_to_int8` shares one per model
-        self.emit_codes = False
-        self._recorded: int | None = None  # data pointer of the output last recorded in the pool
+        self.kernel_choice: str | None = None  # `set_kernel_choice`; None: the environment's
+
+    def grid(self) -> tuple[float, int]:
+        """`(scale, zero_point)` of the one grid per tensor, as numbers."""
+        scale, zero_point = cached_numbers(self, ("scale", "zero_point"))
+        return scale, int(zero_point)
 
     def tensor_grid(self) -> TensorGrid | None:
         """The grid of the output where it is one per tensor (for `grid_matmul`), else None."""
         if self.scale.dim():
             return None
-        return TensorGrid(self.scale.item(), int(self.zero_point.item()), 2**self.bits - 1)
+        return TensorGrid(*self.grid(), 2**self.bits - 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32:  # fp16 / bf16 models: the grid arithmetic in float32, as calibrated
-            return fake_quantize_activation(x.float(), self.scale, self.zero_point, self.bits, self.output_pool).to(
-                x.dtype
-            )
-        kernel = None if self.scale.dim() else avx2_kernel(self.output_pool)
-        if kernel is not None and self.emit_codes:
-            grid = (self.scale.item(), self.zero_point.item())
-            fused = fake_quantize(kernel, x, grid[0], int(grid[1]), 2**self.bits - 1, self.output_pool, codes=True)
+            return self.forward(x.float()).to(x.dtype)
+        if self.scale.dim():
+            return fake_quantize_activation(x, self.scale, self.zero_point, self.bits)
+        (scale, zero_point), levels = self.grid(), 2**self.bits - 1
+        kernel = uses_avx2(self)
+        if kernel and self.bits <= 8 and not _compiling():
+            fused = fake_quantize(x, scale, zero_point, levels, codes=True)
             if fused is not None:
                 out, codes = fused
-                setattr(out, _CODES, (grid, codes))
+                setattr(out, _CODES, ((scale, zero_point), codes))
                 return out
-        out = fake_quantize_activation(x, self.scale, self.zero_point, self.bits, self.output_pool)
-        if kernel is not None and not self.emit_codes:  # an Int8Linear reading `out` will ask for its codes
-            producers = self.output_pool.producers
-            if producers.get(self._recorded) is self:
-                del producers[self._recorded]
-            self._recorded = out.data_ptr()
-            producers[self._recorded] = self
-        return out
+        return fake_quantize_on_grid(x, scale, zero_point, levels, kernel)
 
 
 def rescale_accumulator(
@@ -292,18 +322,6 @@ def split_saturating_pairs(weight: torch.Tensor, max_code: int) -> tuple[torch.T
     return safe.to(torch.int8), rows, columns, (w - safe)[rows, columns].float()
 
 
-def onednn_int8_accumulator(
-    codes: torch.Tensor, zero_point: int, packed: torch.Tensor, out_features: int
-) -> torch.Tensor:
-    """`(codes - zero_point) @ W.T` as float32 with oneDNN's int8 GEMM (uint8 x int8, int32 accumulation)."""
-    unit_scales = torch.ones(out_features)
-    zero_points = torch.zeros(out_features, dtype=torch.long)
-    return torch.ops.onednn.qlinear_pointwise(
-        codes, 1.0, zero_point, packed, unit_scales, zero_points, None, 1.0, 0, torch.float32, "none", [None], ""
-    )
-
-
-_PAIRS_SATURATE: list[bool] = []  # the probe's answer, once per process
 # Measured on CPU (one thread): adding one sparse entry to every row of the accumulator costs about as
 # much as 80 multiply-adds of a float matrix product.
 _ENTRY_COST_IN_MACS = 80
@@ -329,38 +347,12 @@ def saturation_correction(
     return used, removed
 
 
-def int8_gemm_saturates() -> bool:
-    """Whether this CPU's int8 GEMM adds input pairs in int16 and saturates (see `split_saturating_pairs`).
-
-    x86 CPUs without VNNI or AMX do; probed once with a product that saturates there (255 x 127 pairs).
-    """
-    if not _PAIRS_SATURATE:
-        codes = torch.full((32, 64), 255, dtype=torch.uint8)
-        packed = torch.ops.onednn.qlinear_prepack(torch.full((16, 64), 127, dtype=torch.int8), [32, 64])
-        exact = bool((onednn_int8_accumulator(codes, 0, packed, 16) == 255 * 127 * 64).all())
-        _PAIRS_SATURATE.append(not exact)
-    return _PAIRS_SATURATE[0]
-
-
-def avx2_kernel(pool: OutputPool | None = None):
-    """The AVX2 kernel module (`int8_kernel`) where the INT8 runtime uses it, else None.
-
-    It runs where the CPU's int8 GEMM saturates (x86 without VNNI or AMX; there it is faster than
-    oneDNN), or everywhere it builds with `avx2` asked for. `onednn` never compiles it: asked for by
-    the model's loader (`pool.kernel_choice`) or else by `HF_QUANTIZABLE_INT8_KERNEL`.
-    """
-    choice = kernel_choice(None if pool is None else pool.kernel_choice)
-    if choice == "onednn" or (choice == "auto" and not int8_gemm_saturates()):
-        return None
-    return load_avx2_kernel()
-
-
 class Int8Linear(nn.Module):
     """Linear layer with int8 weights.
 
     With a calibrated input grid (`has_input_quant`), the input is taken as uint8 codes and the
     product runs as an integer GEMM (uint8 x int8 with int32 accumulation: the AVX2 kernel of
-    `int8_kernel` where `avx2_kernel` says so, else oneDNN `qlinear`), then `rescale_accumulator`.
+    `int8_kernel` where `uses_avx2` says so, else oneDNN `qlinear`), then `rescale_accumulator`.
     Without one, the weights are dequantized and the product runs in float.
 
     With `outlier_channels` (k > 0), k input channels have their own grid (`outlier_scale`): the
@@ -394,17 +386,17 @@ class Int8Linear(nn.Module):
             self.register_buffer("outlier_scale", torch.ones(()))
         else:
             self.outlier_channels = None
-        # (weight version key, prepacked weight, saturation correction: rows, columns, values, removed)
+        self.kernel_choice: str | None = None  # `set_kernel_choice`; None: the environment's
+        # The weight prepared for a GEMM, with the key of the weight it was prepared from: oneDNN's
+        # (prepacked, saturation correction: rows, columns, values, removed), the AVX2 kernel's.
         self._packed = None
-        self._avx2 = None  # (weight version key, PackedInt8Weight)
-        self.output_pool = OutputPool()  # `convert_to_int8` shares one per model
+        self._avx2 = None
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8_gemm={self.has_input_quant}"
 
     def __getstate__(self) -> dict:
-        # Pickling and deepcopy leave the packed weights behind (rebuilt on first use; the AVX2 one
-        # holds the compiled kernel module, which does not pickle).
+        # Pickling and deepcopy leave the prepared weights behind (rebuilt on first use).
         return {**self.__dict__, "_packed": None, "_avx2": None}
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -417,40 +409,59 @@ class Int8Linear(nn.Module):
             return self.weight
         return self.weight.index_fill(1, self.outlier_channels, 0)
 
-    def _packed_weight(self, x_shape: list[int]) -> tuple:
-        """Prepacked weight for oneDNN; where the kernel saturates, split so it cannot (`split_saturating_pairs`)."""
-        key = (self.weight.data_ptr(), self.weight._version)
-        if self._packed is None or self._packed[0] != key:
-            weight = self.gemm_weight()
-            rows, columns, values, removed = torch.zeros(0, dtype=torch.long), None, None, None
-            if int8_gemm_saturates():
-                max_code = 2**self.input_bits - 1
-                weight, rows, columns, values = split_saturating_pairs(weight, max_code)
-                columns, removed = saturation_correction(rows, columns, values, self.out_features, max_code)
-            self._packed = (key, torch.ops.onednn.qlinear_prepack(weight, x_shape), rows, columns, values, removed)
+    def _weight_key(self) -> tuple:
+        return (self.weight.data_ptr(), self.weight._version, self.input_bits)
+
+    def _packed_weight(self, input_rows: int) -> tuple:
+        """Prepacked weight for oneDNN (for inputs of about `input_rows` rows); where the kernel saturates,
+        split so it cannot (`split_saturating_pairs`)."""
+        if not (_compiling() and self._packed is not None) and (
+            self._packed is None or self._packed[0] != self._weight_key()
+        ):
+            self._prepare_onednn(input_rows)
         return self._packed[1:]
 
+    @torch.compiler.disable
+    def _prepare_onednn(self, input_rows: int) -> None:
+        weight = self.gemm_weight()
+        rows, columns, values, removed = torch.zeros(0, dtype=torch.long), None, None, None
+        if int8_gemm_saturates():
+            max_code = 2**self.input_bits - 1
+            weight, rows, columns, values = split_saturating_pairs(weight, max_code)
+            columns, removed = saturation_correction(rows, columns, values, self.out_features, max_code)
+        packed = torch.ops.onednn.qlinear_prepack(weight, [input_rows, self.in_features])
+        self._packed = (self._weight_key(), packed, rows, columns, values, removed)
+
     def avx2_weight(self) -> PackedInt8Weight | None:
-        """The weight prepared for the AVX2 kernel where the runtime uses it (`avx2_kernel`), else None."""
-        kernel = avx2_kernel(self.output_pool)
-        if kernel is None:
+        """The weight prepared for the AVX2 kernel where the runtime uses it (`uses_avx2`), else None."""
+        if not uses_avx2(self):
             return None
-        key = (self.weight.data_ptr(), self.weight._version, self.input_bits)
-        if self._avx2 is None or self._avx2[0] != key:
-            self._avx2 = (key, PackedInt8Weight(kernel, self.gemm_weight(), 2**self.input_bits - 1))
+        if not (_compiling() and self._avx2 is not None) and (
+            self._avx2 is None or self._avx2[0] != self._weight_key()
+        ):
+            self._prepare_avx2()
         return self._avx2[1]
 
+    @torch.compiler.disable
+    def _prepare_avx2(self) -> None:
+        self._avx2 = (self._weight_key(), PackedInt8Weight(self.gemm_weight(), 2**self.input_bits - 1))
+
+    def input_grid(self) -> tuple[float, int]:
+        """`(scale, zero_point)` of the input grid, as numbers."""
+        scale, zero_point = cached_numbers(self, ("input_scale", "input_zero_point"))
+        return scale, int(zero_point)
+
     def _input_codes(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 codes of `x` on the input grid, cached on `x` for the other layers reading it."""
-        key = (self.input_scale.item(), self.input_zero_point.item())
+        """uint8 codes of `x` on the input grid: those its quantizer (or another layer) left on `x`, else
+        computed and left there for the other layers reading it."""
+        grid = self.input_grid()
+        if _compiling():
+            return grid_codes(x, *grid, self.input_bits)
         cached = getattr(x, _CODES, None)
-        if cached is not None and cached[0] == key:
+        if cached is not None and cached[0] == grid:
             return cached[1]
-        codes = grid_codes(x, self.input_scale, self.input_zero_point, self.input_bits)
-        setattr(x, _CODES, (key, codes))
-        source = self.output_pool.producers.get(x.data_ptr())
-        if source is not None and (source.scale.item(), source.zero_point.item()) == key:
-            source.emit_codes = True  # from the next forward on, it writes the codes in its own pass
+        codes = grid_codes(x, *grid, self.input_bits)
+        setattr(x, _CODES, (grid, codes))
         return codes
 
     def accumulator(self, codes: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
@@ -462,13 +473,14 @@ class Int8Linear(nn.Module):
         """
         if codes.device.type != "cpu":
             return integer_matmul_reference(codes, self.input_zero_point, self.gemm_weight())
-        packed, rows, columns, values, removed = self._packed_weight([codes.shape[0], self.in_features])
-        acc = onednn_int8_accumulator(codes, int(self.input_zero_point.item()), packed, self.out_features)
+        scale, zero_point = self.input_grid()
+        packed, rows, columns, values, removed = self._packed_weight(codes.shape[0])
+        acc = onednn_int8_accumulator(codes, zero_point, packed, self.out_features)
         if rows.numel():  # the removed entries; integer-valued float sums, exact below 2^24
             if x is not None and x.dtype == torch.float32:
-                centred = x.index_select(1, columns).div_(self.input_scale).round_()
+                centred = x.index_select(1, columns).div_(scale).round_()
             else:
-                centred = codes.index_select(1, columns).float().sub_(self.input_zero_point)
+                centred = codes.index_select(1, columns).float().sub_(zero_point)
             if removed is None:
                 acc.index_add_(1, rows, centred.mul_(values))
             else:
@@ -486,8 +498,7 @@ class Int8Linear(nn.Module):
         codes = self._input_codes(x).reshape(-1, self.in_features)
         packed = self.avx2_weight() if codes.device.type == "cpu" else None
         if packed is not None:  # the same arithmetic as below, in one kernel
-            zero_point = int(self.input_zero_point.item())
-            out = packed.linear(codes, zero_point, self.input_scale * self.weight_scale, self.bias, self.output_pool)
+            out = packed.linear(codes, self.input_grid()[1], self.input_scale * self.weight_scale, self.bias)
         else:
             acc = self.accumulator(codes, flat)
             out = rescale_accumulator(acc, self.input_scale, self.weight_scale, self.bias)
@@ -530,7 +541,6 @@ def convert_to_int8(model: nn.Module, w8a8_config: dict) -> None:
     shortcut_modules = set(w8a8_config.get("shortcut_scales", []))
     channels = w8a8_config.get("per_channel_activations", {})
     outliers = w8a8_config.get("outlier_channel_linears", {})
-    pool = OutputPool()  # the INT8 modules' outputs, recycled across the model
     for name, module in list(model.named_modules()):
         key = _strip_prefix(name, prefix)
         if key in shortcut_modules and not hasattr(module, "shortcut_scale"):
@@ -549,9 +559,11 @@ def convert_to_int8(model: nn.Module, w8a8_config: dict) -> None:
             )
         else:
             continue
-        replacement.output_pool = pool
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, replacement)
+    from .int8_embedding import convert_embeddings_to_int8  # `quantized_embeddings`: int8 tables
+
+    convert_embeddings_to_int8(model, w8a8_config)
 
 
 # Floating-point tensors of the INT8 modules: quantization parameters (and the bias added to the
@@ -559,6 +571,7 @@ def convert_to_int8(model: nn.Module, w8a8_config: dict) -> None:
 _FP32_TENSORS = {
     "Int8Linear": ("weight_scale", "bias", "input_scale", "input_zero_point", "outlier_scale"),
     "Int8ActivationQuantizer": ("scale", "zero_point"),
+    "Int8Embedding": ("weight_scale",),
 }
 
 
@@ -578,7 +591,7 @@ def check_int8_config(model: nn.Module, w8a8_config: dict) -> None:
     Run on the full model after `convert_to_int8`: each name must have become an INT8 module.
     """
     prefix = getattr(model, "base_model_prefix", "")
-    found = {"Int8Linear": set(), "Int8ActivationQuantizer": set()}
+    found = {"Int8Linear": set(), "Int8ActivationQuantizer": set(), "Int8Embedding": set()}
     for name, module in model.named_modules():
         if type(module).__name__ in found:
             found[type(module).__name__].add(_strip_prefix(name, prefix))
@@ -587,6 +600,7 @@ def check_int8_config(model: nn.Module, w8a8_config: dict) -> None:
         "quantized_activations": (w8a8_config.get("quantized_activations", []), found["Int8ActivationQuantizer"]),
         "per_channel_activations": (w8a8_config.get("per_channel_activations", {}), found["Int8ActivationQuantizer"]),
         "outlier_channel_linears": (w8a8_config.get("outlier_channel_linears", {}), found["Int8Linear"]),
+        "quantized_embeddings": (w8a8_config.get("quantized_embeddings", {}), found["Int8Embedding"]),
     }
     for field, (names, modules) in expected.items():
         unknown = sorted(set(names) - modules)
@@ -621,7 +635,11 @@ def _check_zero_point(name: str, zero_point: torch.Tensor, bits: int) -> None:
 def check_int8_tensors(model: nn.Module) -> None:
     """Refuse INT8 modules whose loaded tensors would give wrong outputs: non-positive or non-finite
     scales, zero points off the grid, weights that are not int8 codes, outlier channels out of range."""
+    from .int8_embedding import Int8Embedding, check_int8_embedding
+
     for name, module in model.named_modules():
+        if isinstance(module, Int8Embedding):
+            check_int8_embedding(name, module)
         if isinstance(module, Int8ActivationQuantizer):
             _check_scale(f"{name}.scale", module.scale)
             _check_zero_point(f"{name}.zero_point", module.zero_point, module.bits)
@@ -645,7 +663,10 @@ def check_int8_loading(model: nn.Module, missing: list[str], unexpected: list[st
     """Refuse an INT8 checkpoint whose tensors do not fit the modules its `w8a8_config` describes:
     INT8 tensors missing (they would keep their initial values), or quantization tensors of modules the
     config does not list as quantized (their int8 codes would load as float weights)."""
-    int8_modules = {name for name, m in model.named_modules() if isinstance(m, (Int8Linear, Int8ActivationQuantizer))}
+    from .int8_embedding import Int8Embedding
+
+    kinds = (Int8Linear, Int8ActivationQuantizer, Int8Embedding)
+    int8_modules = {name for name, m in model.named_modules() if isinstance(m, kinds)}
     for key in missing:
         if key.rpartition(".")[0] in int8_modules:
             raise ValueError(f"INT8 checkpoint lacks the tensor {key}: the checkpoint is incomplete")
@@ -664,4 +685,19 @@ def set_kernel_choice(model: nn.Module, choice: str) -> None:
     choice = kernel_choice(choice)
     for module in model.modules():
         if isinstance(module, (Int8Linear, Int8ActivationQuantizer)):
-            module.output_pool.kernel_choice = choice
+            module.kernel_choice = choice
+            module.__dict__.pop("_avx2_route", None)
+
+
+def prepare_int8_runtime(model: nn.Module) -> None:
+    """Read every INT8 module's numbers, route and prepared weights now (as its first forward would),
+    so that `torch.compile` finds them cached and a compiled forward needs no `.item()` or packing."""
+    for module in model.modules():
+        if isinstance(module, Int8ActivationQuantizer):
+            uses_avx2(module)
+            if not module.scale.dim():
+                module.grid()
+        elif isinstance(module, Int8Linear) and module.has_input_quant:
+            module.input_grid()
+            if module.avx2_weight() is None and module.weight.device.type == "cpu":
+                module._packed_weight(1)

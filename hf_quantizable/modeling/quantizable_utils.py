@@ -3,9 +3,14 @@
 Self-contained: torch, transformers and relative imports only.
 """
 
+import shutil
+from pathlib import Path
+
 import torch
 from transformers import initialization as init
+from transformers.utils import cached_file
 
+from . import int8_kernel as kernels
 from .attention import AttentionGate, check_attention_implementation
 from .int8 import (
     check_int8_config,
@@ -13,9 +18,9 @@ from .int8 import (
     check_int8_tensors,
     convert_to_int8,
     int8_fp32_tensor_names,
+    prepare_int8_runtime,
     set_kernel_choice,
 )
-from .int8_kernel import kernel_choice
 
 
 class QuantizableModelMixin:
@@ -57,13 +62,16 @@ class QuantizableModelMixin:
         missing from the weights or present for modules the config does not quantize, scales that are
         zero, negative or not finite, zero points off the grid.
 
-        `int8_kernel` (INT8 checkpoints only): `"onednn"` never compiles the C++ kernel shipped in
-        `int8_kernel.py`; `"auto"` / `"avx2"` as `HF_QUANTIZABLE_INT8_KERNEL` (which it overrides).
+        `int8_kernel` (INT8 checkpoints only; overrides `HF_QUANTIZABLE_INT8_KERNEL`): `"auto"` runs the
+        AVX2 kernel of the installed hf_quantizable package where it is the faster route (x86 without
+        VNNI); `"avx2"` wherever it can, and where the package is absent builds the checkpoint's own
+        `int8_avx2.cpp` (the only way loading compiles code that came with a checkpoint); `"onednn"`
+        never runs it.
         """
         output_loading_info = kwargs.pop("output_loading_info", False)
         int8_kernel = kwargs.pop("int8_kernel", None)
         if int8_kernel is not None:
-            kernel_choice(int8_kernel)  # a bad value is refused before loading
+            kernels.kernel_choice(int8_kernel)  # a bad value is refused before loading
         try:
             model, loading_info = super().from_pretrained(
                 pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
@@ -82,13 +90,35 @@ class QuantizableModelMixin:
                 check_int8_tensors(model)
             except ValueError as error:
                 raise ValueError(f"{pretrained_model_name_or_path!s}: {error}") from None
+            if (
+                kernels.kernel_choice(int8_kernel) == "avx2"
+                and not kernels.ops_registered()
+                and kernels.package_kernel_source() is None
+            ):
+                source = cached_file(
+                    pretrained_model_name_or_path,
+                    kernels.SOURCE_FILE,
+                    _raise_exceptions_for_missing_entries=False,
+                    **{k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs},
+                )
+                if source is not None:  # asked for: the checkpoint's kernel source
+                    kernels.build_kernel(source)
             if int8_kernel is not None:
                 set_kernel_choice(model, int8_kernel)
+            prepare_int8_runtime(model)
         elif int8_kernel is not None:
             raise ValueError(
                 f"int8_kernel={int8_kernel!r} applies to INT8 checkpoints only; {pretrained_model_name_or_path!s} is not one"
             )
         return (model, loading_info) if output_loading_info else model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`; an INT8 model also writes the installed package's kernel
+        source (`int8_avx2.cpp`), which its users may build with `int8_kernel="avx2"`."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        source = kernels.package_kernel_source()
+        if self.config.w8a8_config and source is not None and kwargs.get("is_main_process", True):
+            shutil.copyfile(source, Path(save_directory) / kernels.SOURCE_FILE)
 
     @torch.no_grad()
     def _init_weights(self, module):
