@@ -1,4 +1,5 @@
-"""A wheel built from the repository carries everything the package reads at run time."""
+"""A wheel built from the repository carries everything the package reads at run time (card templates,
+lm-eval tasks, the INT8 kernel's C++ source)."""
 
 import os
 import shutil
@@ -48,9 +49,11 @@ def test_wheel_installed_outside_the_repo_renders_a_card_and_finds_its_tasks(tmp
         from pathlib import Path
         from hf_quantizable.evaluation.results import ResultRecord
         from hf_quantizable.hub.card import CardInputs, render_model_card
+        from hf_quantizable.modeling.int8_kernel import package_kernel_source
         from hf_quantizable.paths import LM_EVAL_TASKS_DIR
 
         assert Path(hf_quantizable.__file__).is_relative_to(Path(sys.argv[1])), hf_quantizable.__file__
+        assert package_kernel_source().is_relative_to(Path(sys.argv[1])), package_kernel_source()
         assert (LM_EVAL_TASKS_DIR / "wikitext2_local.yaml").is_file() and (LM_EVAL_TASKS_DIR / "utils.py").is_file()
         record = ResultRecord(model="m", attn_impl="gated", precision="fp32", task="mlm", dataset="wikitext",
                               split="test", metric="perplexity", value=12.5, n=8)
