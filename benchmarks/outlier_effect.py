@@ -297,7 +297,8 @@ def with_bos(dataset, bos_token_id: int):
 def variant_preset(setting: Setting, variant: str, max_steps: int, seed: int, runs_dir: Path = DEFAULT_RUNS):
     base, _, optimizer = variant.partition("-")
     overrides = [*setting.overrides, f"training.max_steps={max_steps}", f"training.seed={seed}"]
-    if setting.corpus:
+    if setting.corpus:  # a generated text file replaces the base's dataset (and its embedded size)
+        overrides = [o for o in overrides if not o.startswith(("data.dataset=", "data.embedded_size="))]
         overrides.append(f"data.dataset={corpus_file(setting.corpus, runs_dir)}")
     overrides.append("tracking.outlier_every_n_steps=0")  # the benchmark tracks (after its data options)
     if optimizer:
@@ -639,6 +640,47 @@ def token_profile(model, tokenizer, batches, top: int = 3) -> list[dict[str, Any
     return rows
 
 
+def attention_sinks(model, tokenizer, batches) -> list[dict[str, Any]]:
+    """Per layer and head: the share of attention mass on position 0 and on the token most attended.
+
+    A sink head puts most of its mass on one token (the first, or a delimiter) whatever the query:
+    `top_token_mass` far above that token's share of the keys (`top_token_key_share`).
+    """
+    vocab = int(model.config.vocab_size)
+    mass: dict[int, torch.Tensor] = {}  # layer -> [H, vocab] attention mass received per key token id
+    first: dict[int, torch.Tensor] = {}  # layer -> [H] mass received by position 0
+    counts: dict[int, int] = {}  # layer -> number of queries
+    with torch.no_grad():
+        for batch in batches:
+            out = model(**{k: v for k, v in batch.items() if k != "labels"}, output_attentions=True)
+            ids = batch["input_ids"].flatten()
+            for layer, probs in enumerate(out.attentions):  # [B, H, T_q, T_k]
+                received = probs[:, :, 1:].sum(2)  # [B, H, T_k], over the queries after the first
+                heads = probs.shape[1]
+                table = mass.setdefault(layer, torch.zeros(heads, vocab))
+                table.index_add_(1, ids, received.permute(1, 0, 2).reshape(heads, -1))
+                first[layer] = first.get(layer, 0) + received[:, :, 0].sum(0)
+                counts[layer] = counts.get(layer, 0) + probs.shape[0] * (probs.shape[2] - 1)
+    all_ids = torch.cat([b["input_ids"].flatten() for b in batches])
+    frequency = torch.bincount(all_ids, minlength=vocab).float() / all_ids.numel()
+    rows = []
+    for layer in sorted(mass):
+        share = mass[layer] / counts[layer]  # [H, vocab]
+        for head in range(share.shape[0]):
+            top = int(share[head].argmax())
+            rows.append(
+                {
+                    "layer": layer,
+                    "head": head,
+                    "position0_mass": float(first[layer][head] / counts[layer]),
+                    "top_token": tokenizer.convert_ids_to_tokens(top),
+                    "top_token_mass": float(share[head, top]),
+                    "top_token_key_share": float(frequency[top]),
+                }
+            )
+    return rows
+
+
 def quantizer_ablation(model, held_out, calibration) -> dict[str, Any]:
     """W8A8/FP perplexity with everything quantized, weights only, and one activation-quantizer kind at a time."""
     from hf_quantizable.quantization import W8A8Config, quantize_model
@@ -674,8 +716,9 @@ def diagnose(path: Path, eval_batches: int = 2, calibration_batches: int = 16) -
     run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
     model, tokenizer, held_out, calibration = _diagnosis_batches(run_dir, checkpoint, eval_batches, calibration_batches)
     profile = token_profile(model, tokenizer, held_out)
+    sinks = attention_sinks(model, tokenizer, held_out)
     ablation = quantizer_ablation(model, held_out, calibration)
-    return {"checkpoint": str(checkpoint), "ablation": ablation, "token_profile": profile}
+    return {"checkpoint": str(checkpoint), "ablation": ablation, "attention_sinks": sinks, "token_profile": profile}
 
 
 def main(argv: list[str] | None = None) -> int:

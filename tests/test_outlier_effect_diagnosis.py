@@ -83,3 +83,37 @@ def test_quantizer_ablation_reports_every_kind_and_restores_modes(search):
     assert all(step > 0 for step in out["grid_step"].values())
     for p in model.parameters():  # the model itself is left in floating point
         assert p.dtype == torch.float32
+
+
+def test_a_corpus_replaces_the_dataset_and_embedded_size_of_the_setting(search, tmp_path, monkeypatch):
+    monkeypatch.setitem(search.CORPORA, "filler-pairs", (search.filler_pairs_corpus, 50))
+    setting = search.Setting(
+        "opt-tiny", ["data.dataset=embedded-noop", "data.embedded_size=100000"], bos=True, corpus="filler-pairs"
+    )
+    preset = search.variant_preset(setting, "vanilla", 10, 3, tmp_path)
+    assert preset.data.dataset == str(tmp_path / "corpora" / "filler-pairs-50.txt")
+    assert (tmp_path / "corpora" / "filler-pairs-50.txt").read_text().count("\n") == 50
+    assert preset.training["max_steps"] == 10 and preset.training["seed"] == 3
+
+
+def test_attention_sinks_sums_the_mass_each_key_token_receives(search):
+    model = tiny_model("opt")
+    batch = tiny_inputs("opt", batch_size=2)
+    batch["attention_mask"] = torch.ones_like(batch["attention_mask"])
+    rows = search.attention_sinks(model, _Tokens(), [batch])
+    layers = model.config.num_hidden_layers
+    heads = model.config.num_attention_heads
+    assert len(rows) == layers * heads
+    with torch.no_grad():
+        probs = model(**batch, output_attentions=True).attentions[0][:, 0, 1:]  # layer 0, head 0, queries 1..
+    expected_first = float(probs[:, :, 0].sum() / (probs.shape[0] * probs.shape[1]))
+    assert rows[0]["position0_mass"] == pytest.approx(expected_first, rel=1e-5)
+    ids = batch["input_ids"]
+    per_token = {}
+    for b in range(ids.shape[0]):
+        for k in range(ids.shape[1]):
+            per_token[int(ids[b, k])] = per_token.get(int(ids[b, k]), 0.0) + float(probs[b, :, k].sum())
+    top = max(per_token, key=per_token.get)
+    assert rows[0]["top_token"] == f"t{top}"
+    assert rows[0]["top_token_mass"] == pytest.approx(per_token[top] / (probs.shape[0] * probs.shape[1]), rel=1e-5)
+    assert rows[0]["top_token_key_share"] == pytest.approx(float((ids == top).float().mean()))
