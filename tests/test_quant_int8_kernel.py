@@ -208,12 +208,15 @@ def test_quantizer_writes_the_codes_its_linear_reads(kernel, monkeypatch, bits):
     x = torch.randn(6, 32) * 2
     with torch.no_grad():
         out = quantizer(x)
-        grid, codes = getattr(out, int8._CODES)
+        grid, codes, _ = getattr(out, int8._CODES)
         assert grid == (0.05000000074505806, 20) and codes.dtype == torch.uint8
         assert torch.equal(codes, int8.grid_codes(out.clone(), *grid, bits))
         expected = layer(out.clone())  # a clone carries no codes: the layer computes its own
         assert torch.equal(layer(out), expected)
         layer.input_zero_point.fill_(21)  # another grid: the written codes are not the layer's
+        assert torch.equal(layer(out), layer(out.clone()))
+        layer.input_zero_point.fill_(20)
+        out.mul_(-1)  # changed in place since its codes were written: they are stale
         assert torch.equal(layer(out), layer(out.clone()))
 
 

@@ -36,7 +36,8 @@ from .int8_kernel import (
 )
 
 # Attribute under which an activation quantizer leaves the uint8 codes of its output for the
-# Int8Linears reading it (or the first of those linears leaves them for the others).
+# Int8Linears reading it (or the first of those linears leaves them for the others):
+# (grid, codes, the tensor's version counter then: an in-place change since makes them stale).
 _CODES = "_w8a8_codes"
 
 
@@ -247,7 +248,7 @@ class Int8ActivationQuantizer(nn.Module):
             fused = fake_quantize(x, scale, zero_point, levels, codes=True)
             if fused is not None:
                 out, codes = fused
-                setattr(out, _CODES, ((scale, zero_point), codes))
+                setattr(out, _CODES, ((scale, zero_point), codes, out._version))
                 return out
         return fake_quantize_on_grid(x, scale, zero_point, levels, kernel)
 
@@ -458,10 +459,10 @@ class Int8Linear(nn.Module):
         if _compiling():
             return grid_codes(x, *grid, self.input_bits)
         cached = getattr(x, _CODES, None)
-        if cached is not None and cached[0] == grid:
+        if cached is not None and cached[0] == grid and cached[2] == x._version:
             return cached[1]
         codes = grid_codes(x, *grid, self.input_bits)
-        setattr(x, _CODES, (grid, codes))
+        setattr(x, _CODES, (grid, codes, x._version))
         return codes
 
     def accumulator(self, codes: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
