@@ -186,28 +186,74 @@ class W8A8Config:
         preset_name: the `W8A8Config.preset` this configuration came from (None: set by hand).
     """
 
-    weight_bits: int = 8
-    activation_bits: int = 8
-    weight_estimator: str = "minmax"
-    activation_estimator: str = "running_minmax"
-    activation_nodes: str = "all"
-    remove_padding: bool = False
-    calibration_quantized: str = "weights"
-    momentum: float = 0.9
-    percentile: float = 99.99
-    num_calibration_batches: int = 16
-    per_channel_weights: bool = False
-    per_channel_residuals: bool = False
-    outlier_channels: int = 0
-    keep_fp_modules: list[str] = field(default_factory=lambda: list(DEFAULT_KEEP_FP))
-    quantize_embeddings: bool = False
-    quantize_layernorm_weights: bool = False
-    gamma_migration: bool = False
-    token_wise_clipping: bool = False
-    clipping_quantiles: list[float] | None = None
-    clipping_steps: int = 50
-    clipping_lr: float = 1e-5
-    preset_name: str | None = None
+    weight_bits: int = field(default=8, metadata={"help": "weight bit width, in [2, 8]"})
+    activation_bits: int = field(default=8, metadata={"help": "activation bit width, in [2, 8]"})
+    weight_estimator: str = field(
+        default="minmax", metadata={"help": "weight range estimator: minmax or mse (grid search)"}
+    )
+    activation_estimator: str = field(
+        default="running_minmax",
+        metadata={"help": "activation range estimator: running_minmax, avg_minmax, percentile or mse"},
+    )
+    activation_nodes: str = field(
+        default="all",
+        metadata={
+            "help": "quantized activations: all (every quantization point), matmul_inputs (what a matrix product reads) or none (weights only)"
+        },
+    )
+    remove_padding: bool = field(
+        default=False, metadata={"help": "calibration statistics over the non-padding tokens only"}
+    )
+    calibration_quantized: str = field(
+        default="weights", metadata={"help": "fake-quantized while calibrating: none, weights or all"}
+    )
+    momentum: float = field(
+        default=0.9, metadata={"help": "momentum of the running_minmax and percentile estimators, in [0, 1)"}
+    )
+    percentile: float = field(
+        default=99.99, metadata={"help": "upper percentile of the percentile estimator, in (50, 100]"}
+    )
+    num_calibration_batches: int = field(
+        default=16, metadata={"help": "calibration batches used to estimate the activation ranges"}
+    )
+    per_channel_weights: bool = field(
+        default=False, metadata={"help": "one weight scale per output channel instead of per tensor"}
+    )
+    per_channel_residuals: bool = field(
+        default=False, metadata={"help": "per-channel grids for the residual-stream activations"}
+    )
+    outlier_channels: int = field(
+        default=0, metadata={"help": "channels per matrix-product input on a second grid of their own, in [0, 512]"}
+    )
+    keep_fp_modules: list[str] = field(
+        default_factory=lambda: list(DEFAULT_KEEP_FP),
+        metadata={"help": "module names (any dotted component) kept in floating point"},
+    )
+    quantize_embeddings: bool = field(
+        default=False, metadata={"help": "quantize the embedding tables as weights (int8 codes in the INT8 checkpoint)"}
+    )
+    quantize_layernorm_weights: bool = field(
+        default=False, metadata={"help": "fake-quantize the LayerNorm weights (biases stay in floating point)"}
+    )
+    gamma_migration: bool = field(default=False, metadata={"help": "Outlier Suppression gamma migration"})
+    token_wise_clipping: bool = field(
+        default=False, metadata={"help": "Outlier Suppression token-wise clipping of the activation ranges"}
+    )
+    clipping_quantiles: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "token-wise clipping: coarse grid of quantiles in (0, 1] (default: the official grid of the bits)"
+        },
+    )
+    clipping_steps: int = field(
+        default=50, metadata={"help": "token-wise clipping: Adam steps of the fine stage (0 skips it)"}
+    )
+    clipping_lr: float = field(
+        default=1e-5, metadata={"help": "token-wise clipping: initial learning rate of the fine stage"}
+    )
+    preset_name: str | None = field(
+        default=None, metadata={"help": "the W8A8Config.preset this configuration came from (None: set by hand)"}
+    )
 
     def __post_init__(self):
         for name in ("momentum", "percentile", "clipping_lr"):
