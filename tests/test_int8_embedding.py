@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
-from hf_quantizable import QuantizableBertForMaskedLM, QuantizableBertModel
+from hf_quantizable import QuantizableBertForMaskedLM, QuantizableBertModel, QuantizableOPTForCausalLM
 from hf_quantizable.modeling.int8_embedding import Int8Embedding, embedding_codes, lookup_rows
 from hf_quantizable.quantization import W8A8Config, W8A8Quantizer, quantize_model
 from hf_quantizable.quantization.calibration import activation_quantizers
@@ -181,3 +181,24 @@ def test_minilm_int8_checkpoint_is_under_0_3_of_fp32(tmp_path):
         assert torch.equal(
             quantizer.int8_model(**batch).last_hidden_state, quantizer.simulated_model(**batch).last_hidden_state
         )
+
+
+@pytest.mark.parametrize(
+    ("family", "model_class"), [("opt", QuantizableOPTForCausalLM), ("bert", QuantizableBertForMaskedLM)]
+)
+def test_tied_token_table_is_untied_and_loads_in_fp16(tmp_path, family, model_class):
+    """OPT's token table is tied to the FP `lm_head`: int8 table, FP head, bit-exact; fp16 loading runs."""
+    model, batches = tiny_model(family, "softmax")
+    quantizer = W8A8Quantizer.from_pretrained(model)
+    config = W8A8Config(num_calibration_batches=2, quantize_embeddings=True, quantize_layernorm_weights=True)
+    out = quantizer.quantize(tmp_path / "int8", quantization_config=config, calibration_dataset=batches)
+    reloaded = model_class.from_pretrained(out).eval()
+    assert isinstance(reloaded.get_input_embeddings(), Int8Embedding)
+    assert reloaded.get_output_embeddings().weight.dtype == torch.float32
+    with torch.no_grad():
+        expected = quantizer.simulated_model(**batches[0]).logits
+        assert torch.equal(reloaded(**batches[0]).logits, expected)
+        half = model_class.from_pretrained(out, dtype=torch.float16).eval()
+        logits = half(**batches[0]).logits
+    assert logits.dtype == torch.float16 and half.get_input_embeddings().weight.dtype == torch.int8
+    assert (logits.float() - expected).abs().max() < 0.1

@@ -35,7 +35,7 @@ def lookup_rows(input_ids: torch.Tensor, codes: torch.Tensor, scale: torch.Tenso
 
 class Int8Embedding(nn.Module):
     """Embedding table of an INT8 checkpoint: int8 codes `weight` `[V, D]` and a float32 `weight_scale`
-    (0-dim, or `[V]` with `per_row`); outputs float32 rows (`lookup_rows`)."""
+    (0-dim, or `[V]` with `per_row`); outputs the rows of `lookup_rows` (float32) in the model's dtype."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None, per_row: bool, bits: int):
         super().__init__()
@@ -45,6 +45,9 @@ class Int8Embedding(nn.Module):
         self.bits = bits
         self.register_buffer("weight", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(num_embeddings if per_row else ()))
+        # The rows' dtype: the model's floating-point dtype (created under it, cast with the model by
+        # `.to` / `.half()`; not saved). float32 in a float32 model, where rows equal the simulation's.
+        self.register_buffer("output_dtype_probe", torch.empty(0), persistent=False)
 
     def extra_repr(self) -> str:
         per_row = self.weight_scale.dim() > 0
@@ -55,7 +58,8 @@ class Int8Embedding(nn.Module):
         return self.weight.float() * scale
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return lookup_rows(input_ids, self.weight, self.weight_scale, self.padding_idx)
+        rows = lookup_rows(input_ids, self.weight, self.weight_scale, self.padding_idx)
+        return rows.to(self.output_dtype_probe.dtype)
 
 
 def _strip_prefix(name: str, prefix: str) -> str:
