@@ -41,6 +41,12 @@ from .int8_kernel import (
 _CODES = "_w8a8_codes"
 
 
+def _version(x: torch.Tensor) -> int | None:
+    """`x`'s version counter; None for inference tensors, which have none (in-place changes to them
+    go unnoticed: the model code changes no activation in place before a linear reads it)."""
+    return None if x.is_inference() else x._version
+
+
 def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
@@ -248,7 +254,7 @@ class Int8ActivationQuantizer(nn.Module):
             fused = fake_quantize(x, scale, zero_point, levels, codes=True)
             if fused is not None:
                 out, codes = fused
-                setattr(out, _CODES, ((scale, zero_point), codes, out._version))
+                setattr(out, _CODES, ((scale, zero_point), codes, _version(out)))
                 return out
         return fake_quantize_on_grid(x, scale, zero_point, levels, kernel)
 
@@ -459,10 +465,10 @@ class Int8Linear(nn.Module):
         if _compiling():
             return grid_codes(x, *grid, self.input_bits)
         cached = getattr(x, _CODES, None)
-        if cached is not None and cached[0] == grid and cached[2] == x._version:
+        if cached is not None and cached[0] == grid and cached[2] == _version(x):
             return cached[1]
         codes = grid_codes(x, *grid, self.input_bits)
-        setattr(x, _CODES, (grid, codes, x._version))
+        setattr(x, _CODES, (grid, codes, _version(x)))
         return codes
 
     def accumulator(self, codes: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
