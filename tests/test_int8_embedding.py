@@ -15,6 +15,7 @@ from hf_quantizable.modeling.int8_embedding import Int8Embedding, embedding_code
 from hf_quantizable.quantization import W8A8Config, W8A8Quantizer, quantize_model
 from hf_quantizable.quantization.calibration import activation_quantizers
 from hf_quantizable.quantization.modules import QuantizedEmbedding, QuantizedLayerNorm
+from tests.isolation import run_without_package
 from tests.test_quant_core import tiny_model
 
 TABLES = ("word_embeddings", "position_embeddings", "token_type_embeddings")
@@ -202,3 +203,23 @@ def test_tied_token_table_is_untied_and_loads_in_fp16(tmp_path, family, model_cl
         logits = half(**batches[0]).logits
     assert logits.dtype == torch.float16 and half.get_input_embeddings().weight.dtype == torch.int8
     assert (logits.float() - expected).abs().max() < 0.1
+
+
+def test_fresh_process_remote_code_loads_int8_tables(tmp_path):
+    """`trust_remote_code` without the package: int8_embedding.py travels and the tables stay int8."""
+    config = W8A8Config.preset("bondarenko2023-bert", num_calibration_batches=2)
+    quantizer, batches, out = _quantize(tmp_path, config)
+    with torch.no_grad():
+        expected = quantizer.simulated_model(**batches[0]).logits
+    torch.save(batches[0], tmp_path / "batch.pt")
+    code = f"""
+        import torch
+        from transformers import AutoModelForMaskedLM
+        model = AutoModelForMaskedLM.from_pretrained({str(out)!r}, trust_remote_code=True, int8_kernel="onednn").eval()
+        table = model.bert.embeddings.word_embeddings
+        assert type(table).__name__ == "Int8Embedding" and table.weight.dtype == torch.int8, table
+        with torch.no_grad():
+            torch.save(model(**torch.load({str(tmp_path / "batch.pt")!r})).logits, {str(tmp_path / "logits.pt")!r})
+    """
+    run_without_package(code)
+    assert torch.equal(torch.load(tmp_path / "logits.pt"), expected)
