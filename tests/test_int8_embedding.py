@@ -223,3 +223,35 @@ def test_fresh_process_remote_code_loads_int8_tables(tmp_path):
     """
     run_without_package(code)
     assert torch.equal(torch.load(tmp_path / "logits.pt"), expected)
+
+
+def test_quantize_while_loading_with_int8_tables_round_trips(tmp_path):
+    """`from_pretrained(..., quantization_config=...)` turns the loaded (tied) FP model into the INT8
+    one in place: the int8 table is untied from the FP head, and the head's own tied bias is saved too."""
+    from transformers import AutoModelForMaskedLM
+
+    from hf_quantizable import W8A8QuantizationConfig
+    from tests.conftest import tiny_inputs
+    from tests.conftest import tiny_model as tiny_fp_model
+    from tests.test_quant_method import calibration_batches
+
+    model = tiny_fp_model("bert", attn_impl="gated")
+    with torch.no_grad():
+        model.cls.predictions.bias.normal_()  # a bias that a fresh initialisation would not reproduce
+    model.save_pretrained(tmp_path / "fp")
+    options = {"num_calibration_batches": 2, "quantize_embeddings": True, "quantize_layernorm_weights": True}
+    W8A8Quantizer.from_pretrained(tmp_path / "fp").quantize(
+        tmp_path / "int8", W8A8Config(**options), calibration_batches()
+    )
+    config = W8A8QuantizationConfig(calibration_dataset=calibration_batches(), **options)
+    loaded = AutoModelForMaskedLM.from_pretrained(tmp_path / "fp", quantization_config=config)
+    assert isinstance(loaded.bert.embeddings.word_embeddings, Int8Embedding)
+    inputs = tiny_inputs("bert")
+    with torch.no_grad():
+        logits = loaded(**inputs).logits
+        assert torch.equal(logits, AutoModelForMaskedLM.from_pretrained(tmp_path / "int8")(**inputs).logits)
+    loaded.save_pretrained(tmp_path / "saved")
+    reloaded, info = AutoModelForMaskedLM.from_pretrained(tmp_path / "saved", output_loading_info=True)
+    assert not info["missing_keys"], info
+    with torch.no_grad():
+        assert torch.equal(reloaded(**inputs).logits, logits)

@@ -97,7 +97,22 @@ def convert_embeddings_to_int8(model: nn.Module, w8a8_config: dict) -> None:
             config.tie_word_embeddings = False
             for module in model.modules():
                 if getattr(module, "all_tied_weights_keys", None):
+                    _untie(module, module.all_tied_weights_keys)
                     module.all_tied_weights_keys = {}
+
+
+def _untie(module: nn.Module, tied: dict[str, str]) -> None:
+    """Give every target of `tied` (target -> source names) that still shares its source's tensor a copy
+    of its own (e.g. BERT's decoder bias): untied in the config, both are saved and loaded separately."""
+    for target, source in tied.items():
+        try:
+            target_tensor, source_tensor = module.get_parameter(target), module.get_parameter(source)
+        except AttributeError:
+            continue
+        if target_tensor is source_tensor:
+            parent_name, _, name = target.rpartition(".")
+            parent = module.get_submodule(parent_name) if parent_name else module
+            setattr(parent, name, nn.Parameter(source_tensor.detach().clone(), source_tensor.requires_grad))
 
 
 def _input_embeddings(model: nn.Module) -> set[int]:
