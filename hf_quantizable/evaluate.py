@@ -16,8 +16,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from .cli import OneLineErrorParser, given_options, refuse_unused
+from .cli import DataArguments, OneLineErrorParser, given_options, positive_int, refuse_unused
 from .evaluation.results import ResultRecord, read_results, write_results
+from .quantization.config import W8A8Config
 
 TASK_CHOICES = ("mlm", "clm", "image", "embedding", "glue")
 # Options of one kind of task that another kind would accept and ignore: refused there instead.
@@ -27,10 +28,15 @@ NOT_GLUE = (
     "image_column", "label_column", "max_sequences", "max_length", "batch_size", "mlm_probability",
     "no_plots", "attention_layer", "attention_head", "fp16", "bf16",
 )  # fmt: skip
-W8A8_OPTIONS = (
-    "outlier_suppression", "per_channel_weights", "per_channel_residuals", "outlier_channels",
-    "num_calibration_batches", "clipping_steps", "calibration_split", "w8a8_preset",
-)  # fmt: skip
+# The W8A8Config fields this command sets (each a flag generated from the dataclass).
+W8A8_FLAGS = (
+    "per_channel_weights",
+    "per_channel_residuals",
+    "outlier_channels",
+    "num_calibration_batches",
+    "clipping_steps",
+)
+W8A8_OPTIONS = ("outlier_suppression", *W8A8_FLAGS, "calibration_split", "w8a8_preset")
 DEFAULT_DATASETS = {
     "mlm": ("wikitext", "wikitext-2-raw-v1"),
     "clm": ("wikitext", "wikitext-2-raw-v1"),
@@ -72,49 +78,49 @@ def build_parser() -> argparse.ArgumentParser:
         "this package does not register)",
     )
     data = parser.add_argument_group("data (mlm, clm, image, embedding)")
-    data.add_argument(
-        "--dataset", help="Hub dataset name or local file/folder (default: wikitext / mnist from the Hub)"
+    parser.add_dataclass_arguments(
+        DataArguments,
+        ("dataset", "dataset_config"),
+        group=data,
+        helps={
+            "dataset": "Hub dataset name or local file/folder (default: wikitext / mnist from the Hub)",
+            "dataset_config": "Hub dataset configuration (default wikitext-2-raw-v1 for wikitext)",
+        },
     )
-    data.add_argument("--dataset-config", help="Hub dataset configuration (default wikitext-2-raw-v1 for wikitext)")
-    data.add_argument("--data-files", help="files for a builder name given as --dataset (text, json, csv, imagefolder)")
-    data.add_argument("--split", default="test", help="evaluation split (default test)")
+    parser.add_dataclass_arguments(DataArguments, ("data_files",), group=data)
+    parser.add_dataclass_arguments(DataArguments, ("split",), group=data, defaults={"split": "test"})
     data.add_argument(
         "--calibration-split",
         help="W8A8 calibration split (default: validation for test, else the evaluation split minus the evaluated examples)",
     )
-    data.add_argument("--text-column", default="text")
-    data.add_argument("--image-column", default="image")
-    data.add_argument("--label-column", default="label")
-    data.add_argument("--max-sequences", type=int, default=128, help="sequences / images evaluated (default 128)")
-    data.add_argument(
-        "--max-length", type=int, default=128, help="tokens per sequence (default 128; the papers: BERT 128, OPT 512)"
+    parser.add_dataclass_arguments(
+        DataArguments,
+        ("text_column", "image_column", "label_column", "max_sequences", "max_length", "batch_size"),
+        group=data,
+        helps={"max_length": "tokens per sequence (the papers: BERT 128, OPT 512)"},
     )
-    data.add_argument("--batch-size", type=int, default=8)
-    data.add_argument("--mlm-probability", type=float, default=0.15)
+    data.add_argument(
+        "--mlm-probability", type=float, default=0.15, help="masked-token probability of --task mlm (default 0.15)"
+    )
     data.add_argument("--seed", type=int, default=0, help="masking seed (mlm) and GLUE training seed")
     data.add_argument("--fp16", action="store_true", help="also evaluate MODEL in float16 (a real fp16 forward)")
     data.add_argument("--bf16", action="store_true", help="also evaluate MODEL in bfloat16")
-    quant = parser.add_argument_group("quantization")
+    quant = parser.add_argument_group("quantization (W8A8Config fields, defaults are W8A8Config's)")
     quant.add_argument("--no-w8a8", action="store_true", help="skip the simulated W8A8 variant")
     quant.add_argument("--outlier-suppression", action="store_true", help="also evaluate W8A8 with Outlier Suppression")
-    quant.add_argument("--per-channel-weights", action="store_true", help="W8A8: one weight scale per output channel")
-    quant.add_argument(
-        "--per-channel-residuals",
-        action="store_true",
-        help="W8A8: per-channel grids for the residual-stream activations",
+    parser.add_dataclass_arguments(
+        W8A8Config,
+        W8A8_FLAGS,
+        group=quant,
+        optional=True,
+        types={"num_calibration_batches": positive_int},
+        helps={"clipping_steps": "Outlier Suppression: steps of the fine token-wise clipping stage (0: coarse only)"},
     )
-    quant.add_argument("--outlier-channels", type=int, help="W8A8: channels per linear input on their own grid")
     quant.add_argument(
         "--w8a8-preset",
         metavar="NAME",
         help="W8A8: a named paper setting (W8A8Config.preset, e.g. bondarenko2023-bert, wei2022-os-6bit); the "
         "other quantization flags apply on top (--preset is the GLUE fine-tuning preset)",
-    )
-    quant.add_argument("--num-calibration-batches", type=int, help="calibration batches (default 16)")
-    quant.add_argument(
-        "--clipping-steps",
-        type=int,
-        help="Outlier Suppression: steps of the fine token-wise clipping stage (default 50; 0: coarse only)",
     )
     plots = parser.add_argument_group("plots")
     plots.add_argument("--no-plots", action="store_true", help="do not write plots/")
@@ -129,9 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="fine-tuning preset: bondarenko, liao-monz (MNLI/QNLI/QQP/SST-2), liao-monz-lr{1e-5,2e-5,3e-5}-bs{16,32} "
         "(their grid for CoLA/RTE/MRPC/STS-B), liao-monz-cpu (3 epochs) or cpu-smoke",
     )
-    glue.add_argument("--max-train-samples", type=int)
-    glue.add_argument("--max-eval-samples", type=int)
-    glue.add_argument("--max-steps", type=int, default=-1)
+    glue.add_argument("--max-train-samples", type=int, help="training examples used (default: all)")
+    glue.add_argument("--max-eval-samples", type=int, help="evaluation examples used (default: all)")
+    glue.add_argument("--max-steps", type=int, default=-1, help="fine-tuning steps (default -1: the preset's epochs)")
     return parser
 
 
@@ -189,18 +195,9 @@ def _clips(preset: str | None) -> bool:
 
 def w8a8_overrides(args: argparse.Namespace) -> dict:
     """W8A8Config fields set on the command line (all of the preset's, with --w8a8-preset)."""
-    fields = (
-        ("num_calibration_batches", args.num_calibration_batches),
-        ("clipping_steps", args.clipping_steps),
-        ("per_channel_weights", args.per_channel_weights or None),
-        ("per_channel_residuals", args.per_channel_residuals or None),
-        ("outlier_channels", args.outlier_channels),
-    )
-    given = {key: value for key, value in fields if value is not None}
+    given = {name: getattr(args, name) for name in W8A8_FLAGS if getattr(args, name) is not None}
     if args.w8a8_preset is None:
         return given
-    from .quantization import W8A8Config
-
     return W8A8Config.preset(args.w8a8_preset, **given).to_dict()
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx2
 from huggingface_hub import snapshot_download
 
-from .cli import OneLineErrorParser
+from .cli import DataArguments, OneLineErrorParser
 from .hub.evaluate import evaluate_for_card
 from .hub.folder import PLOTS_DIR, RESULTS_FILE
 from .hub.publish import plan_push, write_plan
@@ -42,11 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--models-dir", type=Path, help="read each repo from MODELS_DIR/NAME instead of the Hub")
     parser.add_argument("--output", type=Path, default=Path("hub-eval"), help="results, plots and refreshed folders")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier hub_eval output in --output")
-    parser.add_argument("--max-sequences", type=int, default=256, help="evaluation sequences per dataset")
-    parser.add_argument(
-        "--dataset", help="evaluation data: Hub name or local file/folder (default: WikiText-2 / MNIST)"
+    parser.add_dataclass_arguments(
+        DataArguments,
+        ("max_sequences", "dataset", "split"),
+        defaults={"max_sequences": 256},
+        helps={
+            "max_sequences": "evaluation sequences per dataset",
+            "dataset": "evaluation data: Hub name or local file/folder (default: WikiText-2 / MNIST)",
+            "split": "evaluation split (default: test)",
+        },
     )
-    parser.add_argument("--split", help="evaluation split (default: test)")
     parser.add_argument(
         "--trust-remote-code",
         action="store_true",

@@ -20,7 +20,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from . import quantize, train
-from .cli import OneLineErrorParser
+from .cli import DataArguments, OneLineErrorParser
 from .evaluation.results import read_results
 from .hub.card import variant_of
 from .hub.evaluate import evaluate_for_card
@@ -28,6 +28,7 @@ from .hub.folder import PLOTS_DIR, RECIPE_FILE, is_repo_folder
 from .hub.publish import plan_push, write_plan
 from .hub.upload import check_repo_id
 from .paths import check_output_folder, write_text_atomic
+from .quantization.config import W8A8Config
 from .training import embedded
 from .training.runner import CHECKPOINT_DIR
 from .training.trainer import latest_complete_checkpoint
@@ -35,6 +36,8 @@ from .training.trainer import latest_complete_checkpoint
 VARIANTS = ("vanilla", "gated", "clipped")
 WORK_DIR_MARK = ".hf_quantizable-main-job"  # marks a --work-dir this command made (and may reuse)
 TRAIN_SEED_LINES = 1000  # calibration lines drawn from the training corpus generator
+# Old flag names, accepted (with a deprecation line) for one release (see `hf_quantizable.cli`).
+DEPRECATED_FLAGS = {"--eval-sequences": "--max-sequences", "--calibration-batches": "--num-calibration-batches"}
 EVAL_SEED = 12345  # held-out evaluation text: the embedded generator with a seed training does not use
 
 
@@ -58,9 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--namespace", default="hf-quantizable", help="Hub user or organization named in the cards")
     parser.add_argument("--max-steps", type=int, default=150, help="training steps per model")
     parser.add_argument("--corpus-size", type=int, default=20000, help="lines of the embedded training corpus")
-    parser.add_argument("--eval-sequences", type=int, default=64, help="held-out sequences for FP vs INT8")
-    parser.add_argument("--calibration-batches", type=int, default=16, help="W8A8 calibration batches")
+    parser.add_dataclass_arguments(
+        DataArguments,
+        ("max_sequences",),
+        defaults={"max_sequences": 64},
+        helps={"max_sequences": "held-out sequences for FP vs INT8"},
+    )
+    parser.add_dataclass_arguments(W8A8Config, ("num_calibration_batches",))
     parser.add_argument("--no-progress", action="store_true", help="disable the training progress bars")
+    for old, new in DEPRECATED_FLAGS.items():
+        parser.add_deprecated_alias(old, new)
     return parser
 
 
@@ -69,7 +79,7 @@ def check_args(args: argparse.Namespace) -> None:
     unknown = sorted(set(args.variants) - set(VARIANTS))
     if unknown:
         raise ValueError(f"--variants: unknown {unknown}; allowed: {', '.join(VARIANTS)}")
-    for name in ("max_steps", "corpus_size", "eval_sequences", "calibration_batches"):
+    for name in ("max_steps", "corpus_size", "max_sequences", "num_calibration_batches"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     check_repo_id(f"{args.namespace}/bert-tiny-gated", "--namespace")
@@ -124,12 +134,12 @@ def run_variant(variant: str, args: argparse.Namespace, calibration: Path, evalu
         train_args.append("--resume")
     if state != "done":
         _run(f"training {name}", train.main(train_args))
-    quantize_args = [str(run_dir), "--output", str(int8_dir), "--calibration-data", str(calibration), "--overwrite"]
-    quantize_args += ["--num-batches", str(args.calibration_batches), "--max-length", "64"]
+    quantize_args = [str(run_dir), "--output", str(int8_dir), "--dataset", str(calibration), "--overwrite"]
+    quantize_args += ["--num-calibration-batches", str(args.num_calibration_batches), "--max-length", "64"]
     _run(f"quantizing {name}", quantize.main(quantize_args))
     shutil.rmtree(run_dir / PLOTS_DIR, ignore_errors=True)
     results = evaluate_for_card(
-        run_dir, int8_dir, run_dir, dataset=str(evaluation), split="validation", max_sequences=args.eval_sequences
+        run_dir, int8_dir, run_dir, dataset=str(evaluation), split="validation", max_sequences=args.max_sequences
     )
     plans = plan_push(
         run_dir,
@@ -175,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         calibration = write_texts(data_dir / "calibration.txt", embedded.generate_corpus(TRAIN_SEED_LINES, seed=0))
         evaluation = write_texts(
             data_dir / "embedded-heldout" / "validation.txt",
-            embedded.generate_corpus(4 * args.eval_sequences * 8, EVAL_SEED),
+            embedded.generate_corpus(4 * args.max_sequences * 8, EVAL_SEED),
         )
         for variant in tqdm(args.variants, desc="main job", unit="model"):
             folders += run_variant(variant, args, calibration, evaluation)
@@ -186,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\nHub-ready repo folders (upload with python -m hf_quantizable.push):")
     for folder in folders:
         print(f"  {folder}")
-    print(f"\nFP vs INT8 (W8A8), held-out embedded text, {args.eval_sequences} sequences:\n")
+    print(f"\nFP vs INT8 (W8A8), held-out embedded text, {args.max_sequences} sequences:\n")
     print(summary_table(results))
     print(f"\ndone in {time.perf_counter() - start:.0f} s")
     return 0

@@ -1,9 +1,13 @@
 """Quantize a trained quantizable model to a W8A8 INT8 checkpoint.
 
     python -m hf_quantizable.quantize runs/bert-gated --output runs/bert-gated-w8a8
-    python -m hf_quantizable.quantize MODEL_DIR --output OUT --bits 6 --estimator percentile
+    python -m hf_quantizable.quantize MODEL_DIR --output OUT --bits 6 --activation-estimator percentile
     python -m hf_quantizable.quantize MINILM_DIR --output OUT --gamma-migration --token-wise-clipping
     python -m hf_quantizable.quantize MINILM_DIR --output OUT --preset wei2022-os-6bit
+
+Every W8A8Config field but `preset_name` is a flag of its name (`--per-channel-weights`,
+`--num-calibration-batches`, ...), generated from the dataclass; the calibration data flags come from
+`cli.DataArguments` (see `hf_quantizable.cli` for the names and their deprecated aliases).
 
 The output folder reloads with `AutoModel*.from_pretrained(OUT, trust_remote_code=True)`; it is
 written to a temporary folder and renamed, so a failed or interrupted run leaves nothing behind.
@@ -14,12 +18,13 @@ else. Bad input exits with status 2 and one `error: ...` line, Ctrl-C with statu
 import argparse
 import json
 import sys
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .cli import OneLineErrorParser, positive_int
-from .quantization.config import ACTIVATION_ESTIMATORS, WEIGHT_ESTIMATORS, W8A8Config, preset_names
+from .cli import DataArguments, OneLineErrorParser, positive_int
+from .quantization.config import W8A8Config, preset_names
 
 DEFAULT_MAX_LENGTH = 128
 # Fields only some settings read: accepted only with those settings (no value is silently ignored).
@@ -27,7 +32,20 @@ _ESTIMATOR_OF_FIELD = {"percentile": ("percentile",), "momentum": ("running_minm
 _CLIPPING_FIELDS = ("clipping_quantiles", "clipping_steps", "clipping_lr")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+# W8A8Config fields the command line does not set (`preset_name` records where a setting came from);
+# every other field is a flag of its own name, generated from the dataclass.
+NOT_FLAGS = ("preset_name",)
+W8A8_FLAGS = tuple(f.name for f in dataclass_fields(W8A8Config) if f.name not in NOT_FLAGS)
+# Old flag names, accepted (with a deprecation line) for one release.
+DEPRECATED_FLAGS = {
+    "--num-batches": "--num-calibration-batches",
+    "--per-channel": "--per-channel-weights",
+    "--estimator": "--activation-estimator",
+    "--calibration-data": "--dataset",
+}
+
+
+def build_parser() -> OneLineErrorParser:
     parser = OneLineErrorParser(
         prog="python -m hf_quantizable.quantize",
         description="W8A8 post-training quantization (static ranges from calibration) to an INT8 checkpoint.",
@@ -37,43 +55,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace --output if it holds a previous INT8 output of this command"
     )
-    parser.add_argument(
-        "--calibration-data",
-        help="text file, one example per line (default: WikiText-2 validation), or an image folder for ViT",
+    data = parser.add_argument_group("calibration data")
+    parser.add_dataclass_arguments(
+        DataArguments,
+        ("dataset", "batch_size", "max_length"),
+        group=data,
+        defaults={"batch_size": 16, "max_length": None},
+        types={"batch_size": positive_int, "max_length": positive_int},
+        helps={
+            "dataset": "calibration text file, one example per line (default: WikiText-2 validation), or an image "
+            "folder for ViT",
+            "batch_size": "calibration batch size",
+            "max_length": f"calibration sequence length of text models (default {DEFAULT_MAX_LENGTH}, at most the "
+            "model's positions)",
+        },
     )
-    parser.add_argument("--bits", type=int, help="weight and activation bits (sets both)")
-    parser.add_argument("--weight-bits", type=int, help="weight bits (default 8)")
-    parser.add_argument("--activation-bits", type=int, help="activation bits (default 8)")
-    parser.add_argument("--estimator", help=f"activation range estimator: {', '.join(ACTIVATION_ESTIMATORS)}")
-    parser.add_argument("--weight-estimator", help=f"weight range estimator: {', '.join(WEIGHT_ESTIMATORS)}")
-    parser.add_argument("--percentile", type=float, help="percentile of the `percentile` estimator (99.99)")
-    parser.add_argument("--num-batches", type=positive_int, help="calibration batches (default 16)")
-    parser.add_argument("--batch-size", type=positive_int, default=16, help="calibration batch size (default 16)")
-    parser.add_argument(
-        "--max-length",
-        type=positive_int,
-        help=f"calibration sequence length of text models (default {DEFAULT_MAX_LENGTH}, at most the model's positions)",
+    quant = parser.add_argument_group(
+        "quantization (W8A8Config fields; a flag given overrides --preset and --config, defaults are W8A8Config's)"
     )
-    parser.add_argument("--per-channel", action="store_true", help="per-output-channel weight scales")
-    parser.add_argument(
-        "--per-channel-residuals", action="store_true", help="per-channel grids for the residual-stream activations"
+    parser.add_dataclass_arguments(
+        W8A8Config, W8A8_FLAGS, group=quant, optional=True, types={"num_calibration_batches": positive_int}
     )
-    parser.add_argument(
-        "--outlier-channels", type=int, help="channels per linear input on a second grid of their own (default 0)"
+    quant.add_argument("--bits", type=int, help="weight and activation bits (sets both)")
+    quant.add_argument(
+        "--weights-only",
+        action="store_true",
+        help="quantize the weights only, activations stay in floating point (--activation-nodes none)",
     )
-    parser.add_argument("--gamma-migration", action="store_true", help="Outlier Suppression gamma migration")
-    parser.add_argument("--token-wise-clipping", action="store_true", help="Outlier Suppression token-wise clipping")
-    parser.add_argument(
-        "--weights-only", action="store_true", help="quantize the weights only (activations stay in floating point)"
-    )
-    parser.add_argument(
+    quant.add_argument(
         "--preset",
         choices=preset_names(),
         metavar="NAME",
         help=f"a named paper setting (W8A8Config.preset), under --config and the flags: {', '.join(preset_names())}",
     )
-    parser.add_argument("--config", help="JSON file with W8A8Config fields (command-line flags win)")
-    return parser.parse_args(argv)
+    quant.add_argument("--config", help="JSON file with W8A8Config fields (command-line flags win)")
+    for old, new in DEPRECATED_FLAGS.items():
+        parser.add_deprecated_alias(old, new)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def read_config_file(path: str) -> dict:
@@ -98,7 +120,7 @@ def check_fields_used(given: set[str], config: W8A8Config) -> None:
             also = "".join(f" (and by `{e}`)" for e in estimators[1:])
             raise ValueError(
                 f"`{name}` is read only by the `{estimators[0]}` activation estimator, not by "
-                f"{config.activation_estimator!r}{also}: pass --estimator {estimators[0]} or drop it"
+                f"{config.activation_estimator!r}{also}: pass --activation-estimator {estimators[0]} or drop it"
             )
     unused = [name for name in _CLIPPING_FIELDS if name in given and not config.token_wise_clipping]
     if unused:
@@ -110,20 +132,13 @@ def build_config(args: argparse.Namespace) -> W8A8Config:
     if args.bits is not None and args.weight_bits is not None and args.activation_bits is not None:
         raise ValueError("--bits would be ignored: --weight-bits and --activation-bits are both given")
     fields = read_config_file(args.config) if args.config else {}
-    flags = {
-        "weight_bits": args.weight_bits if args.weight_bits is not None else args.bits,
-        "activation_bits": args.activation_bits if args.activation_bits is not None else args.bits,
-        "activation_estimator": args.estimator,
-        "weight_estimator": args.weight_estimator,
-        "percentile": args.percentile,
-        "num_calibration_batches": args.num_batches,
-        "per_channel_weights": args.per_channel or None,
-        "per_channel_residuals": args.per_channel_residuals or None,
-        "outlier_channels": args.outlier_channels,
-        "gamma_migration": args.gamma_migration or None,
-        "token_wise_clipping": args.token_wise_clipping or None,
-        "activation_nodes": "none" if args.weights_only else None,
-    }
+    if args.weights_only and args.activation_nodes is not None:
+        raise ValueError("--weights-only is --activation-nodes none: pass one of them")
+    flags = {name: getattr(args, name) for name in W8A8_FLAGS}
+    for name in ("weight_bits", "activation_bits"):
+        flags[name] = flags[name] if flags[name] is not None else args.bits
+    if args.weights_only:
+        flags["activation_nodes"] = "none"
     fields.update({k: v for k, v in flags.items() if v is not None})
     if args.preset:
         unknown = sorted(set(fields) - set(W8A8Config().to_dict()))
@@ -212,14 +227,14 @@ def main(argv: list[str] | None = None) -> int:
         check_output_dir(args.output, model_dir, args.overwrite)
         batches, processor = calibration_batches(
             model_dir,
-            args.calibration_data,
+            args.dataset,
             args.batch_size,
             max_length,
             config.num_calibration_batches,
             model_type,
         )
         if not batches:
-            raise ValueError(f"the calibration set is empty: no usable example in {args.calibration_data!s}")
+            raise ValueError(f"the calibration set is empty: no usable example in {args.dataset!s}")
         quantizer = W8A8Quantizer.from_pretrained(model_dir)
         with tqdm(total=len(batches), desc="calibrating", unit="batch") as bar:
             output = quantizer.quantize(

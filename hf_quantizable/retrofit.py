@@ -10,7 +10,7 @@ before the first step (the gates can then learn to close heads). Clipped softmax
 original (|gamma| is small).
 
     python -m hf_quantizable.retrofit PATH_OR_HUB_ID --output runs/minilm-gated --attn-impl gated \\
-        --dataset-path ../shared/data/wikitext-2/valid.txt --max-steps 200
+        --dataset ../shared/data/wikitext-2/valid.txt --max-steps 200
 """
 
 import argparse
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, TrainingArguments, default_data_collator
 
-from .cli import OneLineErrorParser, one_line, positive_int
+from .cli import DataArguments, OneLineErrorParser, one_line, positive_int
 from .modeling.configuration_quantizable import GATE_TYPES, QuantizableBertConfig
 from .modeling.modeling_quantizable_bert import QuantizableBertModel
 from .paths import apply_umask
@@ -47,6 +47,8 @@ from .training.trainer import QuantizableTrainer
 
 # `softmax` keeps the original attention: the control run (distillation with the outlier term only).
 RETROFIT_IMPLS = ("gated", "clipped_softmax", "normalized_clipped_softmax", "softmax")
+# Old flag names, accepted (with a deprecation line) for one release (see `hf_quantizable.cli`).
+DEPRECATED_FLAGS = {"--dataset-path": "--dataset", "--seq-length": "--max-length"}
 # Flags that only one attention implementation reads, with their defaults there.
 ATTENTION_FLAGS = {
     "gated": {"gate_type": "linear", "pi_init": 0.5, "gate_learning_rate": 1e-3},
@@ -190,28 +192,48 @@ def non_negative_float(text: str) -> float:
     return _number(text, 0.0, strict=False)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> OneLineErrorParser:
     parser = OneLineErrorParser(prog="python -m hf_quantizable.retrofit", description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="stock BERT checkpoint (folder or Hub id)")
     parser.add_argument("--output", required=True, help="folder for the retrofitted, Hub-ready model")
-    parser.add_argument("--attn-impl", default="gated", choices=RETROFIT_IMPLS)
+    parser.add_argument(
+        "--attn-impl",
+        default="gated",
+        choices=RETROFIT_IMPLS,
+        help="attention of the retrofitted model (default gated; softmax: the original one, a control run)",
+    )
     parser.add_argument("--gate-type", choices=GATE_TYPES, help="gate of gated attention (default linear)")
     parser.add_argument("--pi-init", type=float, help="initial gate probability in (0, 1) (gated; default 0.5)")
     parser.add_argument("--clip-gamma", type=float, help="clipped softmax gamma <= 0 (default -0.025)")
-    parser.add_argument("--dataset-path", required=True, help="local text file / folder used for distillation")
-    parser.add_argument("--seq-length", type=positive_int, default=128)
-    parser.add_argument("--max-steps", type=positive_int, default=200)
-    parser.add_argument("--batch-size", type=positive_int, default=16)
-    parser.add_argument("--learning-rate", type=positive_float, default=5e-5)
+    parser.add_dataclass_arguments(
+        DataArguments,
+        ("dataset", "max_length", "batch_size"),
+        required=("dataset",),
+        defaults={"max_length": 128, "batch_size": 16},
+        types={"max_length": positive_int, "batch_size": positive_int},
+        helps={
+            "dataset": "local text file / folder used for distillation",
+            "max_length": "tokens per distillation sequence",
+            "batch_size": "distillation batch size",
+        },
+    )
+    parser.add_argument("--max-steps", type=positive_int, default=200, help="distillation steps (default 200)")
+    parser.add_argument("--learning-rate", type=positive_float, default=5e-5, help="learning rate (default 5e-5)")
     parser.add_argument(
         "--gate-learning-rate", type=positive_float, help="learning rate of the new gate parameters (default 1e-3)"
     )
     parser.add_argument(
         "--outlier-weight", type=non_negative_float, default=0.1, help="weight of the FFN inf-norm term (0 = off)"
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-progress", action="store_true")
-    return parser.parse_args(argv)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data order and the new parameters (default 0)")
+    parser.add_argument("--no-progress", action="store_true", help="disable the progress bars")
+    for old, new in DEPRECATED_FLAGS.items():
+        parser.add_deprecated_alias(old, new)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def resolve_attention_flags(args: argparse.Namespace) -> None:
@@ -245,7 +267,7 @@ def retrofit_recipe(args: argparse.Namespace) -> dict[str, Any]:
             k: getattr(args, k)
             for k in ("max_steps", "batch_size", "learning_rate", "gate_learning_rate", "outlier_weight", "seed")
         },
-        "data": {"dataset": args.dataset_path, "seq_length": args.seq_length},
+        "data": {"dataset": args.dataset, "seq_length": args.max_length},
         "tracking": {},
     }
 
@@ -257,12 +279,12 @@ def check_inputs(args: argparse.Namespace, recipe: dict[str, Any]) -> Quantizabl
         config = retrofit_config(args.model, args.attn_impl, **attention_fields(args))
     except (ValueError, TypeError) as err:
         raise ValueError(one_line(err)) from None
-    if args.seq_length > config.max_position_embeddings:
+    if args.max_length > config.max_position_embeddings:
         raise ValueError(
-            f"--seq-length {args.seq_length} exceeds the model's max_position_embeddings={config.max_position_embeddings}"
+            f"--max-length {args.max_length} exceeds the model's max_position_embeddings={config.max_position_embeddings}"
         )
-    if not Path(args.dataset_path).expanduser().exists():
-        raise ValueError(f"--dataset-path {args.dataset_path} does not exist")
+    if not Path(args.dataset).expanduser().exists():
+        raise ValueError(f"--dataset {args.dataset} does not exist")
     return config
 
 
@@ -300,7 +322,7 @@ def retrofit(args: argparse.Namespace) -> dict[str, Any]:
     tokenizer = load_tokenizer(args.model)
     tokenizer.model_max_length = min(tokenizer.model_max_length, config.max_position_embeddings)
     data = load_text_datasets(
-        DataSpec(dataset=args.dataset_path, seq_length=args.seq_length), "bert", seed=args.seed, tokenizer=tokenizer
+        DataSpec(dataset=args.dataset, seq_length=args.max_length), "bert", seed=args.seed, tokenizer=tokenizer
     )
     student = retrofit_model(args.model, args.attn_impl, **attention_fields(args))
     try:

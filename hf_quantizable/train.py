@@ -14,11 +14,11 @@ import json
 import sys
 from pathlib import Path
 
-from .cli import OneLineErrorParser, one_line, positive_int
+from .cli import DataArguments, OneLineErrorParser, one_line, positive_int
 from .training.presets import PRESETS, allowed_fields, apply_overrides, get_preset, list_presets, validate_preset
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> OneLineErrorParser:
     parser = OneLineErrorParser(
         prog="python -m hf_quantizable.train",
         description="Pre-train a quantizable BERT / OPT / ViT with the papers' recipes (transformers Trainer).",
@@ -27,19 +27,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--preset", help="recipe name (see --list-presets)")
     parser.add_argument("--output", help="run folder: checkpoints, tracking log and the final Hub-ready model")
     parser.add_argument("--max-steps", type=positive_int, help="override the preset's number of optimizer steps")
-    parser.add_argument("--dataset-path", help="local text file / folder / image folder (sets data.dataset)")
+    parser.add_dataclass_arguments(
+        DataArguments,
+        ("dataset",),
+        helps={"dataset": "local text file / folder / image folder (sets data.dataset)"},
+    )
     parser.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
     parser.add_argument("--list-presets", action="store_true", help="print the presets and exit")
     parser.add_argument("--list-fields", metavar="PRESET", help="print every overridable field of PRESET and exit")
     parser.add_argument("--show", action="store_true", help="print the resolved recipe as JSON and exit")
     parser.add_argument("--no-progress", action="store_true", help="disable progress bars")
     parser.add_argument("overrides", nargs="*", metavar="field=value", help="recipe overrides")
-    return parser.parse_args(argv)
+    parser.add_deprecated_alias("--dataset-path", "--dataset")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def check_flags(args: argparse.Namespace) -> None:
     """Refuse flags the chosen mode would ignore (listing, --show, or training)."""
-    recipe = {"--preset": args.preset, "--max-steps": args.max_steps, "--dataset-path": args.dataset_path}
+    recipe = {"--preset": args.preset, "--max-steps": args.max_steps, "--dataset": args.dataset}
     recipe["field=value"] = args.overrides or None
     run = {"--output": args.output, "--resume": args.resume or None, "--no-progress": args.no_progress or None}
     modes = [m for m, on in (("--list-presets", args.list_presets), ("--list-fields", args.list_fields)) if on]
@@ -50,8 +59,8 @@ def check_flags(args: argparse.Namespace) -> None:
     given = [flag for flag, value in ignored.items() if value is not None]
     if given:
         raise ValueError(f"{modes[0]} does not use {', '.join(given)}: drop it")
-    if args.dataset_path and not Path(args.dataset_path).expanduser().exists():
-        raise ValueError(f"--dataset-path {args.dataset_path} does not exist")
+    if args.dataset and not Path(args.dataset).expanduser().exists():
+        raise ValueError(f"--dataset {args.dataset} does not exist")
 
 
 def rerun_hint(run) -> str:
@@ -84,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides = list(args.overrides)
         if args.max_steps is not None:
             overrides.append(f"training.max_steps={args.max_steps}")
-        if args.dataset_path:
-            overrides.append(f"data.dataset={json.dumps(args.dataset_path)}")
+        if args.dataset:
+            overrides.append(f"data.dataset={json.dumps(args.dataset)}")
         preset = apply_overrides(get_preset(args.preset), overrides)
         validate_preset(preset)
         if args.show:

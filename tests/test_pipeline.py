@@ -16,7 +16,7 @@ from hf_quantizable.pipeline import main as pipeline_main
 from hf_quantizable.pipeline import summary_table
 from tests.isolation import run_without_package
 
-QUICK = ["--max-steps", "4", "--corpus-size", "1000", "--eval-sequences", "4", "--calibration-batches", "1"]
+QUICK = ["--max-steps", "4", "--corpus-size", "1000", "--max-sequences", "4", "--num-calibration-batches", "1"]
 
 
 @pytest.fixture(scope="module")

@@ -31,9 +31,9 @@ def test_cli_writes_a_reloadable_checkpoint(model_dir, tmp_path, capsys):
             str(model_dir),
             "--output",
             str(out),
-            "--calibration-data",
+            "--dataset",
             str(model_dir / "calib.txt"),
-            "--num-batches",
+            "--num-calibration-batches",
             "2",
             "--batch-size",
             "4",
@@ -61,13 +61,13 @@ def test_cli_writes_a_reloadable_checkpoint(model_dir, tmp_path, capsys):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--estimator", "max"], "`activation_estimator` must be one of"),
+        (["--activation-estimator", "max"], "`activation_estimator` must be one of"),
         (["--bits", "9"], "`weight_bits` must be an integer in [2, 8]"),
         (["--bits", "1"], "`weight_bits` must be an integer in [2, 8]"),
-        (["--calibration-data", "EMPTY"], "calibration set is empty"),
+        (["--dataset", "EMPTY"], "calibration set is empty"),
         (["--outlier-channels", "1000"], "`outlier_channels` must be an integer in [0, 512]"),
         (["--outlier-channels", "500"], "`outlier_channels` (500) must be smaller than the"),
-        (["--calibration-data", "/nonexistent/calib.txt"], "does not exist"),
+        (["--dataset", "/nonexistent/calib.txt"], "does not exist"),
     ],
 )
 def test_cli_errors_leave_no_output(model_dir, tmp_path, capsys, extra, message):

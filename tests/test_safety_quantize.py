@@ -68,7 +68,7 @@ def workspace(template, tmp_path) -> Path:
 
 
 def quantize_args(ws: Path, output: Path, *extra: str) -> list[str]:
-    calib = ["--calibration-data", str(ws / "calib.txt"), "--num-batches", "2", "--batch-size", "4"]
+    calib = ["--dataset", str(ws / "calib.txt"), "--num-calibration-batches", "2", "--batch-size", "4"]
     return [str(ws / "model"), "--output", str(output), *calib, *extra]
 
 
@@ -124,10 +124,10 @@ BAD_INPUTS = [
              r"--max-length 4096 exceeds the model's max_position_embeddings \(512\)"),
     BadInput("batch-size-zero", lambda ws: quantize_args(ws, ws / "out", "--batch-size", "0"),
              r"--batch-size: must be an integer >= 1, got '0'"),
-    BadInput("num-batches-text", lambda ws: quantize_args(ws, ws / "out", "--num-batches", "many"),
-             r"--num-batches: must be an integer >= 1, got 'many'"),
+    BadInput("num-batches-text", lambda ws: quantize_args(ws, ws / "out", "--num-calibration-batches", "many"),
+             r"--num-calibration-batches: must be an integer >= 1, got 'many'"),
     BadInput("unknown-flag", lambda ws: quantize_args(ws, ws / "out", "--bitz", "8"), r"unrecognized arguments: --bitz"),
-    BadInput("estimator", lambda ws: quantize_args(ws, ws / "out", "--estimator", "max"),
+    BadInput("estimator", lambda ws: quantize_args(ws, ws / "out", "--activation-estimator", "max"),
              r"`activation_estimator` must be one of .*running_minmax"),
     BadInput("config-json-list", _with_config("list.json", "[8, 8]"),
              r"list\.json must hold a JSON object of W8A8Config fields, not a list"),
@@ -157,13 +157,13 @@ BAD_INPUTS = [
                                              and p.name != "config.json"]),
              r"cannot load the tokenizer of .*notok"),
     BadInput("calibration-binary",
-             lambda ws: [*quantize_args(ws, ws / "out"), "--calibration-data", str(_file(ws, "bin.txt", bytes(range(256))))],
+             lambda ws: [*quantize_args(ws, ws / "out"), "--dataset", str(_file(ws, "bin.txt", bytes(range(256))))],
              r"bin\.txt is not UTF-8 text"),
-    BadInput("calibration-folder", lambda ws: [*quantize_args(ws, ws / "out"), "--calibration-data", str(ws / "model")],
+    BadInput("calibration-folder", lambda ws: [*quantize_args(ws, ws / "out"), "--dataset", str(ws / "model")],
              r"calibration data .*model is a folder"),
     BadInput("percentile-without-its-estimator", lambda ws: quantize_args(ws, ws / "out", "--percentile", "99.9"),
              r"`percentile` is read only by the `percentile` activation estimator"),
-    BadInput("momentum-with-mse", lambda ws: [*_with_config("m.json", '{"momentum": 0.5}')(ws), "--estimator", "mse"],
+    BadInput("momentum-with-mse", lambda ws: [*_with_config("m.json", '{"momentum": 0.5}')(ws), "--activation-estimator", "mse"],
              r"`momentum` is read only by the `running_minmax` activation estimator, not by 'mse'"),
     BadInput("clipping-without-clipping", _with_config("clip.json", '{"clipping_steps": 5}'),
              r"`clipping_steps` are read only with --token-wise-clipping"),
@@ -210,7 +210,7 @@ def test_overwrite_replaces_only_a_previous_output(workspace):
     out = workspace / "int8"
     before = json.loads((out / "config.json").read_text())["w8a8_config"]
     others = _tree_without(workspace, out)
-    assert main(quantize_args(workspace, out, "--num-batches", "1", "--overwrite")) == 0
+    assert main(quantize_args(workspace, out, "--num-calibration-batches", "1", "--overwrite")) == 0
     after = json.loads((out / "config.json").read_text())["w8a8_config"]
     assert (before["num_calibration_batches"], after["num_calibration_batches"]) == (2, 1)
     assert sorted(p.name for p in out.iterdir()) == after["files"]

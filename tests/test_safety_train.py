@@ -59,7 +59,7 @@ def train_argv(output: Path, *extra: str) -> list[str]:
 def local_data_argv(output: Path, dataset: Path) -> list[str]:
     """`train_argv` on a local dataset (without the embedded dataset's size, which it would ignore)."""
     argv = [a for a in train_argv(output) if not a.startswith("data.embedded_size")]
-    return [*argv, "--dataset-path", str(dataset)]
+    return [*argv, "--dataset", str(dataset)]
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,7 @@ TRAIN_CASES = [
     BadInput(
         "dataset-missing",
         lambda w: local_data_argv(w / "out", w / "nope.txt"),
-        r"--dataset-path .*nope\.txt does not exist",
+        r"--dataset .*nope\.txt does not exist",
     ),
     BadInput("dataset-empty", lambda w: local_data_argv(w / "out", w / "empty.txt"), r"empty\.txt is empty"),
     BadInput(
@@ -203,9 +203,9 @@ def retrofit_argv(w: Path, *extra: str, model: str | None = None) -> list[str]:
         model or str(w / "stock"),
         "--output",
         str(w / "out"),
-        "--dataset-path",
+        "--dataset",
         str(w / "corpus.txt"),
-        "--seq-length",
+        "--max-length",
         "32",
         "--batch-size",
         "4",
@@ -234,19 +234,17 @@ RETROFIT_CASES = [
     BadInput("learning-rate-abc", lambda w: retrofit_argv(w, "--learning-rate", "abc"), r"--learning-rate.*positive"),
     BadInput(
         "seq-length-beyond-positions",
-        lambda w: retrofit_argv(w, "--seq-length", "100000"),
-        r"--seq-length 100000 exceeds .*max_position_embeddings=64",
+        lambda w: retrofit_argv(w, "--max-length", "100000"),
+        r"--max-length 100000 exceeds .*max_position_embeddings=64",
     ),
     BadInput(
         "dataset-missing",
-        lambda w: retrofit_argv(w, "--dataset-path", str(w / "nope.txt")),
-        r"--dataset-path .*nope\.txt does not exist",
+        lambda w: retrofit_argv(w, "--dataset", str(w / "nope.txt")),
+        r"--dataset .*nope\.txt does not exist",
     ),
+    BadInput("dataset-empty", lambda w: retrofit_argv(w, "--dataset", str(w / "empty.txt")), r"empty\.txt is empty"),
     BadInput(
-        "dataset-empty", lambda w: retrofit_argv(w, "--dataset-path", str(w / "empty.txt")), r"empty\.txt is empty"
-    ),
-    BadInput(
-        "dataset-binary", lambda w: retrofit_argv(w, "--dataset-path", str(w / "binary.txt")), r"binary\.txt is binary"
+        "dataset-binary", lambda w: retrofit_argv(w, "--dataset", str(w / "binary.txt")), r"binary\.txt is binary"
     ),
     BadInput(
         "clip-gamma-positive",
@@ -293,7 +291,7 @@ def test_unreachable_hub_dataset_is_a_one_line_error(workspace, monkeypatch):
     case = BadInput(
         "hub-offline",
         lambda w: [*local_data_argv(w / "out", w / "corpus.txt")[:-2], "data.dataset=wikitext-2"],
-        r"Hub dataset 'Salesforce/wikitext' .*needs the Hugging Face Hub.*--dataset-path",
+        r"Hub dataset 'Salesforce/wikitext' .*needs the Hugging Face Hub.*--dataset FILE",
     )
     assert_clean_refusal(train.main, case, workspace)
 

@@ -70,7 +70,7 @@ def calibration_batches(
         from transformers import AutoImageProcessor
 
         if data is None:
-            raise ValueError("`--calibration-data` must name an image folder for ViT models")
+            raise ValueError("`--dataset` must name an image folder for ViT models")
         if Path(data).is_file():
             raise ValueError(f"calibration data {data!s} is a file; ViT models calibrate on an image folder")
         if not Path(data).is_dir():

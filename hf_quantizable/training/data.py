@@ -114,7 +114,7 @@ def _load_hub(name: str, config: str | None, **kwargs) -> DatasetDict | Dataset:
         reason = " ".join(str(err).split()) or type(err).__name__
         raise ValueError(
             f"could not load the Hub dataset {name!r} ({reason}): a Hub dataset needs the Hugging Face Hub "
-            "(network access or a cached copy); for local data pass --dataset-path FILE_OR_FOLDER"
+            "(network access or a cached copy); for local data pass --dataset FILE_OR_FOLDER"
         ) from None
 
 
