@@ -217,6 +217,7 @@ EXPECTED_FP_FILES = {
     "modeling_quantizable_bert.py",
     "attention.py",
     "int8.py",
+    "int8_embedding.py",
     "int8_kernel.py",
     "quantization_method.py",
     "quantizable_utils.py",

@@ -32,8 +32,9 @@ def _bert_layer(i: int, last: bool) -> list[str]:
 OS_BERT = ["bert.embeddings.output_quant", *_bert_layer(0, last=False), *_bert_layer(1, last=True)]
 # Bondarenko et al.'s BERT set (official `models/quantized_bert.py`, quant_setup "all"): the
 # embedding sum and LayerNorm output, Q/K/V, scores, probabilities, context, each dense output, each
-# residual sum, each LayerNorm output, the FFN activation. (Their embedding tables, LayerNorm weights
-# and word + token-type partial sum are not quantization points here yet.)
+# residual sum, each LayerNorm output, the FFN activation. The presets that follow it exactly also
+# quantize the word + token-type partial sum (`sum_input_token_type_embd_act_quantizer`), with the
+# embedding tables and LayerNorm weights (tests/test_int8_embedding.py).
 ALL_BERT = ["bert.embeddings.sum_quant", "bert.embeddings.output_quant"] + [
     f"bert.encoder.layer.{i}.{node}"
     for i in range(2)
@@ -53,6 +54,7 @@ ALL_BERT = ["bert.embeddings.sum_quant", "bert.embeddings.output_quant"] + [
         "output.output_quant",
     )
 ]
+OFFICIAL_BERT = ["bert.embeddings.token_type_sum_quant", *ALL_BERT]
 OS_OPT = [
     f"model.decoder.layers.{i}.{node}"
     for i in range(2)
@@ -80,8 +82,8 @@ def _nodes(family: str, config: W8A8Config) -> list[str]:
     [
         ("bert", "wei2022-os", OS_BERT),
         ("bert", "wei2022-os-6bit", OS_BERT),
-        ("bert", "bondarenko2023-bert", ALL_BERT),
-        ("bert", "liao2024-bert", ALL_BERT),
+        ("bert", "bondarenko2023-bert", OFFICIAL_BERT),
+        ("bert", "liao2024-bert", OFFICIAL_BERT),
         ("bert", "hf-quantizable-best", ALL_BERT),
         ("bert", "bondarenko2023-bert-weights-only", []),
         ("opt", "wei2022-os", OS_OPT),
@@ -132,7 +134,7 @@ def test_cli_preset_and_weights_only(model_dir, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "preset"
     assert main([str(model_dir), "--output", str(out), "--preset", "bondarenko2023-bert", *common]) == 0
     summary = capsys.readouterr().out
-    assert "(preset bondarenko2023-bert)" in summary and "quantized activations: 28" in summary
+    assert "(preset bondarenko2023-bert)" in summary and "quantized activations: 29" in summary
     settings = json.loads((out / "config.json").read_text())["w8a8_config"]
     assert settings["preset_name"] == "bondarenko2023-bert" and settings["calibration_quantized"] == "all"
     out = tmp_path / "weights"
