@@ -119,6 +119,9 @@ def test_checkpoint_holds_int8_tables_and_an_fp_head(tmp_path):
     assert settings["tie_word_embeddings"] is False
     assert sorted(settings["w8a8_config"]["quantized_embeddings"]) == sorted(f"embeddings.{t}" for t in TABLES)
     assert "embeddings.LayerNorm" in settings["w8a8_config"]["quantized_layernorms"]
+    # transformers' `quantization_config` records the node-set switches too
+    recorded = settings["quantization_config"]
+    assert recorded["quantize_embeddings"] is True and recorded["quantize_layernorm_weights"] is True
     # LayerNorm weights on their 8-bit symmetric per-tensor grid (stored dequantized).
     gamma = tensors["bert.encoder.layer.0.attention.output.LayerNorm.weight"]
     steps = gamma / (gamma.abs().max() / 127)

@@ -104,6 +104,8 @@ _SETTINGS = (
     "outlier_channels",
     "gamma_migration",
     "token_wise_clipping",
+    "quantize_embeddings",
+    "quantize_layernorm_weights",
 )
 
 
