@@ -27,7 +27,7 @@ wrote), so its peak memory is its own: `inference_peak_rss_mib` is the process's
 memory over the warm-up and timed forwards (the peak is reset after loading through
 /proc/self/clear_refs), `baseline_rss_mib` the memory after imports, before loading the model.
 Latency: `--rounds` rounds over the rows in rotated order (background load then hits every row
-alike), each row a fresh process per round with one warm-up forward and `--repeats` timed ones;
+alike; quanto and the torch.compile rows run in the first round only), each row a fresh process per round with one warm-up forward and `--repeats` timed ones;
 median and min over all timed forwards. Ratios between rows (speed-ups, ours vs peers) are the
 median of the per-round ratios (`time_ratio`). A row whose forward makes no progress for
 `--forward-timeout` seconds (5x for the torch.compile rows) is killed and recorded as timed out. quanto's
@@ -584,10 +584,11 @@ def main() -> None:
                 raise RuntimeError(f"{name}: preparation {prepare['status']}")
             runs: dict[str, list] = {label: [] for label in labels}
             for round_index in range(args.rounds):
-                fast = [label for label in labels if label != "quanto W8A8"]
+                once = [label for label in labels if label == "quanto W8A8" or ROWS[label].endswith("-compiled")]
+                fast = [label for label in labels if label not in once]
                 order = fast[round_index % len(fast) :] + fast[: round_index % len(fast)] if fast else []
-                if round_index == 0 and "quanto W8A8" in labels:
-                    order.append("quanto W8A8")  # once: minutes per forward
+                if round_index == 0:
+                    order += once  # once: minutes per forward (quanto) or per compilation
                 for label in order:
                     # torch.compile rows: the warm-up forward compiles for minutes without progress lines
                     timeout = args.forward_timeout * (5 if ROWS[label].endswith("-compiled") else 1)
@@ -627,7 +628,7 @@ def main() -> None:
         "setting": {
             "shape": f"batch {BATCH} x sequence {SEQ}, all-ones attention mask",
             "models": "base models without task heads, random weights (seed 0); BERT-base size and OPT-125m size",
-            "timing": f"{args.rounds} rounds over the rows (order rotated; quanto once), each row in a fresh "
+            "timing": f"{args.rounds} rounds over the rows (order rotated; quanto and torch.compile rows once), each row in a fresh "
             f"process per round: one warm-up forward, then {args.repeats} timed forwards ({args.slow_repeats} when "
             f"the warm-up exceeds {args.slow_forward:g} s); median / min over all timed forwards of all rounds; "
             "ratios: median of the per-round ratios of the round medians",
