@@ -419,9 +419,9 @@ class Int8Linear(nn.Module):
     def _weight_key(self) -> tuple:
         return (self.weight.data_ptr(), self.weight._version, self.input_bits)
 
-    def _packed_weight(self, input_rows: int) -> tuple:
-        """Prepacked weight for oneDNN (for inputs of about `input_rows` rows); where the kernel saturates,
-        split so it cannot (`split_saturating_pairs`)."""
+    def _packed_weight(self, input_rows: int | None) -> tuple:
+        """Prepacked weight for oneDNN (for inputs of about `input_rows` rows; None: any); where the
+        kernel saturates, split so it cannot (`split_saturating_pairs`)."""
         if not (_compiling() and self._packed is not None) and (
             self._packed is None or self._packed[0] != self._weight_key()
         ):
@@ -429,14 +429,15 @@ class Int8Linear(nn.Module):
         return self._packed[1:]
 
     @torch.compiler.disable
-    def _prepare_onednn(self, input_rows: int) -> None:
+    def _prepare_onednn(self, input_rows: int | None) -> None:
         weight = self.gemm_weight()
         rows, columns, values, removed = torch.zeros(0, dtype=torch.long), None, None, None
         if int8_gemm_saturates():
             max_code = 2**self.input_bits - 1
             weight, rows, columns, values = split_saturating_pairs(weight, max_code)
             columns, removed = saturation_correction(rows, columns, values, self.out_features, max_code)
-        packed = torch.ops.onednn.qlinear_prepack(weight, [input_rows, self.in_features])
+        shape = None if input_rows is None else [input_rows, self.in_features]
+        packed = torch.ops.onednn.qlinear_prepack(weight, shape)
         self._packed = (self._weight_key(), packed, rows, columns, values, removed)
 
     def avx2_weight(self) -> PackedInt8Weight | None:
@@ -707,4 +708,4 @@ def prepare_int8_runtime(model: nn.Module) -> None:
         elif isinstance(module, Int8Linear) and module.has_input_quant:
             module.input_grid()
             if module.avx2_weight() is None and module.weight.device.type == "cpu":
-                module._packed_weight(1)
+                module._packed_weight(None)
