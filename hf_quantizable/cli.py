@@ -29,7 +29,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 
-from transformers.hf_argparser import HfArgumentParser
+from transformers.hf_argparser import HfArgumentParser, string_to_bool
 
 
 class _DeprecatedAlias(argparse.Action):
@@ -75,6 +75,7 @@ class OneLineErrorParser(HfArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
     def parse_known_args(self, args=None, namespace=None):
+        args = _explicit_bools(self, sys.argv[1:] if args is None else list(args))
         namespace, extras = super().parse_known_args(args, namespace)
         missing = [flag for dest, flag in self._deferred_required.items() if getattr(namespace, dest, None) is None]
         if missing:
@@ -150,6 +151,31 @@ class OneLineErrorParser(HfArgumentParser):
             target.required = False
             self._deferred_required[target.dest] = new
         self._add_action(_DeprecatedAlias(old, new, target))
+
+
+_BOOL_WORDS = {"yes", "no", "true", "false", "t", "f", "y", "n", "1", "0"}
+
+
+def _explicit_bools(parser: argparse.ArgumentParser, args: list[str]) -> list[str]:
+    """`--flag` of a generated bool followed by something that is not a truth value (a positional
+    argument) -> `--flag true`: such a flag alone still means true wherever it stands, as the
+    `store_true` flags it replaced did, and `--flag false` still sets false."""
+    out = []
+    for i, arg in enumerate(args):
+        if arg == "--":
+            return out + args[i:]
+        out.append(arg)
+        action = parser._option_string_actions.get(arg)
+        following = args[i + 1] if i + 1 < len(args) else None
+        if (
+            action is not None
+            and action.type is string_to_bool
+            and following is not None
+            and not following.startswith("-")
+            and following.lower() not in _BOOL_WORDS
+        ):
+            out.append("true")
+    return out
 
 
 def _field_default(source: dataclasses.Field):

@@ -168,6 +168,8 @@ def test_generated_quantize_flags_set_the_config():
     assert (config.clipping_quantiles, config.clipping_steps) == ([1.0, 0.9], 0)
     assert _config("--calibration-quantized", "all", "--momentum", "0.5").momentum == 0.5
     assert _config("--weights-only").activation_nodes == "none"
+    args = quantize.parse_args(["--gamma-migration", "MODEL", "--per-channel", "--output", "OUT"])
+    assert (args.gamma_migration, args.per_channel_weights, args.model_dir) == (True, True, "MODEL")  # as store_true
     assert _config("--bits", "6", "--weight-bits", "8").activation_bits == 6
     with pytest.raises(ValueError, match="--weights-only is --activation-nodes none"):
         _config("--weights-only", "--activation-nodes", "all")
