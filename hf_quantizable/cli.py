@@ -1,24 +1,25 @@
 """Small pieces every command line of the package shares.
 
 Flag names: one name per concept across every command, the name of the dataclass field the flag
-sets (the quantization flags come from `W8A8Config`'s fields, the data flags from `DataArguments`,
-both through transformers' `HfArgumentParser`: help from `field(metadata={"help": ...})`, a bool as
-`--flag [true|false]`, a list as several values; only the `--field-name` spelling). Where commands used different names, the one most commands and the
-dataclass fields already used won; the others are deprecated aliases for one release (they work and
-print one `warning: ... is deprecated` line on stderr):
+sets. The quantization flags come from `W8A8Config`'s fields, the data flags from `DataArguments`,
+both through transformers' `HfArgumentParser` (help from `field(metadata={"help": ...})`, a bool
+as `--flag [true|false]`, a list as several values; only the `--field-name` spelling). Where
+commands used different names, the one most commands and the dataclass fields already used won;
+the others are deprecated aliases for one release (they work, are hidden from --help, and print
+one `warning: OLD is deprecated, use NEW` line on stderr):
 
-    concept                  flag                         deprecated aliases (command)
-    calibration batches      --num-calibration-batches    --num-batches (quantize), --calibration-batches (pipeline)
-    per-channel weights      --per-channel-weights        --per-channel (quantize)
-    activation estimator     --activation-estimator       --estimator (quantize)
-    data                     --dataset                    --dataset-path (train, retrofit), --calibration-data (quantize)
-    sequence length          --max-length                 --seq-length (retrofit)
-    evaluated sequences      --max-sequences              --eval-sequences (pipeline)
+    concept               flag                       deprecated aliases (command)
+    calibration batches   --num-calibration-batches  --num-batches (quantize), --calibration-batches (pipeline)
+    per-channel weights   --per-channel-weights      --per-channel (quantize)
+    activation estimator  --activation-estimator     --estimator (quantize)
+    data                  --dataset                  --dataset-path (train, retrofit), --calibration-data (quantize)
+    sequence length       --max-length               --seq-length (retrofit)
+    evaluated sequences   --max-sequences            --eval-sequences (pipeline)
 
 `--num-calibration-batches`, `--per-channel-weights` and `--activation-estimator` are W8A8Config's
 field names (as in its JSON and `quantization_config`); `--dataset` is what `train`'s
-`data.dataset` and the evaluation settings call it and covers Hub names as well as local paths;
-`--max-length` is the tokenizers' `max_length`.
+`data.dataset` and the evaluation settings call it, and covers Hub names as well as local paths;
+`--max-length` is the tokenizers' `max_length` (and was already the name in quantize and evaluate).
 """
 
 import argparse
