@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             code = retrofit_main(
                 [
-                    str(source), "--output", str(out), "--attn-impl", attn_impl, "--dataset-path", str(data_dir / "valid.txt"),
+                    str(source), "--output", str(out), "--attn-impl", attn_impl, "--dataset", str(data_dir / "valid.txt"),
                     "--max-steps", str(args.max_steps), "--batch-size", str(args.batch_size),
                     "--outlier-weight", str(args.outlier_weight), "--no-progress",
                 ]

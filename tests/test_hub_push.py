@@ -81,8 +81,8 @@ def run_dir(tmp_path_factory):
     # The real INT8 sibling, from the quantize CLI (one small calibration batch).
     calibration = root / "calibration.txt"
     calibration.write_text("the cat sat on the mat\na quantizable transformer does nothing\n" * 8)
-    args = [str(run), "--output", str(root / "bert-gated-w8a8"), "--calibration-data", str(calibration)]
-    assert quantize_main([*args, "--num-batches", "1", "--batch-size", "4", "--max-length", "16"]) == 0
+    args = [str(run), "--output", str(root / "bert-gated-w8a8"), "--dataset", str(calibration)]
+    assert quantize_main([*args, "--num-calibration-batches", "1", "--batch-size", "4", "--max-length", "16"]) == 0
     return run
 
 
