@@ -81,7 +81,7 @@ def _int8_routes() -> list[str]:
 
 
 @pytest.mark.parametrize("kernel", _int8_routes())
-@pytest.mark.parametrize("family", ["bert", "opt"])
+@pytest.mark.parametrize("family", ["bert", "opt", "vit"])
 def test_int8_model_compiles_to_one_graph_bit_for_bit(family, kernel):
     """No `.item()`, no attribute side channels, no packing in the graph: one graph on either GEMM route,
     equal to eager bit for bit (the integer products run in the same ops)."""
