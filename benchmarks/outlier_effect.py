@@ -376,7 +376,6 @@ def run_variant(setting: Setting, label: str, variant: str, args, log: Path) -> 
         if final["steps"] >= args.max_steps and args.resume:
             print(f"{label}/{variant}: finished at step {final['steps']}, reused", file=sys.stderr)
             return final
-    preset = variant_preset(setting, variant, args.max_steps, args.seed, Path(args.runs_dir))
     base_record = {
         "label": label,
         "variant": variant,
@@ -396,6 +395,8 @@ def run_variant(setting: Setting, label: str, variant: str, args, log: Path) -> 
     trainer = None
     status, error, final = "failed", None, None
     try:
+        # inside the try: an override the preset refuses is logged as a failed attempt
+        preset = variant_preset(setting, variant, args.max_steps, args.seed, Path(args.runs_dir))
         run = build_run(
             preset,
             folder,

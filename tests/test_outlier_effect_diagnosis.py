@@ -117,3 +117,15 @@ def test_attention_sinks_sums_the_mass_each_key_token_receives(search):
     assert rows[0]["top_token"] == f"t{top}"
     assert rows[0]["top_token_mass"] == pytest.approx(per_token[top] / (probs.shape[0] * probs.shape[1]), rel=1e-5)
     assert rows[0]["top_token_key_share"] == pytest.approx(float((ids == top).float().mean()))
+
+
+def test_an_override_the_preset_refuses_is_logged_as_a_failed_attempt(search, tmp_path):
+    args = [
+        "--preset", "opt-tiny", "--label", "bad", "--variants", "vanilla", "--max-steps", "2",
+        "--runs-dir", str(tmp_path / "runs"), "--log", str(tmp_path / "log.jsonl"),
+        "--comparison", str(tmp_path / "comparison.json"), "model.no_such_field=1",
+    ]  # fmt: skip
+    assert search.main(args) == 0
+    records = search.read_log(tmp_path / "log.jsonl")
+    assert [r["status"] for r in records] == ["started", "failed"]
+    assert "no_such_field" in records[-1]["error"] and records[-1]["steps_done"] == 0
