@@ -138,7 +138,9 @@ def test_cli_preset_and_weights_only(model_dir, tmp_path, capsys):  # noqa: F811
     settings = json.loads((out / "config.json").read_text())["w8a8_config"]
     assert settings["preset_name"] == "bondarenko2023-bert" and settings["calibration_quantized"] == "all"
     out = tmp_path / "weights"
-    assert main([str(model_dir), "--output", str(out), "--weights-only", "--num-calibration-batches", "1", *common]) == 0
+    assert (
+        main([str(model_dir), "--output", str(out), "--weights-only", "--num-calibration-batches", "1", *common]) == 0
+    )
     assert "activations: floating point (weights only)" in capsys.readouterr().out
     settings = json.loads((out / "config.json").read_text())["w8a8_config"]
     assert settings["quantized_activations"] == [] and not any(settings["quantized_linears"].values())
