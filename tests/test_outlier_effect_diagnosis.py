@@ -76,8 +76,9 @@ def test_quantizer_ablation_reports_every_kind_and_restores_modes(search):
     batch = tiny_inputs("bert", batch_size=2)
     batch = {**batch, "labels": batch["input_ids"].clone()}
     calibration = [{k: v for k, v in batch.items() if k != "labels"}]
-    out = search.quantizer_ablation(model, [batch], calibration)
+    out = search.quantizer_ablation(model, [batch], calibration, "bondarenko2023-bert")
     assert out["fp_perplexity"] > 0 and out["all"] > 0 and out["weights_only"] > 0
+    assert out["paper_preset"] == "bondarenko2023-bert" and out["all_paper"] > 0
     for kind in ("residual_quant", "dense_quant", "probs_quant", "scores_quant", "output_quant"):
         assert out[f"only_{kind}"] > 0
     assert all(step > 0 for step in out["grid_step"].values())

@@ -148,6 +148,19 @@ def test_check_bar(search):
     assert not search.check_bar({k: v for k, v in good.items() if k != "gated"})["met"]
 
 
+def test_check_bar_on_the_paper_ratio(search):
+    results = {
+        "vanilla": {**_result(10.0, 1.0, 500.0), "w8a8_paper_ratio": 1.3},
+        "clipped": {**_result(10.2, 1.0, 50.0), "w8a8_paper_ratio": 1.01},
+        "gated": {**_result(9.9, 1.0, 90.0), "w8a8_paper_ratio": 1.05},
+    }
+    assert not search.check_bar(results)["met"]  # the default ratio: vanilla does not degrade
+    paper = search.check_bar(results, "w8a8_paper_ratio")
+    assert paper["vanilla_w8a8_paper_ratio"] == 1.3 and paper["clipped"]["ok"] and not paper["gated"]["ok"]
+    results["gated"]["w8a8_paper_ratio"] = 1.0
+    assert search.check_bar(results, "w8a8_paper_ratio")["met"]
+
+
 def test_variant_preset_sets_seed_steps_and_optimizer(search):
     setting = search.Setting("opt-tiny", ["model.num_hidden_layers=3"])
     preset = search.variant_preset(setting, "vanilla-muon", max_steps=12, seed=7)
@@ -261,6 +274,7 @@ def test_search_resumes_extends_and_logs_every_attempt(search, tmp_path):
     assert [r["step"] for r in search.read_tracking(folder / "outlier_tracking.jsonl")] == [2, 4]
     final = json.loads((folder / "final.json").read_text())
     assert final["steps"] == 4 and final["w8a8_ratio"] > 0 and final["max_rms_kurtosis"] >= 1
+    assert final["w8a8_paper"]["preset"] == "bondarenko2023-opt" and final["w8a8_paper_ratio"] > 0
     # finished at the requested steps: reused, not trained again
     assert _main(search, tmp_path, "--max-steps", "4", "--resume") == 0
     assert len(search.read_log(tmp_path / "log.jsonl")) == 4
