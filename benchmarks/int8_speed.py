@@ -9,11 +9,13 @@ in int16, recorded as `split_off_weight_share` and `paired_step_share`):
     fp32 eager                PyTorch, the fp32 checkpoint
     fp32 torch.compile        the same through torch.compile (inductor; the warm-up forward compiles)
     ours int8 (PyTorch)       our INT8 checkpoint (16 calibration batches, the papers' W8A8 setting)
-                              reloaded with from_pretrained, the route `auto` picks: on x86 without
-                              VNNI our AVX2 kernel (torch.ops.hf_quantizable), elsewhere oneDNN's GEMM
+                              reloaded with from_pretrained, the route `auto` picks: our AVX2 kernel's
+                              activation quantizers and attention products (torch.ops.hf_quantizable)
+                              on x86 with AVX2, and per layer shape the faster GEMM, timed at load
+                              (our AVX2 kernel's or oneDNN's)
     ours int8 (PyTorch, AVX2 kernel)  the same with HF_QUANTIZABLE_INT8_KERNEL=avx2
     ours int8 (PyTorch, oneDNN GEMM)  the same with HF_QUANTIZABLE_INT8_KERNEL=onednn (oneDNN's uint8 x
-                              int8 GEMMs, the activation quantizers as torch ops)
+                              int8 GEMMs, the activation quantizers and attention products as torch ops)
     ours int8 (PyTorch, torch.compile)  `auto`'s route through torch.compile (inductor)
     ours int8 (onnxruntime)   the same INT8 model through hf_quantizable.quantization.onnx_export
     onnxruntime fp32          the fp32 model through the same export (the like-for-like ratio)
@@ -201,19 +203,22 @@ def child_prepare(args: argparse.Namespace, work: Path) -> None:
 
 
 def _int8_gemm(int8) -> dict:
-    """Which GEMM our PyTorch runtime uses here (building the AVX2 kernel now, so no row pays for it)
-    and, for the AVX2 kernel, the share of weights its split moves to the exact int32 side path and
-    the share of its steps that add two quads in int16 (the others widen each quad on its own)."""
+    """Which GEMMs our PyTorch runtime uses here (`Int8Linear.gemm_route`: under `auto`, timed now, and
+    the AVX2 kernel built now, so no row pays for either) and, for the layers on the AVX2 kernel, the
+    share of weights its split moves to the exact int32 side path and the share of its steps that add
+    two quads in int16 (the others widen each quad on its own)."""
     from hf_quantizable.modeling.int8 import Int8Linear
-    from hf_quantizable.modeling.int8_kernel import avx2_ops
 
-    if not avx2_ops():
-        return {"int8_gemm": "oneDNN"}
     linears = [m for m in int8.modules() if isinstance(m, Int8Linear) and m.has_input_quant]
-    packed = [m.avx2_weight() for m in linears]
+    routes = {route: sum(m.gemm_route() == route for m in linears) for route in ("avx2", "onednn")}
+    packed = [m.avx2_weight() for m in linears if m.gemm_route() == "avx2"]
+    if not packed:
+        return {"int8_gemm": "oneDNN", "gemm_routes": routes}
+    avx2 = [m for m in linears if m.gemm_route() == "avx2"]
     return {
-        "int8_gemm": "AVX2 kernel",
-        "split_off_weight_share": sum(p.num_entries for p in packed) / sum(m.weight.numel() for m in linears),
+        "int8_gemm": "AVX2 kernel" if not routes["onednn"] else "AVX2 kernel and oneDNN",
+        "gemm_routes": routes,
+        "split_off_weight_share": sum(p.entry_inputs.numel() for p in packed) / sum(m.weight.numel() for m in avx2),
         "paired_step_share": sum(int(p.safe_steps.sum()) for p in packed)
         / sum(p.packed.numel() // 128 for p in packed),
     }

@@ -13,15 +13,9 @@ from hf_quantizable.modeling.int8_kernel import (
     PackedInt8Weight,
     build_kernel,
     cpu_has_avx2,
-    int8_gemm_saturates,
     package_kernel_source,
     split_for_int16_lanes,
 )
-
-
-def expected_avx2_route() -> bool:
-    """Whether `auto` must run the AVX2 kernel here (x86 with AVX2, an int8 GEMM that saturates)."""
-    return cpu_has_avx2() and int8_gemm_saturates()
 
 
 @pytest.fixture(scope="module")
@@ -313,10 +307,58 @@ def test_int8_model_routes_agree_bit_for_bit(kernel, monkeypatch):
     simulated = quantize_model(model, W8A8Config(num_calibration_batches=2), batches)
     int8_model = build_int8_model(simulated)
     outputs = []
-    for choice in ("avx2", "onednn"):  # the integer attention products (and GEMMs) in the kernel, or in torch
+    for choice in ("avx2", "auto", "onednn"):  # the attention products (and GEMMs) in the kernel, or in torch
         monkeypatch.setenv(int8_kernel.ENV_VAR, choice)
         with torch.no_grad():
             outputs.append(int8_model(**batches[0]).logits)
         with torch.inference_mode():
             outputs.append(int8_model(**batches[0]).logits)
     assert all(torch.equal(output, outputs[0]) for output in outputs)
+
+
+def _timed_layer(out_features: int = 24, in_features: int = 40) -> Int8Linear:
+    layer = Int8Linear(in_features, out_features, bias=True, per_channel=False, has_input_quant=True, input_bits=8)
+    layer.weight.copy_(torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8))
+    layer.input_zero_point.fill_(100)
+    return layer
+
+
+@pytest.mark.parametrize("faster", ["avx2", "onednn"])
+def test_auto_takes_the_gemm_measured_faster(kernel, monkeypatch, faster):
+    """`auto` times both GEMMs once per layer shape and keeps the faster (and only its prepared weight);
+    the activation quantizers run on the kernel whichever GEMM wins."""
+    monkeypatch.setenv(int8_kernel.ENV_VAR, "auto")
+    monkeypatch.setattr(int8, "_FASTEST_GEMM", {})
+    route_of_call = []
+    real = Int8Linear.integer_linear
+
+    def spy(self, codes, x, route):
+        route_of_call.append(route)
+        return real(self, codes, x, route)
+
+    clock = iter(range(10**6))
+
+    def fake_clock():  # each timed call of the slower route takes 10 ticks, of the faster one 1
+        tick = next(clock)
+        return tick * (1 if route_of_call and route_of_call[-1] == faster else 10)
+
+    monkeypatch.setattr(Int8Linear, "integer_linear", spy)
+    monkeypatch.setattr(int8.time, "perf_counter", fake_clock)
+    layer, twin = _timed_layer(), _timed_layer()
+    assert layer.gemm_route() == faster
+    assert (layer._avx2 is None) == (faster == "onednn") and (layer._packed is None) == (faster == "avx2")
+    timed = len(route_of_call)
+    assert timed == 8  # per route: a warm-up and three timed products
+    assert twin.gemm_route() == faster and len(route_of_call) == timed  # same shape: not timed again
+    monkeypatch.undo()
+    x = (torch.randint(0, 256, (5, 40)).float() - 100) * layer.input_scale
+    monkeypatch.setenv(int8_kernel.ENV_VAR, "onednn")  # another choice: decided again
+    reference = layer(x)
+    assert layer.gemm_route() == "onednn"
+    monkeypatch.setenv(int8_kernel.ENV_VAR, "avx2")
+    assert layer.gemm_route() == "avx2" and torch.equal(layer(x), reference)
+    quantizer = int8.Int8ActivationQuantizer(bits=8)
+    monkeypatch.setenv(int8_kernel.ENV_VAR, "auto")
+    assert int8.uses_avx2(quantizer)
+    monkeypatch.setenv(int8_kernel.ENV_VAR, "onednn")
+    assert not int8.uses_avx2(quantizer)

@@ -7,8 +7,8 @@ checkpoint whose config holds `w8a8_config` is rebuilt by `convert_to_int8` with
 - `Int8ActivationQuantizer`: rounds and clamps an activation to its calibrated asymmetric grid
   (the same arithmetic as the simulation);
 - `Int8Linear`: int8 weights with their scales; integer matrix products (uint8 activations x int8
-  weights, int32 accumulation: the AVX2 kernel of `int8_kernel` on x86 without VNNI, oneDNN
-  elsewhere), then the simulation's rescaling and bias.
+  weights, int32 accumulation: the AVX2 kernel of `int8_kernel` or oneDNN, whichever is faster on
+  the CPU), then the simulation's rescaling and bias.
 
 `grid_matmul` computes the attention products of quantized activations (Q.K^T, P.V) as exact integer
 products of their grid steps, in the simulation and the runtime alike. The INT8 modules read their
@@ -19,6 +19,7 @@ cache is taken as it is: `prepare_int8_runtime` fills it), so a forward neither 
 Self-contained: torch and relative imports only (this file is copied into checkpoints).
 """
 
+import time
 import warnings
 from typing import NamedTuple
 
@@ -68,13 +69,16 @@ def cached_numbers(module: nn.Module, names: tuple[str, ...]) -> tuple:
 
 
 def uses_avx2(module: nn.Module) -> bool:
-    """Whether `module` (an INT8 module) runs on the AVX2 kernel: `avx2_ops` for its `kernel_choice`,
-    decided again each eager forward (the environment may change), cached for `torch.compile`."""
-    if _compiling() and "_avx2_route" in module.__dict__:
-        return module.__dict__["_avx2_route"]
-    route = avx2_ops(module.kernel_choice)
-    module.__dict__["_avx2_route"] = route
-    return route
+    """Whether `module` (an INT8 module) runs the AVX2 kernel's ops: `avx2_ops` for its `kernel_choice`
+    (else the environment's), decided once per choice; under `torch.compile`, the cached decision."""
+    cached = module.__dict__.get("_avx2_route")
+    if _compiling() and cached is not None:
+        return cached[1]
+    choice = kernel_choice(module.kernel_choice)
+    if cached is None or cached[0] != choice:
+        cached = (choice, avx2_ops(choice))
+        module.__dict__["_avx2_route"] = cached
+    return cached[1]
 
 
 class QuantPoint(nn.Identity):
@@ -220,8 +224,9 @@ class Int8ActivationQuantizer(nn.Module):
     """Static asymmetric activation quantizer of an INT8 checkpoint (the simulation's arithmetic).
 
     One grid per tensor, or one per hidden channel (`channels`, residual-stream points only). The
-    output is the dequantized activation. On the AVX2 route the same pass writes its uint8 codes and
-    leaves them on the output for the `Int8Linear`s reading it (Q, K and V share one input).
+    output is the dequantized activation. Where it runs the AVX2 kernel (`uses_avx2`), the same pass
+    writes its uint8 codes and leaves them on the output for the `Int8Linear`s reading it (Q, K and V
+    share one input).
     """
 
     def __init__(self, bits: int, channels: int | None = None):
@@ -359,7 +364,7 @@ class Int8Linear(nn.Module):
 
     With a calibrated input grid (`has_input_quant`), the input is taken as uint8 codes and the
     product runs as an integer GEMM (uint8 x int8 with int32 accumulation: the AVX2 kernel of
-    `int8_kernel` where `uses_avx2` says so, else oneDNN `qlinear`), then `rescale_accumulator`.
+    `int8_kernel` or oneDNN `qlinear`, as `gemm_route` decides), then `rescale_accumulator`.
     Without one, the weights are dequantized and the product runs in float.
 
     With `outlier_channels` (k > 0), k input channels have their own grid (`outlier_scale`): the
@@ -440,10 +445,33 @@ class Int8Linear(nn.Module):
         packed = torch.ops.onednn.qlinear_prepack(weight, shape)
         self._packed = (self._weight_key(), packed, rows, columns, values, removed)
 
+    def gemm_route(self) -> str:
+        """The GEMM this layer runs on CPU: `"avx2"` (the AVX2 kernel) or `"onednn"`.
+
+        `avx2` and `onednn` ask for one; `auto` takes the faster of the two for this layer's shape,
+        timed once per process (`fastest_gemm`): both are exact, so the choice changes speed only.
+        Decided once per kernel choice; under `torch.compile`, the cached decision.
+        """
+        cached = self.__dict__.get("_gemm_route")
+        if _compiling() and cached is not None:
+            return cached[1]
+        choice = kernel_choice(self.kernel_choice)
+        if cached is None or cached[0] != choice:
+            if not avx2_ops(choice):
+                route = "onednn"
+            else:
+                route = "avx2" if choice == "avx2" else fastest_gemm(self)
+            cached = (choice, route)
+            self.__dict__["_gemm_route"] = cached
+        return cached[1]
+
     def avx2_weight(self) -> PackedInt8Weight | None:
-        """The weight prepared for the AVX2 kernel where the runtime uses it (`uses_avx2`), else None."""
-        if not uses_avx2(self):
+        """The weight prepared for the AVX2 kernel where this layer runs it (`gemm_route`), else None."""
+        if self.gemm_route() != "avx2":
             return None
+        return self._avx2_packed()
+
+    def _avx2_packed(self) -> PackedInt8Weight:
         if not (_compiling() and self._avx2 is not None) and (
             self._avx2 is None or self._avx2[0] != self._weight_key()
         ):
@@ -495,6 +523,16 @@ class Int8Linear(nn.Module):
                 acc.addmm_(centred, removed)
         return acc
 
+    def integer_linear(self, codes: torch.Tensor, x: torch.Tensor | None, route: str | None) -> torch.Tensor:
+        """`((codes - z) @ W.T) * scales (+ bias)` `[M, N]` on the GEMM `route` (None: not on CPU), before
+        the outlier channels; `x` as in `accumulator`."""
+        if route == "avx2":  # the same arithmetic as below, in one kernel
+            return self._avx2_packed().linear(
+                codes, self.input_grid()[1], self.input_scale * self.weight_scale, self.bias
+            )
+        acc = self.accumulator(codes, x)
+        return rescale_accumulator(acc, self.input_scale, self.weight_scale, self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.has_input_quant:
             bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -504,18 +542,47 @@ class Int8Linear(nn.Module):
         leading = x.shape[:-1]
         flat = x.reshape(-1, self.in_features)
         codes = self._input_codes(x).reshape(-1, self.in_features)
-        packed = self.avx2_weight() if codes.device.type == "cpu" else None
-        if packed is not None:  # the same arithmetic as below, in one kernel
-            out = packed.linear(codes, self.input_grid()[1], self.input_scale * self.weight_scale, self.bias)
-        else:
-            acc = self.accumulator(codes, flat)
-            out = rescale_accumulator(acc, self.input_scale, self.weight_scale, self.bias)
+        route = self.gemm_route() if codes.device.type == "cpu" else None
+        out = self.integer_linear(codes, flat, route)
         if self.outlier_channels is not None:
             outlier_weight = self.weight.index_select(1, self.outlier_channels).float()
             out = add_outlier_channels(
                 out, flat, self.outlier_channels, self.outlier_scale, outlier_weight, self.weight_scale
             )
         return out.reshape(*leading, self.out_features).to(x.dtype)
+
+
+_FASTEST_GEMM: dict[tuple, str] = {}  # (out_features, in_features, input_bits) -> the faster route here
+_PROBE_ROWS = 256  # rows of the timed products (a short batch: the order of the routes holds beyond)
+
+
+@torch.compiler.disable
+def fastest_gemm(layer: Int8Linear) -> str:
+    """`"avx2"` or `"onednn"`, whichever computes `layer`'s product faster on this CPU: both timed on its
+    own weight (best of three after a warm-up), once per process and layer shape. The prepared weight
+    of the slower route is let go."""
+    key = (layer.out_features, layer.in_features, layer.input_bits)
+    if key not in _FASTEST_GEMM:
+        generator = torch.Generator().manual_seed(0)
+        codes = torch.randint(0, 2**layer.input_bits, (_PROBE_ROWS, layer.in_features), generator=generator)
+        codes = codes.to(torch.uint8)
+        times = {}
+        layer._packed_weight(None)  # oneDNN's weight packed as the runtime packs it (for any input rows)
+        with torch.no_grad():
+            for route in ("avx2", "onednn"):
+                layer.integer_linear(codes, None, route)  # prepares the weight, warms the GEMM up
+                best = float("inf")
+                for _ in range(3):
+                    start = time.perf_counter()
+                    layer.integer_linear(codes, None, route)
+                    best = min(best, time.perf_counter() - start)
+                times[route] = best
+        _FASTEST_GEMM[key] = min(times, key=times.get)
+    if _FASTEST_GEMM[key] == "avx2":
+        layer._packed = None
+    else:
+        layer._avx2 = None
+    return _FASTEST_GEMM[key]
 
 
 def _scale_shortcut(module: nn.Module, args: tuple) -> tuple:
@@ -694,18 +761,20 @@ def set_kernel_choice(model: nn.Module, choice: str) -> None:
     for module in model.modules():
         if isinstance(module, (Int8Linear, Int8ActivationQuantizer)):
             module.kernel_choice = choice
-            module.__dict__.pop("_avx2_route", None)
 
 
 def prepare_int8_runtime(model: nn.Module) -> None:
-    """Read every INT8 module's numbers, route and prepared weights now (as its first forward would),
-    so that `torch.compile` finds them cached and a compiled forward needs no `.item()` or packing."""
+    """Read every INT8 module's numbers, decide its route and prepare its weights now (as its first
+    forward would), so that `torch.compile` finds them cached and a compiled forward needs no
+    `.item()`, timing or packing."""
     for module in model.modules():
         if isinstance(module, Int8ActivationQuantizer):
             uses_avx2(module)
             if not module.scale.dim():
                 module.grid()
-        elif isinstance(module, Int8Linear) and module.has_input_quant:
+        elif isinstance(module, Int8Linear) and module.has_input_quant and module.weight.device.type == "cpu":
             module.input_grid()
-            if module.avx2_weight() is None and module.weight.device.type == "cpu":
+            if module.gemm_route() == "avx2":
+                module._avx2_packed()
+            else:
                 module._packed_weight(None)

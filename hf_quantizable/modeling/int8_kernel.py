@@ -3,13 +3,16 @@
 The kernel is C++ in the package (`hf_quantizable/csrc/int8_avx2.cpp`, whose comments say how it
 works). It registers the ops `torch.ops.hf_quantizable.{fake_quantize, fake_quantize_with_codes,
 pack_weight, linear, grid_matmul}` with CPU kernels and Meta kernels (shapes only, so
-`torch.compile` traces through them). It serves x86 CPUs with AVX2 but without VNNI, where the int8
-GEMMs of oneDNN / MLAS / fbgemm add input pairs in int16 and need two multiplier instructions per 32
-multiply-adds; the kernel adds two pair sums in int16 before widening (three per 64) and stays exact:
-`split_for_int16_lanes` takes off the few weights that would let one pair saturate (added back in
-int32 inside the kernel), and its `pack_weight` pairs the input quads of each block of 16 outputs so
-that no int16 lane overflows. Its epilogue applies the zero point, rescaling and bias with the float
-operations of `rescale_accumulator`, so it equals the simulation bit for bit.
+`torch.compile` traces through them). Its fused activation quantizer (one pass that also writes the
+uint8 codes) and its integer attention products serve every x86 CPU with AVX2. Its GEMM serves x86
+CPUs without VNNI, where the int8 GEMMs of oneDNN / MLAS / fbgemm add input pairs in int16 and need
+two multiplier instructions per 32 multiply-adds; the kernel adds two pair sums in int16 before
+widening (three per 64) and stays exact: `split_for_int16_lanes` takes off the few weights that would
+let one pair saturate (added back in int32 inside the kernel), and its `pack_weight` pairs the input
+quads of each block of 16 outputs so that no int16 lane overflows. Its epilogue applies the zero
+point, rescaling and bias with the float operations of `rescale_accumulator`, so it equals the
+simulation bit for bit. With VNNI or AMX, oneDNN's GEMM is the faster one; `auto` measures which
+(`Int8Linear.gemm_route`).
 
 Where the ops come from (`avx2_ops`):
 - already registered in this process (by the package or an earlier load);
@@ -18,7 +21,7 @@ Where the ops come from (`avx2_ops`):
 - never from a checkpoint's files, unless asked: `from_pretrained(..., int8_kernel="avx2")` or
   `HF_QUANTIZABLE_INT8_KERNEL=avx2` builds the `int8_avx2.cpp` an INT8 checkpoint ships
   (`build_kernel`), for users without the package.
-Without them, or with `onednn` asked for, the runtime takes the exact oneDNN route.
+Without them, or with `onednn` asked for, the runtime takes the exact oneDNN / torch route.
 
 Self-contained: torch and the standard library only (this file is copied into checkpoints).
 """
@@ -162,14 +165,16 @@ _ABSENT_LOGGED: list[bool] = []
 
 
 def avx2_ops(requested: str | None = None) -> bool:
-    """Whether the INT8 runtime runs the AVX2 kernel (`torch.ops.hf_quantizable`) for the choice
-    `requested` (else the environment's; see `kernel_choice`).
+    """Whether the INT8 runtime may run the AVX2 kernel's ops (`torch.ops.hf_quantizable`) for the
+    choice `requested` (else the environment's; see `kernel_choice`).
 
-    `auto` takes it where the CPU's int8 GEMM saturates (there it is faster than oneDNN), `avx2`
-    wherever it is available; either builds it only from the installed package's source.
+    `auto` and `avx2` take them wherever they are available (x86 with AVX2), building them only from
+    the installed package's source; `onednn` never does. The activation quantizers and the attention
+    products then run on the kernel; which GEMM each linear layer runs is `Int8Linear.gemm_route`'s
+    decision (`auto`: the faster one, measured).
     """
     choice = kernel_choice(requested)
-    if choice == "onednn" or (choice == "auto" and not int8_gemm_saturates()):
+    if choice == "onednn":
         return False
     if ops_registered():
         return True
@@ -251,10 +256,6 @@ class PackedInt8Weight:
         # nonzero gives row-major order: grouped by output; inputs as positions among the used ones
         self.used_inputs, self.entry_inputs = torch.unique(columns, return_inverse=True)
         self.entry_values = values  # int32
-
-    @property
-    def num_entries(self) -> int:
-        return self.entry_inputs.numel()
 
     def linear(
         self,
