@@ -9,23 +9,11 @@ import torch
 from safetensors.torch import load_file
 
 from hf_quantizable.modeling import int8, int8_kernel
-from hf_quantizable.modeling.int8 import Int8Linear, int8_gemm_saturates, split_saturating_pairs
+from hf_quantizable.modeling.int8 import Int8Linear, int8_gemm_saturates
 from hf_quantizable.modeling.int8_kernel import cpu_has_avx2
 from hf_quantizable.quantization import W8A8Config, W8A8Quantizer
 from tests.isolation import run_without_package
 from tests.test_quant_core import tiny_model
-
-
-def test_split_saturating_pairs_is_exact_and_safe():
-    torch.manual_seed(0)
-    weight = torch.randint(-127, 128, (16, 33), dtype=torch.int8)
-    safe, rows, columns, values = split_saturating_pairs(weight, 255)
-    rebuilt = safe.int()
-    rebuilt[rows, columns] += values.int()
-    assert torch.equal(rebuilt, weight.int())
-    pairs = safe.int()[:, :32].reshape(16, 16, 2)
-    same_sign = pairs[..., 0] * pairs[..., 1] > 0
-    assert (255 * (pairs.abs().sum(-1)) * same_sign <= 32767).all()
 
 
 def test_int8_linear_matches_exact_integer_product():

@@ -49,6 +49,8 @@ def test_split_keeps_pairs_exact_and_rebuilds_the_weight(max_code):
     over = (max_code * _pair_loads(torch.nn.functional.pad(weight, (0, 3))) > 32767).any(-1)
     assert len(values) == int(over.sum())
     assert (len(values) > 0) == (max_code == 255)  # 6-bit codes: 63 * 2 * 127 fits in int16
+    unpadded = split_for_int16_lanes(weight, max_code, padded=False)  # oneDNN's and the ONNX export's
+    assert torch.equal(unpadded[0], dense[:, :37]) and all(map(torch.equal, unpadded[1:], (rows, columns, values)))
 
 
 def test_split_leaves_small_weights_alone():

@@ -22,7 +22,8 @@ import onnx
 import pytest
 import torch
 
-from hf_quantizable.modeling.int8 import Int8Linear, split_saturating_pairs
+from hf_quantizable.modeling.int8 import Int8Linear
+from hf_quantizable.modeling.int8_kernel import split_for_int16_lanes
 from hf_quantizable.quantization import W8A8Config, quantize_model
 from hf_quantizable.quantization.export import build_int8_model
 from hf_quantizable.quantization.onnx_export import export_onnx, inference_session
@@ -217,7 +218,7 @@ def test_saturating_pairs_are_reordered_away(family, tmp_path):
     for module in linears:
         w = torch.randn(module.weight.shape, generator=generator)
         module.weight.copy_(torch.round(w / w.abs().max() * 127).to(torch.int8))
-    assert all(len(split_saturating_pairs(m.weight, 255)[1]) for m in linears)
+    assert all(len(split_for_int16_lanes(m.weight, 255)[1]) for m in linears)
     path = export_onnx(int8, tmp_path / "int8.onnx", _inputs(2, 12))
     graph = onnx.load(path).graph
     assert "ScatterElements" not in {node.op_type for node in graph.node}

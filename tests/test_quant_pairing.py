@@ -4,7 +4,7 @@ import itertools
 
 import torch
 
-from hf_quantizable.modeling.int8 import split_saturating_pairs
+from hf_quantizable.modeling.int8_kernel import split_for_int16_lanes
 from hf_quantizable.quantization.pairing import safe_pairing, saturating_pairs
 
 MAX_CODE = 255  # uint8 activation codes: pairs saturate when |w_a| + |w_b| > 128 with one sign
@@ -17,7 +17,7 @@ def _gaussian_codes(rows: int, columns: int, seed: int) -> torch.Tensor:
 
 
 def _removed(weight: torch.Tensor) -> int:
-    return len(split_saturating_pairs(weight, MAX_CODE)[1])
+    return len(split_for_int16_lanes(weight, MAX_CODE)[1])
 
 
 def test_saturating_pairs_matches_the_definition():

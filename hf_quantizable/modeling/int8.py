@@ -34,6 +34,7 @@ from .int8_kernel import (
     int8_gemm_saturates,
     kernel_choice,
     onednn_int8_accumulator,
+    split_for_int16_lanes,
 )
 
 # Attribute under which an activation quantizer leaves the uint8 codes of its output for the
@@ -314,26 +315,6 @@ def integer_matmul_reference(x_codes: torch.Tensor, zero_point: torch.Tensor, w_
     return acc.float()
 
 
-def split_saturating_pairs(weight: torch.Tensor, max_code: int) -> tuple[torch.Tensor, ...]:
-    """Split int8 `weight` `[N, K]` into a part the CPU int8 kernel computes exactly, plus a sparse rest.
-
-    Without VNNI, x86 int8 kernels add the products of input pairs `(2i, 2i+1)` in int16
-    (`vpmaddubsw`), which saturates when `max_code * (|w_2i| + |w_2i+1|) > 32767` for same-sign
-    weights. For such pairs the second weight is shrunk to the limit; the removed part comes back as
-    sparse entries `(rows, columns, values)` (a few hundred in a BERT-base layer).
-    """
-    limit = 32767 // max_code
-    n, k = weight.shape
-    w = weight.to(torch.int32)
-    pairs = w[:, : k - k % 2].reshape(n, k // 2, 2)
-    same_sign = pairs[..., 0] * pairs[..., 1] > 0
-    excess = torch.clamp(pairs[..., 0].abs() + pairs[..., 1].abs() - limit, min=0) * same_sign
-    safe = w.clone()
-    safe[:, 1 : k - k % 2 : 2] -= excess * pairs[..., 1].sign()
-    rows, columns = torch.nonzero(w - safe, as_tuple=True)
-    return safe.to(torch.int8), rows, columns, (w - safe)[rows, columns].float()
-
-
 # Measured on CPU (one thread): adding one sparse entry to every row of the accumulator costs about as
 # much as 80 multiply-adds of a float matrix product.
 _ENTRY_COST_IN_MACS = 80
@@ -342,7 +323,7 @@ _ENTRY_COST_IN_MACS = 80
 def saturation_correction(
     rows: torch.Tensor, columns: torch.Tensor, values: torch.Tensor, out_features: int, max_code: int
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """How to add back the entries `split_saturating_pairs` removed: `(columns, removed)`.
+    """How to add back the entries `split_for_int16_lanes` removed: `(columns, removed)`.
 
     `removed` `[len(columns), out_features]` is the dense matrix over the input channels the entries
     sit in, when one product with it is cheaper than the entries one by one (many entries in few
@@ -426,7 +407,7 @@ class Int8Linear(nn.Module):
 
     def _packed_weight(self, input_rows: int | None) -> tuple:
         """Prepacked weight for oneDNN (for inputs of about `input_rows` rows; None: any); where the
-        kernel saturates, split so it cannot (`split_saturating_pairs`)."""
+        GEMM saturates, split so it cannot (`split_for_int16_lanes`)."""
         if not (_compiling() and self._packed is not None) and (
             self._packed is None or self._packed[0] != self._weight_key()
         ):
@@ -439,7 +420,8 @@ class Int8Linear(nn.Module):
         rows, columns, values, removed = torch.zeros(0, dtype=torch.long), None, None, None
         if int8_gemm_saturates():
             max_code = 2**self.input_bits - 1
-            weight, rows, columns, values = split_saturating_pairs(weight, max_code)
+            weight, rows, columns, values = split_for_int16_lanes(weight, max_code, padded=False)
+            values = values.float()
             columns, removed = saturation_correction(rows, columns, values, self.out_features, max_code)
         shape = None if input_rows is None else [input_rows, self.in_features]
         packed = torch.ops.onednn.qlinear_prepack(weight, shape)

@@ -219,11 +219,13 @@ def _trim_lane_sums(magnitude: torch.Tensor, limit: int) -> torch.Tensor:
     return torch.empty_like(magnitude).scatter_(-1, order, ordered)
 
 
-def split_for_int16_lanes(weight: torch.Tensor, max_code: int) -> tuple[torch.Tensor, ...]:
+def split_for_int16_lanes(weight: torch.Tensor, max_code: int, padded: bool = True) -> tuple[torch.Tensor, ...]:
     """Split int8 `weight` `[N, K]` into a part whose input pairs cannot saturate, plus sparse entries.
 
-    Returns `(dense, rows, columns, values)`: `dense` int8 `[N, K8]` (K padded with zeros to a multiple
-    of 8) and the entries `weight - dense` (int32 values). `vpmaddubsw` adds the products of input
+    The one answer to int16 saturation of every route: the AVX2 kernel, oneDNN's GEMM and the ONNX
+    export (ONNX Runtime's) on CPUs without VNNI. Returns `(dense, rows, columns, values)`: `dense`
+    int8 `[N, K8]` (K padded with zeros to a multiple of 8; `[N, K]` unless `padded`) and the entries
+    `weight - dense` (int32 values). `vpmaddubsw` adds the products of input
     channels `(2i, 2i + 1)` in int16; with codes up to `max_code` that sum is exact when
     `max_code * (sum of the pair's positive weights) <= 32767`, and likewise for the negative ones.
     Pairs over the limit give up their excess, the larger weight first. (Adding two pairs in int16,
@@ -239,7 +241,7 @@ def split_for_int16_lanes(weight: torch.Tensor, max_code: int) -> tuple[torch.Te
         dense[start : start + _SPLIT_ROWS] = safe.reshape(-1, k8)
     removed = F.pad(weight.to(torch.int32), (0, k8 - k)).sub_(dense)
     rows, columns = torch.nonzero(removed, as_tuple=True)
-    return dense, rows, columns, removed[rows, columns]
+    return dense if padded else dense[:, :k].contiguous(), rows, columns, removed[rows, columns]
 
 
 class PackedInt8Weight:

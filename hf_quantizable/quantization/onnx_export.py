@@ -21,7 +21,7 @@ weight pairs. The linears that read one input (e.g. Q, K and V) therefore get on
 input channels in which no pair saturates (`pairing.safe_pairing`): the uint8 codes are gathered
 into that order once (`Transpose -> Gather -> Transpose`, a small cost beside the GEMMs) and the
 weight columns stored in it. Where no such order exists, the exported weight is the part
-`split_saturating_pairs` proves safe, and the removed entries are added back by a correction: a float
+`split_for_int16_lanes` proves safe (the split every route uses), and the removed entries are added back by a correction: a float
 `MatMul` over the input channels they sit in (`Gather` of those channels, then `[..., k] x [k, N]`). (ONNX Runtime's uint8 x
 uint8 kernel is exact too, but on AVX2 it is much slower than the uint8 x int8 one.)
 
@@ -53,7 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..modeling.int8 import Int8ActivationQuantizer, Int8Linear, fake_quantize_activation, split_saturating_pairs
+from ..modeling.int8 import Int8ActivationQuantizer, Int8Linear, fake_quantize_activation
+from ..modeling.int8_kernel import split_for_int16_lanes
 from ..paths import atomic_path
 from .modules import ActivationQuantizer, QuantizedLinear
 from .pairing import safe_pairing
@@ -181,7 +182,8 @@ class _LinearQDQ(torch.autograd.Function):
                 order.values = codes_t, dequantize(ordered)
             codes_t, x_dq = order.values
             weight_codes = weight_codes[:, order.perm]
-        safe, rows, columns, values = split_saturating_pairs(weight_codes, _MAX_CODE)
+        safe, rows, columns, values = split_for_int16_lanes(weight_codes, _MAX_CODE, padded=False)
+        values = values.float()
         per_channel = layer.weight_scale.dim() > 0
         w_scale = layer.weight_scale.float()
         weight = g.op(

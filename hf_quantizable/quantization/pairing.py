@@ -1,7 +1,7 @@
 """Orders of a linear layer's input channels under which a CPU int8 GEMM without VNNI cannot saturate.
 
 x86 uint8 x int8 kernels without VNNI add the products of input channels `(2i, 2i+1)` in int16
-(`vpmaddubsw`; see `split_saturating_pairs`). Whether a pair can saturate depends only on the
+(`vpmaddubsw`; see `split_for_int16_lanes`). Whether a pair can saturate depends only on the
 weights, so reordering the input channels (and the weight columns alike: the product is unchanged)
 can pair every large weight with a small or opposite-sign one. `safe_pairing` finds such an order as
 a matching in the graph of channels that are safe together (greedy, then repaired); the export to
@@ -13,7 +13,7 @@ scales (the papers' setting) such orders exist in the models we measured; per-ch
 
 import torch
 
-from ..modeling.int8 import split_saturating_pairs
+from ..modeling.int8_kernel import split_for_int16_lanes
 
 
 def saturating_pairs(weight: torch.Tensor, max_code: int) -> torch.Tensor:
@@ -75,7 +75,7 @@ def _repair(pairs: list[tuple[int, int]], unmatched: list[int], bad: torch.Tenso
 
 
 def _removed_entries(weight: torch.Tensor, max_code: int) -> int:
-    return len(split_saturating_pairs(weight, max_code)[1])
+    return len(split_for_int16_lanes(weight, max_code)[1])
 
 
 def safe_pairing(weight: torch.Tensor, max_code: int) -> torch.Tensor | None:
