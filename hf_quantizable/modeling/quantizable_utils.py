@@ -63,8 +63,8 @@ class QuantizableModelMixin:
         zero, negative or not finite, zero points off the grid.
 
         `int8_kernel` (INT8 checkpoints only; overrides `HF_QUANTIZABLE_INT8_KERNEL`): `"auto"` runs the
-        AVX2 kernel of the installed hf_quantizable package where it is the faster route (x86 without
-        VNNI); `"avx2"` wherever it can, and where the package is absent builds the checkpoint's own
+        AVX2 kernel of the installed hf_quantizable package on x86 with AVX2, each GEMM on the faster of
+        it and oneDNN (timed once per layer shape); `"avx2"` wherever it can, and where the package is absent builds the checkpoint's own
         `int8_avx2.cpp` (the only way loading compiles code that came with a checkpoint); `"onednn"`
         never runs it.
         """
