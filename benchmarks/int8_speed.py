@@ -615,6 +615,7 @@ def main() -> None:
                     "int8_onnx_export_s": prepare.get("int8_onnx_export_s"),
                     "file_sizes": prepare.get("file_sizes"),
                     "int8_gemm": prepare.get("int8_gemm"),
+                    "gemm_routes": prepare.get("gemm_routes"),
                     "split_off_weight_share": prepare.get("split_off_weight_share"),
                     "paired_step_share": prepare.get("paired_step_share"),
                 },

@@ -70,11 +70,13 @@ def cached_numbers(module: nn.Module, names: tuple[str, ...]) -> tuple:
 
 
 def uses_avx2(module: nn.Module) -> bool:
-    """Whether `module` (an INT8 module) runs the AVX2 kernel's ops: `avx2_ops` for its `kernel_choice`
-    (else the environment's), decided once per choice; under `torch.compile`, the cached decision."""
+    """Whether `module` (an activation quantizer, or attention reading one) runs the AVX2 kernel's
+    elementwise and attention ops: `avx2_ops` for its `kernel_choice` (else the environment's), decided
+    once per choice. Never under `torch.compile`: inductor fuses their torch form with the operations
+    around them, which the kernel's opaque ops would prevent (measured faster there)."""
+    if _compiling():
+        return False
     cached = module.__dict__.get("_avx2_route")
-    if _compiling() and cached is not None:
-        return cached[1]
     choice = kernel_choice(module.kernel_choice)
     if cached is None or cached[0] != choice:
         cached = (choice, avx2_ops(choice))
@@ -256,7 +258,7 @@ class Int8ActivationQuantizer(nn.Module):
             return fake_quantize_activation(x, self.scale, self.zero_point, self.bits)
         (scale, zero_point), levels = self.grid(), 2**self.bits - 1
         kernel = uses_avx2(self)
-        if kernel and self.bits <= 8 and not _compiling():
+        if kernel and self.bits <= 8:
             fused = fake_quantize(x, scale, zero_point, levels, codes=True)
             if fused is not None:
                 out, codes = fused
