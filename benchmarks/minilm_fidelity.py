@@ -34,6 +34,13 @@ SETTINGS = {
     "W8 weights only": (W8A8Config(), True),
     "W8A8 minmax": (W8A8Config(), False),
     "W8A8 per-channel weights": (W8A8Config(per_channel_weights=True), False),
+    # torch.ao's x86 int8 linear quantizes activations to 7 bits (`reduce_range`) so that its int16 pair
+    # sums cannot saturate; we keep 8 bits and split the saturating weights off instead.
+    "W8A7 minmax (torch.ao reduce_range)": (W8A8Config(activation_bits=7), False),
+    "W8A7 per-channel weights (torch.ao reduce_range)": (
+        W8A8Config(activation_bits=7, per_channel_weights=True),
+        False,
+    ),
     "W8A8 percentile 99.99": (W8A8Config(activation_estimator="percentile", percentile=99.99), False),
     "W8A8 mse": (W8A8Config(activation_estimator="mse"), False),
     "W8A8 OS (gamma + clipping)": (W8A8Config(**OS), False),
