@@ -4,15 +4,7 @@ Importing the package registers the quantizable model types with the transformer
 the W8A8 quantization method (`W8A8QuantizationConfig`) with transformers' quantizers.
 """
 
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForImageClassification,
-    AutoModelForMaskedLM,
-    AutoModelForSequenceClassification,
-)
-
+from . import families
 from .modeling.configuration_quantizable import (
     QuantizableBertConfig,
     QuantizableOPTConfig,
@@ -29,23 +21,8 @@ from .modeling.quantization_method import W8A8QuantizationConfig
 
 __version__ = "0.1.0"
 
-_REGISTRY = {
-    QuantizableBertConfig: {
-        AutoModel: QuantizableBertModel,
-        AutoModelForMaskedLM: QuantizableBertForMaskedLM,
-        AutoModelForSequenceClassification: QuantizableBertForSequenceClassification,
-    },
-    QuantizableOPTConfig: {AutoModel: QuantizableOPTModel, AutoModelForCausalLM: QuantizableOPTForCausalLM},
-    QuantizableViTConfig: {
-        AutoModel: QuantizableViTModel,
-        AutoModelForImageClassification: QuantizableViTForImageClassification,
-    },
-}
-
-for _config_class, _models in _REGISTRY.items():
-    AutoConfig.register(_config_class.model_type, _config_class, exist_ok=True)
-    for _auto_class, _model_class in _models.items():
-        _auto_class.register(_config_class, _model_class, exist_ok=True)
+for _family in families.FAMILIES:
+    families.register_auto_classes(_family)
 
 __all__ = [
     "QuantizableBertConfig",

@@ -14,7 +14,14 @@ from transformers import BertConfig, OPTConfig, ViTConfig
 
 from .quantization_method import QUANT_METHOD  # noqa: F401  (importing it registers the W8A8 method)
 
-ATTN_IMPLS = ("softmax", "clipped_softmax", "normalized_clipped_softmax", "gated")
+# The attention variants, defined here only: the short name presets and the main job use -> `attn_impl`.
+ATTENTION_VARIANTS = {
+    "vanilla": "softmax",
+    "clipped": "clipped_softmax",
+    "normalized_clipped": "normalized_clipped_softmax",
+    "gated": "gated",
+}
+ATTN_IMPLS = tuple(ATTENTION_VARIANTS.values())
 GATE_TYPES = ("linear", "mlp", "all_heads_linear", "per_head", "unconditional")
 
 
@@ -67,6 +74,15 @@ class QuantizableAttentionConfig:
 
     # Liao & Monz's beta for this family (BERT -2.175, OPT 0.9).
     default_ncs_beta = -2.175
+
+    # What generic code asks a family's config class (class attributes, not config fields: no annotation):
+    # `_modality`: "text" (token ids) or "image" (pixel values): which data, processor and quality metric.
+    # `_tokenizer_fields`: special-token ids a freshly trained model takes from its tokenizer.
+    # `_trained_tokenizer`: the tokenizer `training.data.train_tokenizer` builds offline ("wordpiece",
+    #     "byte_level_bpe"; None: the family reads no text).
+    _modality = "text"
+    _tokenizer_fields = ("pad_token_id",)
+    _trained_tokenizer = "wordpiece"
 
     def validate_attention_fields(self) -> None:
         """Check every attention field; raise ValueError naming the field and the allowed values."""
@@ -149,6 +165,8 @@ class QuantizableOPTConfig(OPTConfig, QuantizableAttentionConfig):
 
     model_type = "quantizable_opt"
     default_ncs_beta = 0.9
+    _tokenizer_fields = ("pad_token_id", "bos_token_id", "eos_token_id")
+    _trained_tokenizer = "byte_level_bpe"
     wd_ln_gamma: bool = False
 
     def __post_init__(self, **kwargs):
@@ -173,6 +191,9 @@ class QuantizableViTConfig(ViTConfig, QuantizableAttentionConfig):
     """
 
     model_type = "quantizable_vit"
+    _modality = "image"
+    _tokenizer_fields = ()
+    _trained_tokenizer = None
     patch_embed_layernorm: bool = False
 
     def __post_init__(self, **kwargs):

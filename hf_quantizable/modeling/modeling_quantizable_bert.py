@@ -177,10 +177,42 @@ class QuantizableBertPreTrainedModel(QuantizableModelMixin, BertPreTrainedModel)
         "AutoModelForMaskedLM": "modeling_quantizable_bert.QuantizableBertForMaskedLM",
         "AutoModelForSequenceClassification": "modeling_quantizable_bert.QuantizableBertForSequenceClassification",
     }
+    # Family knowledge generic code reads (see `QuantizableModelMixin`).
+    _layer_paths = ("encoder.layer",)
+    # The official choices: FFN output, the residual sum before the LayerNorm (inf norm only), LayerNorm output.
+    _outlier_hook_points = (
+        {"kind": "ffn_output", "paths": (("output.dense_quant", "output"), ("output.dense", "output"))},
+        {
+            "kind": "residual",
+            "paths": (("output.residual_quant", "output"), ("output.LayerNorm", "input")),
+            "kurtosis": False,
+        },
+        {"kind": "layernorm_output", "paths": (("output.output_quant", "output"), ("output.LayerNorm", "output"))},
+    )
+    _keep_fp_modules = ("cls", "pooler", "classifier")
+    _retrofit_modules = {"attention_output": "attention.output.dense", "ffn_output": "output.dense"}
+
+    def _gamma_migration_plan(self) -> list[tuple[str, list[str], str | None]]:
+        """(LayerNorm, linear layers reading its output, residual module whose shortcut reads it) triples.
+
+        Post-LN: a layer reads the LayerNorm before it (the embeddings' for the first layer) in its Q/K/V
+        projections and its attention shortcut; the last layer's output LayerNorm leaves the model and stays.
+        """
+        prefix = self._base_model_path()
+        layers = [f"{prefix}encoder.layer.{i}" for i in range(len(self.base_model.encoder.layer))]
+        sources = [f"{prefix}embeddings.LayerNorm"] + [f"{layer}.output.LayerNorm" for layer in layers[:-1]]
+        plan = []
+        for source, layer in zip(sources, layers):
+            qkv = [f"{layer}.attention.self.{p}" for p in ("query", "key", "value")]
+            plan.append((source, qkv, f"{layer}.attention.output"))
+            plan.append((f"{layer}.attention.output.LayerNorm", [f"{layer}.intermediate.dense"], f"{layer}.output"))
+        return plan
 
 
 class QuantizableBertModel(QuantizableBertPreTrainedModel):
     """BERT encoder with quantization-friendly attention."""
+
+    _evaluation_task = "embedding"
 
     def __init__(self, config: QuantizableBertConfig, add_pooling_layer: bool = True):
         super().__init__(config)
@@ -238,6 +270,8 @@ class QuantizableBertModel(QuantizableBertPreTrainedModel):
 
 
 class QuantizableBertForMaskedLM(QuantizableBertPreTrainedModel):
+    _evaluation_task = "mlm"
+    _training_objective = "mlm"
     _tied_weights_keys = {
         "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
         "cls.predictions.decoder.bias": "cls.predictions.bias",
@@ -293,6 +327,8 @@ class QuantizableBertForMaskedLM(QuantizableBertPreTrainedModel):
 
 
 class QuantizableBertForSequenceClassification(QuantizableBertPreTrainedModel):
+    _evaluation_task = "glue"
+
     def __init__(self, config: QuantizableBertConfig):
         super().__init__(config)
         self.num_labels = config.num_labels

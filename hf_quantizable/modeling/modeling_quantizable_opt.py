@@ -132,6 +132,36 @@ class QuantizableOPTPreTrainedModel(QuantizableModelMixin, OPTPreTrainedModel):
         "AutoModel": "modeling_quantizable_opt.QuantizableOPTModel",
         "AutoModelForCausalLM": "modeling_quantizable_opt.QuantizableOPTForCausalLM",
     }
+    # Family knowledge generic code reads (see `QuantizableModelMixin`).
+    _layer_paths = ("decoder.layers",)
+    # The official choices: attention output, FFN output, layer output, both LayerNorm outputs, final LayerNorm.
+    _outlier_hook_points = (
+        {"kind": "attn_output", "paths": (("self_attn.out_quant", "output"), ("self_attn.out_proj", "output"))},
+        {"kind": "ffn_output", "paths": (("fc2_quant", "output"), ("fc2", "output"))},
+        {"kind": "layer_output", "paths": (("", "output"),)},
+        {"kind": "attn_layernorm_output", "paths": (("attn_ln_quant", "output"), ("self_attn_layer_norm", "output"))},
+        {"kind": "ffn_layernorm_output", "paths": (("ffn_ln_quant", "output"), ("final_layer_norm", "output"))},
+        {
+            "kind": "final_layernorm_output",
+            "paths": (("decoder.final_ln_quant", "output"), ("decoder.final_layer_norm", "output")),
+            "per_layer": False,
+        },
+    )
+    _keep_fp_modules = ("lm_head",)
+
+    def _gamma_migration_plan(self) -> list[tuple[str, list[str], str | None]]:
+        """(LayerNorm, linear layers reading its output, None) pairs of every pre-LN layer (no shortcut reads a
+        LayerNorm output); the final LayerNorm leaves the model and stays."""
+        if not self.config.do_layer_norm_before:
+            raise ValueError("gamma migration supports pre-LayerNorm OPT only (`do_layer_norm_before=True`)")
+        prefix = self._base_model_path() + "decoder"
+        plan = []
+        for i in range(len(self.base_model.decoder.layers)):
+            layer = f"{prefix}.layers.{i}"
+            qkv = [f"{layer}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")]
+            plan.append((f"{layer}.self_attn_layer_norm", qkv, None))
+            plan.append((f"{layer}.final_layer_norm", [f"{layer}.fc1"], None))
+        return plan
 
 
 class QuantizableOPTDecoder(nn.Module):
@@ -265,6 +295,8 @@ class QuantizableOPTModel(QuantizableOPTPreTrainedModel):
 
 
 class QuantizableOPTForCausalLM(QuantizableOPTPreTrainedModel, GenerationMixin):
+    _evaluation_task = "clm"
+    _training_objective = "clm"
     _tied_weights_keys = {"lm_head.weight": "model.decoder.embed_tokens.weight"}
 
     def __init__(self, config: QuantizableOPTConfig):

@@ -169,6 +169,33 @@ class QuantizableViTPreTrainedModel(QuantizableModelMixin, ViTPreTrainedModel):
         "AutoModel": "modeling_quantizable_vit.QuantizableViTModel",
         "AutoModelForImageClassification": "modeling_quantizable_vit.QuantizableViTForImageClassification",
     }
+    # Family knowledge generic code reads (see `QuantizableModelMixin`).
+    _layer_paths = ("encoder.layer", "layers")  # stock transformers 5 keeps `layers`
+    # The official choices: attention output and block output.
+    _outlier_hook_points = (
+        {
+            "kind": "attn_output",
+            "paths": (
+                ("attention.output.dense_quant", "output"),
+                ("attention.output.dense", "output"),
+                ("attention.o_proj", "output"),
+            ),
+        },
+        {"kind": "layer_output", "paths": (("", "output"),)},
+    )
+    _keep_fp_modules = ("pooler", "classifier")
+
+    def _gamma_migration_plan(self) -> list[tuple[str, list[str], str | None]]:
+        """(LayerNorm, linear layers reading its output, None) pairs of every pre-LN block; the final LayerNorm
+        leaves the model and stays."""
+        prefix = self._base_model_path() + "encoder.layer"
+        plan = []
+        for i in range(len(self.base_model.encoder.layer)):
+            layer = f"{prefix}.{i}"
+            qkv = [f"{layer}.attention.attention.{p}" for p in ("query", "key", "value")]
+            plan.append((f"{layer}.layernorm_before", qkv, None))
+            plan.append((f"{layer}.layernorm_after", [f"{layer}.intermediate.dense"], None))
+        return plan
 
 
 class QuantizableViTModel(QuantizableViTPreTrainedModel):
@@ -227,6 +254,9 @@ class QuantizableViTModel(QuantizableViTPreTrainedModel):
 
 
 class QuantizableViTForImageClassification(QuantizableViTPreTrainedModel):
+    _evaluation_task = "image"
+    _training_objective = "image-classification"
+
     def __init__(self, config: QuantizableViTConfig):
         super().__init__(config)
         self.num_labels = config.num_labels

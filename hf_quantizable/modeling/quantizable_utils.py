@@ -27,10 +27,30 @@ class QuantizableModelMixin:
     """`auto_map` for remote code, gate initialisation from `pi_init`, INT8 rebuild and checks on load,
     the attention function of the config's variant.
 
-    Mixed in before the stock `*PreTrainedModel`; subclasses set `auto_map`.
+    Mixed in before the stock `*PreTrainedModel`; subclasses set `auto_map`, and the family knowledge
+    generic code reads from the class (through `hf_quantizable.families`) instead of branching on the
+    family, the way transformers reads `_no_split_modules`:
+
+    - `_layer_paths`: where the base model keeps its layer list (the first path present; stock
+      transformers versions differ);
+    - `_outlier_hook_points`: the tensors `evaluation.outliers` hooks, per layer unless `per_layer` is
+      False: `kind`, `paths` ((module path, "output" | "input") tried in turn: the quantization point,
+      then the stock module), `kurtosis` (whether the tensor carries one);
+    - `_keep_fp_modules`: the heads W8A8 keeps in floating point (`W8A8Config.keep_fp_modules`);
+    - `_retrofit_modules`: per layer, the attention output projection and the FFN output that
+      `hf_quantizable.retrofit` rescales and watches (None: the family is not retrofitted);
+    - `_gamma_migration_plan()` (optional method): the Outlier Suppression gamma migration plan;
+    - on each model class, `_evaluation_task` (the `hf_quantizable.evaluate` task it runs) and, on the
+      pre-training head, `_training_objective` ("mlm", "clm", "image-classification").
     """
 
     auto_map: dict[str, str] = {}
+    _layer_paths: tuple[str, ...] = ()
+    _outlier_hook_points: tuple[dict, ...] = ()
+    _keep_fp_modules: tuple[str, ...] = ()
+    _retrofit_modules: dict[str, str] | None = None
+    _evaluation_task: str | None = None
+    _training_objective: str | None = None
     _can_record_outputs = None
     # The losses are per-batch means that ignore `num_items_in_batch`: Trainer must scale them itself.
     accepts_loss_kwargs = False
@@ -38,6 +58,10 @@ class QuantizableModelMixin:
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         config.auto_map = dict(self.auto_map)
+
+    def _base_model_path(self) -> str:
+        """The module path of the base model inside this model, with a trailing dot ("" for the base model)."""
+        return "" if self.base_model is self else self.base_model_prefix + "."
 
     def _check_and_adjust_attn_implementation(self, attn_implementation: str | None, *args, **kwargs) -> str:
         """transformers' check of `attn_implementation` (at init and in `set_attn_implementation`), after

@@ -19,51 +19,24 @@
 import torch
 from torch import nn
 
+from .. import families
 from ..modeling.int8 import install_shortcut_scale
 from .calibration import activation_quantizers, full_precision, run_batches, set_mode, weights_in_fp
 from .config import W8A8Config
 
 
 def _migration_plan(model: nn.Module) -> list[tuple[str, list[str], str | None]]:
-    """(LayerNorm, linear layers reading its output, residual module whose shortcut reads it) triples.
+    """(LayerNorm, linear layers reading its output, residual module whose shortcut reads it) triples: the
+    model class's `_gamma_migration_plan()`.
 
     LayerNorms whose output leaves the model (last BERT layer, final LayerNorm of OPT/ViT) stay as they are.
     """
-    model_type = type(model).config_class.model_type
-    plan = []
-    if model_type == "quantizable_bert":
-        base = model.get_submodule(model.base_model_prefix) if hasattr(model, model.base_model_prefix) else model
-        prefix = model.base_model_prefix + "." if base is not model else ""
-        layers = [f"{prefix}encoder.layer.{i}" for i in range(len(base.encoder.layer))]
-        sources = [f"{prefix}embeddings.LayerNorm"] + [f"{layer}.output.LayerNorm" for layer in layers[:-1]]
-        for source, layer in zip(sources, layers):
-            qkv = [f"{layer}.attention.self.{p}" for p in ("query", "key", "value")]
-            plan.append((source, qkv, f"{layer}.attention.output"))
-            plan.append((f"{layer}.attention.output.LayerNorm", [f"{layer}.intermediate.dense"], f"{layer}.output"))
-    elif model_type == "quantizable_opt":
-        decoder = model.get_submodule("model.decoder" if hasattr(model, "model") else "decoder")
-        if not model.config.do_layer_norm_before:
-            raise ValueError("gamma migration supports pre-LayerNorm OPT only (`do_layer_norm_before=True`)")
-        prefix = "model.decoder" if hasattr(model, "model") else "decoder"
-        for i in range(len(decoder.layers)):
-            layer = f"{prefix}.layers.{i}"
-            qkv = [f"{layer}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")]
-            plan.append((f"{layer}.self_attn_layer_norm", qkv, None))
-            plan.append((f"{layer}.final_layer_norm", [f"{layer}.fc1"], None))
-    elif model_type == "quantizable_vit":
-        for layer, module in model.named_modules():
-            if not hasattr(module, "layernorm_before"):
-                continue
-            linears = [n for n, m in module.named_modules() if type(m) is nn.Linear]
-            qkv = [
-                f"{layer}.{n}" for n in linears if n.endswith(("query", "key", "value", "q_proj", "k_proj", "v_proj"))
-            ]
-            fc1 = [f"{layer}.{n}" for n in linears if n.endswith(("intermediate.dense", "fc1"))]
-            plan.append((f"{layer}.layernorm_before", qkv, None))
-            plan.append((f"{layer}.layernorm_after", fc1, None))
-    else:
-        raise ValueError(f"gamma migration supports quantizable_bert/opt/vit models, got {model_type!r}")
-    return plan
+    plan = getattr(model, "_gamma_migration_plan", None)
+    if plan is None:
+        supported = "/".join(families.config_class(f).model_type for f in families.names())
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        raise ValueError(f"gamma migration supports {supported} models, got {model_type!r}")
+    return plan()
 
 
 @torch.no_grad()
