@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from . import families
 from .cli import DataArguments, OneLineErrorParser, positive_int
 from .quantization.config import W8A8Config, preset_names
 
@@ -152,10 +153,10 @@ def build_config(args: argparse.Namespace) -> W8A8Config:
 
 
 def max_length_for(args: argparse.Namespace, model_config: dict, model_type: str) -> int | None:
-    """The calibration sequence length: refused for ViT (it reads images), bounded by the positions."""
-    if model_type in ("quantizable_vit", "vit"):
+    """The calibration sequence length: refused for image models (ViT), bounded by the positions."""
+    if families.modality(families.family_of(model_type)) == "image":
         if args.max_length is not None:
-            raise ValueError("--max-length applies to text models only; ViT calibrates on whole images")
+            raise ValueError(f"--max-length applies to text models only; {model_type} calibrates on whole images")
         return None
     positions = model_config.get("max_position_embeddings")
     if args.max_length is not None and positions is not None and args.max_length > positions:

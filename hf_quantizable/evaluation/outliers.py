@@ -14,7 +14,8 @@ For every hooked tensor `x` of a forward pass `[B, T, d]`:
   share of sequences whose maximum lies at position 0 (the first token, where attention sinks sit).
 
 The summary is the max inf norm over all hooked tensors and the average and max kurtosis over the
-tensors that carry a kurtosis. Hooked tensors (the official choices):
+tensors that carry a kurtosis. Hooked tensors (the official choices; each model class lists its own in
+`_outlier_hook_points`):
 
 - BERT: FFN output (`output.dense`), residual sum before the LayerNorm (inf norm only, as the
   official code) and the LayerNorm output, of every layer;
@@ -36,6 +37,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import families
+
 KURTOSIS_EPS = 1e-6
 
 
@@ -53,51 +56,23 @@ class HookedTensor:
     per_layer: bool = True
 
 
-BERT_TENSORS = (
-    HookedTensor("ffn_output", (("output.dense_quant", "output"), ("output.dense", "output"))),
-    HookedTensor("residual", (("output.residual_quant", "output"), ("output.LayerNorm", "input")), kurtosis=False),
-    HookedTensor("layernorm_output", (("output.output_quant", "output"), ("output.LayerNorm", "output"))),
-)
-OPT_TENSORS = (
-    HookedTensor("attn_output", (("self_attn.out_quant", "output"), ("self_attn.out_proj", "output"))),
-    HookedTensor("ffn_output", (("fc2_quant", "output"), ("fc2", "output"))),
-    HookedTensor("layer_output", (("", "output"),)),
-    HookedTensor("attn_layernorm_output", (("attn_ln_quant", "output"), ("self_attn_layer_norm", "output"))),
-    HookedTensor("ffn_layernorm_output", (("ffn_ln_quant", "output"), ("final_layer_norm", "output"))),
-    HookedTensor(
-        "final_layernorm_output",
-        (("decoder.final_ln_quant", "output"), ("decoder.final_layer_norm", "output")),
-        per_layer=False,
-    ),
-)
-VIT_TENSORS = (
-    HookedTensor(
-        "attn_output",
-        (
-            ("attention.output.dense_quant", "output"),
-            ("attention.output.dense", "output"),
-            ("attention.o_proj", "output"),
-        ),
-    ),
-    HookedTensor("layer_output", (("", "output"),)),
-)
-FAMILIES = {
-    "bert": (("encoder.layer",), BERT_TENSORS),
-    "opt": (("decoder.layers",), OPT_TENSORS),
-    "vit": (("encoder.layer", "layers"), VIT_TENSORS),
-}
-
-
 def model_family(model: nn.Module) -> str:
-    """`bert`, `opt` or `vit` from the model's config (`quantizable_*` types map to their family)."""
+    """The registered family of the model's config (`quantizable_*` types map to their family)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None) or ""
-    family = model_type.removeprefix("quantizable_")
-    if family not in FAMILIES:
+    family = families.family_of(model_type)
+    if family is None:
         raise ValueError(
-            f"outlier statistics support model types {sorted(FAMILIES)} (and their quantizable_ versions), "
+            f"outlier statistics support model types {sorted(families.names())} (and their quantizable_ versions), "
             f"got model_type={model_type!r}"
         )
     return family
+
+
+def hooked_tensors(family: str) -> tuple[tuple[str, ...], tuple[HookedTensor, ...]]:
+    """The layer-list paths and the hooked tensors of `family` (its classes' `_layer_paths` and
+    `_outlier_hook_points`)."""
+    model_class = families.base_model_class(family)
+    return model_class._layer_paths, tuple(HookedTensor(**spec) for spec in model_class._outlier_hook_points)
 
 
 def _layers(base: nn.Module, candidates: tuple[str, ...]) -> nn.ModuleList:
@@ -252,8 +227,7 @@ class OutlierStatsCollector:
     def __init__(self, model: nn.Module, outlier_threshold: float = 6.0):
         self.model = model
         self.outlier_threshold = outlier_threshold
-        family = model_family(model)
-        layer_paths, tensors = FAMILIES[family]
+        layer_paths, tensors = hooked_tensors(model_family(model))
         base = model.base_model
         base_prefix = self._prefix(model, base)
         layers = _layers(base, layer_paths)

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import torch
 
+from .. import families
 from ..paths import shared_data_dir
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -63,16 +64,18 @@ def calibration_batches(
 ) -> tuple[list[dict[str, torch.Tensor]], object]:
     """Calibration batches for the model in `model_dir` and its tokenizer / image processor.
 
-    Text models read a text file (one example per line; default WikiText-2 validation); ViT reads
-    an image folder.
+    Text models read a text file (one example per line; default WikiText-2 validation); image models
+    (ViT) read an image folder.
     """
-    if model_type == "quantizable_vit" or model_type == "vit":
+    if families.modality(families.family_of(model_type)) == "image":
         from transformers import AutoImageProcessor
 
         if data is None:
-            raise ValueError("`--dataset` must name an image folder for ViT models")
+            raise ValueError(f"`--dataset` must name an image folder for image models ({model_type})")
         if Path(data).is_file():
-            raise ValueError(f"calibration data {data!s} is a file; ViT models calibrate on an image folder")
+            raise ValueError(
+                f"calibration data {data!s} is a file; image models ({model_type}) calibrate on an image folder"
+            )
         if not Path(data).is_dir():
             raise FileNotFoundError(f"calibration image folder {data!s} does not exist")
         processor = _load_processor(AutoImageProcessor, model_dir, "image processor")
