@@ -291,17 +291,19 @@ def get_preset(name: str) -> GluePreset:
 
 
 def load_classifier(model_name_or_path: str, task: GlueTask) -> torch.nn.Module:
-    """A sequence classifier for `task`. A stock BERT checkpoint loads into
-    `QuantizableBertForSequenceClassification` (same weights), so it can be quantized."""
-    from .. import QuantizableBertForSequenceClassification
+    """A sequence classifier for `task`. A stock checkpoint of a registered family loads into the
+    family's GLUE class (`QuantizableBertForSequenceClassification` for BERT: same weights), so it can
+    be quantized; any other model through `AutoModelForSequenceClassification`."""
+    from .. import families
 
     config = AutoConfig.from_pretrained(model_name_or_path)
     kwargs: dict[str, Any] = {"num_labels": task.num_labels}
     if task.label_names is not None:
         kwargs["id2label"] = dict(enumerate(task.label_names))
         kwargs["label2id"] = {name: i for i, name in enumerate(task.label_names)}
-    if config.model_type == "bert":
-        return QuantizableBertForSequenceClassification.from_pretrained(model_name_or_path, **kwargs)
+    model_class = families.class_for_task(families.family_of(config.model_type), "glue")
+    if model_class is not None:
+        return model_class.from_pretrained(model_name_or_path, **kwargs)
     return AutoModelForSequenceClassification.from_pretrained(model_name_or_path, **kwargs)
 
 

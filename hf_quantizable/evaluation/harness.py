@@ -17,12 +17,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
-from .. import (
-    QuantizableBertForMaskedLM,
-    QuantizableBertModel,
-    QuantizableOPTForCausalLM,
-    QuantizableViTForImageClassification,
-)
+from .. import families
 from ..provenance import model_fingerprint
 from .attention_view import attention_mass, attention_probabilities, delimiter_token_ids
 from .data import load_split
@@ -37,14 +32,9 @@ from .quality import (
 )
 from .results import ResultRecord
 
-# task -> (model family, quantizable class, metric task name of the records)
-TASKS = {
-    "mlm": ("bert", QuantizableBertForMaskedLM, "mlm"),
-    "clm": ("opt", QuantizableOPTForCausalLM, "clm"),
-    "image": ("vit", QuantizableViTForImageClassification, "image-classification"),
-    "embedding": ("bert", QuantizableBertModel, "embedding-fidelity"),
-}
-FAMILY_TASKS = {"bert": "mlm, embedding or glue", "opt": "clm", "vit": "image"}
+# task -> metric task name of its records. The model class that runs a task is the family's class whose
+# `_evaluation_task` it is (glue: `evaluation.glue`); the families of a task come from the registry.
+TASKS = {"mlm": "mlm", "clm": "clm", "image": "image-classification", "embedding": "embedding-fidelity"}
 PRECISIONS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 DTYPES = {name: dtype for dtype, name in PRECISIONS.items()}
 OUTLIER_METRICS = ("max_inf_norm", "avg_kurtosis", "max_kurtosis")
@@ -94,8 +84,16 @@ class Variant:
     result: dict[str, Any]
 
 
-def _family(config) -> str:
-    return config.model_type.removeprefix("quantizable_")
+def _family_names(families_of_task: list[str]) -> str:
+    return " or ".join(family.upper() for family in families_of_task)
+
+
+def family_tasks(family: str | None) -> str:
+    """The tasks a model of `family` runs (`mlm, embedding or glue`), in the order of `TASKS`."""
+    tasks = [task for task in (*TASKS, "glue") if families.class_for_task(family, task) is not None]
+    if not tasks:
+        return f"none (supported model types: {', '.join(families.names())} and quantizable_*)"
+    return tasks[0] if len(tasks) == 1 else f"{', '.join(tasks[:-1])} or {tasks[-1]}"
 
 
 def load_config(model_name_or_path: str, option: str = "MODEL", trust_remote_code: bool = False) -> Any:
@@ -128,15 +126,13 @@ def load_config(model_name_or_path: str, option: str = "MODEL", trust_remote_cod
 def check_model_for_task(model_name_or_path: str, task: str, trust_remote_code: bool = False) -> Any:
     """Fail fast when `model_name_or_path` cannot run `task` (wrong family, or an INT8 checkpoint)."""
     config = load_config(model_name_or_path, "MODEL", trust_remote_code)
-    family = _family(config)
+    family = families.family_of(config.model_type)
     if task not in TASKS and task != "glue":
         raise ValueError(f"unknown task {task!r}; choose one of {sorted([*TASKS, 'glue'])}")
-    expected = "bert" if task == "glue" else TASKS[task][0]
-    if family != expected:
-        supported = FAMILY_TASKS.get(family, "none (supported model types: bert, opt, vit and quantizable_*)")
+    if families.class_for_task(family, task) is None:
         raise ValueError(
-            f"task {task!r} needs a {expected.upper()} model, but {model_name_or_path} is model_type "
-            f"{config.model_type!r}; tasks for this model: {supported}"
+            f"task {task!r} needs a {_family_names(families.families_for_task(task))} model, but "
+            f"{model_name_or_path} is model_type {config.model_type!r}; tasks for this model: {family_tasks(family)}"
         )
     if getattr(config, "w8a8_config", None):
         raise ValueError(f"{model_name_or_path} is an INT8 checkpoint: give its FP model as MODEL and it as --int8")
@@ -162,8 +158,8 @@ def check_int8_source(model_name_or_path: str, int8_path: str, int8_config: dict
 
 def load_fp_model(model_name_or_path: str, task: str, trust_remote_code: bool = False) -> nn.Module:
     """The FP model in its quantizable class; fails when the task head is missing from the checkpoint."""
-    check_model_for_task(model_name_or_path, task, trust_remote_code)
-    model_class = TASKS[task][1]
+    config = check_model_for_task(model_name_or_path, task, trust_remote_code)
+    model_class = families.class_for_task(families.family_of(config.model_type), task)
     model, info = model_class.from_pretrained(model_name_or_path, output_loading_info=True)
     # a stock checkpoint keeps its model_type: it is now a quantizable model (and saves as one)
     model.config.model_type = model_class.config_class.model_type
@@ -181,10 +177,11 @@ def load_int8_model(path: str, task: str, trust_remote_code: bool = False) -> nn
     config = load_config(path, "--int8", trust_remote_code)
     if not getattr(config, "w8a8_config", None):
         raise ValueError(f"--int8 {path} is not an INT8 checkpoint: its config.json has no `w8a8_config`")
-    expected = TASKS[task][0]
-    if _family(config) != expected:
-        raise ValueError(f"--int8 {path} is model_type {config.model_type!r}; task {task!r} needs {expected.upper()}")
-    return TASKS[task][1].from_pretrained(path).eval()
+    model_class = families.class_for_task(families.family_of(config.model_type), task)
+    if model_class is None:
+        expected = _family_names(families.families_for_task(task))
+        raise ValueError(f"--int8 {path} is model_type {config.model_type!r}; task {task!r} needs {expected}")
+    return model_class.from_pretrained(path).eval()
 
 
 def w8a8_config_from(int8_config: dict | None, outlier_suppression: bool):
@@ -285,7 +282,7 @@ def _evaluate_variant(
             similarity = embedding_cosine_similarity(reference, model, batches)
             result.update(value=similarity.mean().item(), min_cosine_similarity=similarity.min().item())
         return result
-    return evaluate_batches(model, TASKS[settings.task][2], batches, desc=name)
+    return evaluate_batches(model, TASKS[settings.task], batches, desc=name)
 
 
 def _records(
@@ -310,7 +307,7 @@ def _records(
         }
         records.append(
             ResultRecord(
-                task=TASKS[settings.task][2],
+                task=TASKS[settings.task],
                 metric=variant.result["metric"],
                 value=variant.result["value"],
                 extra={**extra, **quality_extra},
