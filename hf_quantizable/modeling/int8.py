@@ -537,7 +537,7 @@ class Int8Linear(nn.Module):
 
 
 _FASTEST_GEMM: dict[tuple, str] = {}  # (out_features, in_features, input_bits) -> the faster route here
-_PROBE_ROWS = 256  # rows of the timed products (a short batch: the order of the routes holds beyond)
+_PROBE_ROWS = 256  # rows of the timed products (few, so that the timing at load stays short)
 
 
 @torch.compiler.disable
