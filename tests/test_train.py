@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
+from hf_quantizable import families
 from hf_quantizable.modeling.attention import AttentionGate
 from hf_quantizable.train import main
 from hf_quantizable.training import (
@@ -20,7 +21,7 @@ from hf_quantizable.training import (
     list_presets,
 )
 from hf_quantizable.training.callbacks import TRACKING_FILE, probe_quality
-from hf_quantizable.training.presets import CONFIG_CLASSES, PRESETS
+from hf_quantizable.training.presets import PRESETS
 from tests.isolation import run_without_package
 
 # Small enough for 2 shared CPU cores: one layer of width 32, a few hundred lines of embedded data.
@@ -77,7 +78,7 @@ def test_every_preset_builds_a_valid_config():
     )
     for name in list_presets():
         preset = get_preset(name)
-        config = CONFIG_CLASSES[preset.family](**preset.model)
+        config = families.config_class(preset.family)(**preset.model)
         assert (
             config.attn_impl
             == {"vanilla": "softmax", "clipped": "clipped_softmax", "gated": "gated"}[name.rsplit("-", 1)[1]]

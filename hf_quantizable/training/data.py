@@ -22,6 +22,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from transformers.utils import logging
 
+from .. import families
 from ..paths import write_text_atomic
 from . import embedded
 from .presets import DataSpec, is_local_path
@@ -168,54 +169,69 @@ def _texts(dataset: Dataset | IterableDataset, column: str, limit: int) -> Itera
             yield example[column]
 
 
+def _wordpiece_tokenizer(texts: Iterator[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """BERT's: lowercase WordPiece, `[CLS] A [SEP] B [SEP]`."""
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=512,
+    )
+
+
+def _byte_level_bpe_tokenizer(texts: Iterator[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """OPT's: byte-level BPE with `</s>` as the beginning-of-sequence token."""
+    specials = ["<pad>", "</s>", "<unk>"]
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    # OPT prepends `</s>` as its beginning-of-sequence token.
+    tok.post_processor = processors.TemplateProcessing(
+        single="</s> $A", pair="</s> $A </s> $B:1", special_tokens=[("</s>", tok.token_to_id("</s>"))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="</s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        model_max_length=2048,
+    )
+
+
+# A config class's `_trained_tokenizer` -> the builder.
+TOKENIZER_BUILDERS = {"wordpiece": _wordpiece_tokenizer, "byte_level_bpe": _byte_level_bpe_tokenizer}
+
+
 def train_tokenizer(family: str, texts: Iterator[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """A tokenizer trained offline with `tokenizers`: WordPiece (BERT, lowercase) or byte-level BPE (OPT)."""
-    if family == "bert":
-        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tok.decoder = decoders.WordPiece()
-        tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
-        cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-        tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]",
-            pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-            special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
-        )
-        return PreTrainedTokenizerFast(
-            tokenizer_object=tok,
-            unk_token="[UNK]",
-            pad_token="[PAD]",
-            cls_token="[CLS]",
-            sep_token="[SEP]",
-            mask_token="[MASK]",
-            model_max_length=512,
-        )
-    if family == "opt":
-        specials = ["<pad>", "</s>", "<unk>"]
-        tok = Tokenizer(models.BPE(unk_token=None))
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        tok.train_from_iterator(
-            texts,
-            trainers.BpeTrainer(
-                vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-            ),
-        )
-        # OPT prepends `</s>` as its beginning-of-sequence token.
-        tok.post_processor = processors.TemplateProcessing(
-            single="</s> $A", pair="</s> $A </s> $B:1", special_tokens=[("</s>", tok.token_to_id("</s>"))]
-        )
-        return PreTrainedTokenizerFast(
-            tokenizer_object=tok,
-            bos_token="</s>",
-            eos_token="</s>",
-            unk_token="<unk>",
-            pad_token="<pad>",
-            model_max_length=2048,
-        )
-    raise ValueError(f"no tokenizer to train for family {family!r}; allowed: bert, opt")
+    """A tokenizer trained offline with `tokenizers`, of the kind the family's config class names in
+    `_trained_tokenizer`: WordPiece (BERT, lowercase) or byte-level BPE (OPT)."""
+    kind = families.config_class(family)._trained_tokenizer if family in families.names() else None
+    if kind is None:
+        allowed = [f for f in families.names() if families.config_class(f)._trained_tokenizer is not None]
+        raise ValueError(f"no tokenizer to train for family {family!r}; allowed: {', '.join(allowed)}")
+    return TOKENIZER_BUILDERS[kind](texts, vocab_size)
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
@@ -265,12 +281,14 @@ def load_text_datasets(
             tokenizer = train_tokenizer(family, _texts(raw["train"], column, limit=200_000), spec.vocab_size)
         else:
             tokenizer = load_tokenizer(spec.tokenizer)
-    if family == "opt" and tokenizer.pad_token is None:
+    objective = families.training_objective(family)
+    if objective == "clm" and tokenizer.pad_token is None:  # the causal-LM collator pads
         tokenizer.pad_token = tokenizer.eos_token
+    masked = objective == "mlm"  # the masked-LM collator leaves the special tokens unmasked
 
     def tokenize(batch):
         texts = [t for t in batch[column] if t and t.strip()]
-        return tokenizer(texts, return_special_tokens_mask=family == "bert", return_attention_mask=False)
+        return tokenizer(texts, return_special_tokens_mask=masked, return_attention_mask=False)
 
     block = spec.seq_length
     out = {}

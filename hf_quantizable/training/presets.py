@@ -23,15 +23,9 @@ from typing import Any
 from huggingface_hub.errors import StrictDataclassError
 from transformers import TrainingArguments
 
-from ..modeling.configuration_quantizable import (
-    QuantizableBertConfig,
-    QuantizableOPTConfig,
-    QuantizableViTConfig,
-)
+from .. import families
+from ..modeling.configuration_quantizable import ATTENTION_VARIANTS
 
-FAMILIES = ("bert", "opt", "vit")
-CONFIG_CLASSES = {"bert": QuantizableBertConfig, "opt": QuantizableOPTConfig, "vit": QuantizableViTConfig}
-VARIANTS = ("vanilla", "clipped", "gated")
 OPTIMIZERS = ("adamw", "muon")  # muon: torch.optim.Muon on hidden matrices, AdamW on the rest (Park et al. 2025)
 
 
@@ -122,25 +116,28 @@ class TrainingPreset:
 
 
 # --- attention variants (Bondarenko et al. Tables 2-4 and the official scripts) ---
+# family -> variant (a name of `ATTENTION_VARIANTS`, which gives its `attn_impl`) -> the variant's fields.
 _ATTN = {
     "bert": {
-        "vanilla": {"attn_impl": "softmax"},
-        "clipped": {"attn_impl": "clipped_softmax", "clip_gamma": -0.025, "clip_zeta": 1.0},
+        "vanilla": {},
+        "clipped": {"clip_gamma": -0.025, "clip_zeta": 1.0},
         # gate_n_hid: d_head // 4 (16 at BERT-base), set per model in `_build_presets` as the official
         # `BertSelfAttentionWithExtras` (transformers_language/models/bert_attention.py, attn_gate_mlp).
-        "gated": {"attn_impl": "gated", "gate_type": "mlp", "pi_init": 0.5},
+        "gated": {"gate_type": "mlp", "pi_init": 0.5},
     },
     "opt": {
-        "vanilla": {"attn_impl": "softmax"},
-        "clipped": {"attn_impl": "clipped_softmax", "clip_alpha": 12.0, "clip_zeta": 1.0},
-        "gated": {"attn_impl": "gated", "gate_type": "linear", "pi_init": 0.25},
+        "vanilla": {},
+        "clipped": {"clip_alpha": 12.0, "clip_zeta": 1.0},
+        "gated": {"gate_type": "linear", "pi_init": 0.25},
     },
     "vit": {
-        "vanilla": {"attn_impl": "softmax"},
-        "clipped": {"attn_impl": "clipped_softmax", "clip_gamma": -0.003, "clip_zeta": 1.0},
-        "gated": {"attn_impl": "gated", "gate_type": "linear", "pi_init": 0.25},
+        "vanilla": {},
+        "clipped": {"clip_gamma": -0.003, "clip_zeta": 1.0},
+        "gated": {"gate_type": "linear", "pi_init": 0.25},
     },
 }
+# The variants with presets (every family's), in the order of `ATTENTION_VARIANTS`: vanilla, clipped, gated.
+VARIANTS = tuple(v for v in ATTENTION_VARIANTS if all(v in variants for variants in _ATTN.values()))
 
 _COMMON_TRAINING = {"lr_scheduler_type": "linear", "max_grad_norm": 1.0, "seed": 1000, "save_total_limit": 2}
 
@@ -351,7 +348,7 @@ def _build_presets() -> dict[str, TrainingPreset]:
     for base, (family, description, model, training, data) in _BASES.items():
         for variant in VARIANTS:
             name = f"{base}-{variant}"
-            attention = dict(_ATTN[family][variant])
+            attention = {"attn_impl": ATTENTION_VARIANTS[variant], **_ATTN[family][variant]}
             if attention.get("gate_type") == "mlp":
                 attention["gate_n_hid"] = max(1, model["hidden_size"] // model["num_attention_heads"] // 4)
             if "clip_alpha" in attention:  # gamma = -alpha / training length, fixed as the official code
@@ -385,7 +382,7 @@ def get_preset(name: str) -> TrainingPreset:
 
 
 def _field_names(family: str) -> dict[str, set[str]]:
-    config_fields = {f.name for f in dataclasses.fields(CONFIG_CLASSES[family])}
+    config_fields = {f.name for f in dataclasses.fields(families.config_class(family))}
     return {
         "data": {f.name for f in dataclasses.fields(DataSpec)},
         "tracking": {f.name for f in dataclasses.fields(TrackingSpec)},
@@ -488,17 +485,25 @@ _ATTENTION_FIELDS = {
     "clipped_softmax": {"clip_gamma", "clip_alpha", "clip_alpha_length", "clip_max_length", "clip_zeta"},
     "normalized_clipped_softmax": {"ncs_zeta", "ncs_beta"},
 }
-_SET_FROM_DATA = {
-    "bert": {"vocab_size": "data.vocab_size / the tokenizer", "pad_token_id": "the tokenizer"},
-    "opt": {
+# What each pre-training objective is, for messages.
+_OBJECTIVES = {"mlm": "a masked LM", "clm": "a causal LM", "image-classification": "an image classifier"}
+
+
+def set_from_data(family: str) -> dict[str, str]:
+    """The model fields a run sets from its data (field -> where from): the vocabulary and the family's
+    `_tokenizer_fields` for text, the image size and the label set for images."""
+    config_class = families.config_class(family)
+    if config_class._modality == "image":
+        return {
+            "image_size": "data.image_size",
+            **dict.fromkeys(("num_labels", "id2label", "label2id"), "the dataset's labels"),
+        }
+    return {
         "vocab_size": "data.vocab_size / the tokenizer",
-        **dict.fromkeys(("pad_token_id", "bos_token_id", "eos_token_id"), "the tokenizer"),
-    },
-    "vit": {
-        "image_size": "data.image_size",
-        **dict.fromkeys(("num_labels", "id2label", "label2id"), "the dataset's labels"),
-    },
-}
+        **dict.fromkeys(config_class._tokenizer_fields, "the tokenizer"),
+    }
+
+
 # TrainingArguments fields that only example scripts read; Trainer itself ignores them.
 _SCRIPT_ONLY_TRAINING = {
     "do_train": "training always runs",
@@ -525,13 +530,16 @@ def is_local_path(dataset: str) -> bool:
 def _unused_reason(preset: TrainingPreset, group: str, name: str) -> str | None:
     """Why the override `group.name` would have no effect on this preset (None when it is used)."""
     family, data, tracking = preset.family, preset.data, preset.tracking
+    modality = families.modality(family)
     if group == "data":
-        if family == "vit" and name in _TEXT_ONLY_DATA:
-            return "it is a text-model field and this preset trains an image model (vit)"
-        if family != "vit" and name in _IMAGE_ONLY_DATA:
+        if modality == "image" and name in _TEXT_ONLY_DATA:
+            return f"it is a text-model field and this preset trains an image model ({family})"
+        if modality == "text" and name in _IMAGE_ONLY_DATA:
             return f"it is an image-model field and this preset trains a text model ({family})"
-        if family == "opt" and name == "mlm_probability":
-            return "it is the masking rate of masked-LM (bert); opt trains a causal LM"
+        objective = families.training_objective(family) if name == "mlm_probability" else None
+        if objective not in (None, "mlm"):
+            masked = ", ".join(f for f in families.names() if families.training_objective(f) == "mlm")
+            return f"it is the masking rate of masked-LM ({masked}); {family} trains {_OBJECTIVES[objective]}"
         if name == "vocab_size" and data.tokenizer != "train":
             return f"it sizes a trained tokenizer, and data.tokenizer={data.tokenizer!r} is loaded"
         embedded = str(data.dataset).startswith("embedded")
@@ -550,8 +558,9 @@ def _unused_reason(preset: TrainingPreset, group: str, name: str) -> str | None:
     if group == "tracking" and name == "calibration_batches" and not tracking.w8a8_every_n_steps:
         return "it calibrates the periodic W8A8 check, which is off (tracking.w8a8_every_n_steps=0)"
     if group == "model":
-        if name in _SET_FROM_DATA[family]:
-            return f"it is set from {_SET_FROM_DATA[family][name]}"
+        sources = set_from_data(family)
+        if name in sources:
+            return f"it is set from {sources[name]}"
         attn_impl = preset.model.get("attn_impl", "softmax")
         for impl, names in _ATTENTION_FIELDS.items():
             if name in names and attn_impl != impl:
@@ -644,7 +653,7 @@ def _check_data(data: DataSpec, family: str) -> None:
     _check_range("data.eval_fraction", data.eval_fraction, 0, high=1)
     if not data.dataset:
         raise ValueError("data.dataset must name a dataset (embedded, a Hub dataset or a local path)")
-    if family == "vit" and data.augmentation not in ("auto", "timm", "basic", "none", None):
+    if families.modality(family) == "image" and data.augmentation not in ("auto", "timm", "basic", "none", None):
         raise ValueError(f"data.augmentation must be one of auto, timm, basic, none; got {data.augmentation!r}")
 
 
@@ -676,7 +685,7 @@ def _check_model(config: Any) -> None:
 def build_config(preset: TrainingPreset, **fields: Any):
     """The family's config from the preset's model fields (and `fields`); ValueError names a bad field."""
     try:
-        return CONFIG_CLASSES[preset.family](**{**preset.model, **fields})
+        return families.config_class(preset.family)(**{**preset.model, **fields})
     except (ValueError, TypeError, StrictDataclassError) as err:
         raise ValueError(f"model: {' '.join(str(err).split())}") from None
 
@@ -691,7 +700,8 @@ def validate_preset(preset: TrainingPreset) -> None:
     _check_tracking(preset.tracking)
     config = build_config(preset)
     _check_model(config)
-    if preset.family != "vit" and preset.data.seq_length > (limit := config.max_position_embeddings):
+    limit = getattr(config, "max_position_embeddings", None)
+    if families.modality(preset.family) == "text" and preset.data.seq_length > limit:
         raise ValueError(
             f"data.seq_length={preset.data.seq_length} exceeds model.max_position_embeddings={limit}: "
             "lower data.seq_length or raise model.max_position_embeddings"

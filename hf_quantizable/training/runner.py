@@ -24,17 +24,17 @@ import torch
 from transformers import (
     AutoImageProcessor,
     AutoTokenizer,
-    DataCollatorForLanguageModeling,
     PreTrainedModel,
     Trainer,
     TrainingArguments,
-    default_data_collator,
     set_seed,
 )
 
-from ..modeling.modeling_quantizable_bert import QuantizableBertForMaskedLM
-from ..modeling.modeling_quantizable_opt import QuantizableOPTForCausalLM
-from ..modeling.modeling_quantizable_vit import QuantizableViTForImageClassification
+# Re-exported: benchmarks/outlier_effect.py imports the collators from here.
+from transformers import DataCollatorForLanguageModeling as DataCollatorForLanguageModeling
+from transformers import default_data_collator as default_data_collator
+
+from .. import families
 from ..paths import apply_umask, write_text_atomic
 from .callbacks import TRACKING_FILE, OutlierTrackingCallback
 from .data import load_image_datasets, load_text_datasets
@@ -46,11 +46,6 @@ logger = logging.getLogger(__name__)
 RECIPE_FILE = "training_recipe.json"
 CHECKPOINT_DIR = "checkpoints"
 FINAL_TMP_PREFIX = ".final.tmp"
-MODEL_CLASSES = {
-    "bert": QuantizableBertForMaskedLM,
-    "opt": QuantizableOPTForCausalLM,
-    "vit": QuantizableViTForImageClassification,
-}
 
 
 class RunDirectoryError(ValueError):
@@ -135,31 +130,32 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def build_model(preset: TrainingPreset, processing: Any, labels: list[str] | None = None) -> PreTrainedModel:
-    """A freshly initialised model of the preset's family sized to the tokenizer / label set.
+    """A freshly initialised pre-training model of the preset's family sized to the tokenizer / label set.
 
-    A tokenizer's `model_max_length` is set to the model's position limit, so the saved tokenizer
-    truncates to what the model can read.
+    A text model takes its vocabulary size and the config's `_tokenizer_fields` (special-token ids) from
+    the tokenizer; a tokenizer's `model_max_length` is set to the model's position limit, so the saved
+    tokenizer truncates to what the model can read. An image model takes its labels and image size from
+    the data.
     """
     kwargs = dict(preset.model)
-    if preset.family in ("bert", "opt"):
+    text = families.modality(preset.family) == "text"
+    if text:
         kwargs["vocab_size"] = len(processing)
-        kwargs["pad_token_id"] = processing.pad_token_id
-        if preset.family == "opt":
-            kwargs["bos_token_id"] = processing.bos_token_id
-            kwargs["eos_token_id"] = processing.eos_token_id
+        for name in families.config_class(preset.family)._tokenizer_fields:
+            kwargs[name] = getattr(processing, name)
     else:
         kwargs.update(
             num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)}
         )
         kwargs["image_size"] = preset.data.image_size
     config = build_config(preset, **kwargs)
-    if preset.family in ("bert", "opt"):
+    if text:
         limit = config.max_position_embeddings
         if preset.data.seq_length > limit:
             raise ValueError(f"data.seq_length={preset.data.seq_length} exceeds model.max_position_embeddings={limit}")
         trained = preset.data.tokenizer == "train"
         processing.model_max_length = limit if trained else min(processing.model_max_length, limit)
-    return MODEL_CLASSES[preset.family](config)
+    return families.pretraining_class(preset.family)(config)
 
 
 def _take(dataset, n: int) -> list[dict]:
@@ -216,7 +212,8 @@ def build_run(
         "dataloader_pin_memory": torch.cuda.is_available(),
         # Without an accelerator, `use_cpu` makes accelerate set up multi-CPU DDP (gloo) under torchrun.
         "use_cpu": not torch.accelerator.is_available(),
-        "remove_unused_columns": preset.family != "vit",  # images are decoded from raw columns on the fly
+        # images are decoded from raw columns on the fly
+        "remove_unused_columns": families.modality(preset.family) != "image",
         **preset.training,
         **(training_overrides or {}),
     }
@@ -231,7 +228,7 @@ def build_run(
     set_seed(args.seed)
     family = preset.family
     with args.main_process_first(desc="dataset preparation"):
-        if family == "vit":
+        if families.modality(family) == "image":
             data = load_image_datasets(preset.data, seed=args.seed)
             processing = AutoImageProcessor.from_pretrained(resume_from) if resume_from else data.image_processor
             model = build_model(preset, processing, data.labels)
@@ -249,21 +246,20 @@ def build_run(
         if resume_from is None:  # a fresh start: no tracking records of an earlier, failed attempt
             (output_dir / TRACKING_FILE).unlink(missing_ok=True)
         write_json_atomic(output_dir / RECIPE_FILE, recipe)
-    trainer_kwargs: dict[str, Any] = {"processing_class": processing, "optimizer_name": preset.optimizer}
-    if family == "bert":
-        trainer_kwargs["mlm_probability"] = preset.data.mlm_probability
-    trainer = TRAINERS[family](
-        model=model, args=args, train_dataset=data.train, eval_dataset=data.validation, **trainer_kwargs
+    trainer_class = TRAINERS[families.training_objective(family)]
+    trainer = trainer_class(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.validation,
+        processing_class=processing,
+        optimizer_name=preset.optimizer,
+        data_collator=trainer_class.build_collator(processing, preset.data.mlm_probability),
     )
     tracker = None
     tracking = preset.tracking
     if tracking.outlier_every_n_steps:
-        if family == "bert":
-            probe_collator = DataCollatorForLanguageModeling(processing, mlm_probability=preset.data.mlm_probability)
-        elif family == "opt":
-            probe_collator = DataCollatorForLanguageModeling(processing, mlm=False)
-        else:
-            probe_collator = default_data_collator
+        probe_collator = trainer_class.build_collator(processing, preset.data.mlm_probability)
         batch_size = args.per_device_eval_batch_size
         probes = fixed_batches(data.validation, probe_collator, batch_size, tracking.probe_batches)
         calibration = (

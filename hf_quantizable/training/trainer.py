@@ -223,27 +223,36 @@ class QuantizableTrainer(Trainer):
 
 
 class MaskedLMTrainer(QuantizableTrainer):
-    """Masked-LM pre-training (QuantizableBert): dynamic masking with `DataCollatorForLanguageModeling`."""
+    """Masked-LM pre-training (`_training_objective = "mlm"`, QuantizableBert): dynamic masking with
+    `DataCollatorForLanguageModeling`."""
 
     reports_perplexity = True
 
     def __init__(self, *args, mlm_probability: float = 0.15, **kwargs):
         if kwargs.get("data_collator") is None:
-            kwargs["data_collator"] = DataCollatorForLanguageModeling(
-                kwargs["processing_class"], mlm=True, mlm_probability=mlm_probability
-            )
+            kwargs["data_collator"] = self.build_collator(kwargs["processing_class"], mlm_probability)
         super().__init__(*args, **kwargs)
+
+    @staticmethod
+    def build_collator(processing_class, mlm_probability: float = 0.15):
+        return DataCollatorForLanguageModeling(processing_class, mlm=True, mlm_probability=mlm_probability)
 
 
 class CausalLMTrainer(QuantizableTrainer):
-    """Causal-LM pre-training (QuantizableOPT) on packed blocks (labels = inputs, shifted in the model)."""
+    """Causal-LM pre-training (`_training_objective = "clm"`, QuantizableOPT) on packed blocks (labels =
+    inputs, shifted in the model)."""
 
     reports_perplexity = True
 
     def __init__(self, *args, **kwargs):
         if kwargs.get("data_collator") is None:
-            kwargs["data_collator"] = DataCollatorForLanguageModeling(kwargs["processing_class"], mlm=False)
+            kwargs["data_collator"] = self.build_collator(kwargs["processing_class"])
         super().__init__(*args, **kwargs)
+
+    @staticmethod
+    def build_collator(processing_class, mlm_probability: float | None = None):
+        """The collator of this objective (`mlm_probability` is not read: nothing is masked)."""
+        return DataCollatorForLanguageModeling(processing_class, mlm=False)
 
 
 def accuracy(prediction: EvalPrediction) -> dict[str, float]:
@@ -251,13 +260,20 @@ def accuracy(prediction: EvalPrediction) -> dict[str, float]:
 
 
 class ImageClassificationTrainer(QuantizableTrainer):
-    """Image-classification pre-training (QuantizableViT) reporting top-1 accuracy."""
+    """Image-classification pre-training (`_training_objective = "image-classification"`, QuantizableViT)
+    reporting top-1 accuracy."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("compute_metrics", accuracy)
         if kwargs.get("data_collator") is None:
-            kwargs["data_collator"] = default_data_collator
+            kwargs["data_collator"] = self.build_collator(kwargs.get("processing_class"))
         super().__init__(*args, **kwargs)
 
+    @staticmethod
+    def build_collator(processing_class=None, mlm_probability: float | None = None):
+        """The collator of this objective (images arrive as tensors: they are stacked)."""
+        return default_data_collator
 
-TRAINERS = {"bert": MaskedLMTrainer, "opt": CausalLMTrainer, "vit": ImageClassificationTrainer}
+
+# pre-training objective (a pre-training head's `_training_objective`) -> its Trainer
+TRAINERS = {"mlm": MaskedLMTrainer, "clm": CausalLMTrainer, "image-classification": ImageClassificationTrainer}
