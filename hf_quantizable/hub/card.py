@@ -16,6 +16,7 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
 
+from .. import families
 from ..evaluation.results import ResultRecord
 
 TEMPLATES_DIR = Path(__file__).with_name("model_cards")  # package data: wheels ship it
@@ -31,7 +32,11 @@ PRECISION_LABELS = {
     "int8": "INT8 checkpoint",
 }
 VARIANT_LABELS = {**PRECISION_LABELS, "w8a8-sim+os": "W8A8 simulated + Outlier Suppression"}
-FAMILIES = {"quantizable_bert": "bert", "quantizable_opt": "opt", "quantizable_vit": "vit"}
+# What a card says about the quality of a model, by the modality of its family (`_modality`).
+QUALITY = {  # modality -> (metric, record tasks, preprocessor class, metric label)
+    "text": ("perplexity", ("mlm", "clm"), "AutoTokenizer", "Perplexity"),
+    "image": ("accuracy", ("image-classification",), "AutoImageProcessor", "Top-1 accuracy (%)"),
+}
 HEAD_AUTO_CLASSES = {  # architecture suffix -> (Auto class, pipeline tag)
     "ForMaskedLM": ("AutoModelForMaskedLM", "fill-mask"),
     "ForCausalLM": ("AutoModelForCausalLM", "text-generation"),
@@ -276,8 +281,7 @@ def reference_rows(
 
     `matches` marks the paper rows of this model's variant (same attn_impl, and gate type for gates).
     """
-    quality = "accuracy" if family == "vit" else "perplexity"
-    tasks = ("image-classification",) if family == "vit" else ("mlm", "clm")
+    quality, tasks, _, _ = QUALITY[families.modality(families.family_of(family))]
     ours = {
         "variant": f"This model ({attn_impl})",
         "source": "ours",
@@ -350,7 +354,7 @@ def build_card_data(inputs: CardInputs) -> ModelCardData:
     """The card's YAML metadata: model-index, library, pipeline tag, tags, datasets, metrics."""
     _, pipeline_tag = head_of(inputs.config)
     eval_results = eval_results_from_records(own_records(inputs), pipeline_tag)
-    family = FAMILIES.get(inputs.config.get("model_type"), inputs.config.get("model_type", "transformer"))
+    family = families.family_of(inputs.config.get("model_type")) or inputs.config.get("model_type", "transformer")
     tags = ["hf_quantizable", "quantization", "w8a8", family, inputs.config.get("attn_impl", "softmax")]
     tags.append("int8" if inputs.is_int8 else "outlier-free")
     datasets = sorted(
@@ -374,7 +378,8 @@ def build_card_data(inputs: CardInputs) -> ModelCardData:
 def render_model_card(inputs: CardInputs, template_path: str | Path = CARD_TEMPLATE) -> ModelCard:
     """Render the card of one repository (FP or INT8) from its config, results and recipe."""
     auto_class, pipeline_tag = head_of(inputs.config)
-    family = FAMILIES.get(inputs.config.get("model_type"), inputs.config.get("model_type"))
+    family = families.family_of(inputs.config.get("model_type")) or inputs.config.get("model_type")
+    _, _, preprocessor_class, quality_label = QUALITY[families.modality(families.family_of(family))]
     attn_impl = inputs.config.get("attn_impl", "softmax")
     precisions = sorted({r.precision for r in inputs.records}, key=_variant_order)
     references = paper_references()
@@ -389,7 +394,7 @@ def render_model_card(inputs: CardInputs, template_path: str | Path = CARD_TEMPL
         architecture=(inputs.config.get("architectures") or ["?"])[0],
         auto_class=auto_class,
         pipeline_tag=pipeline_tag,
-        preprocessor_class="AutoImageProcessor" if family == "vit" else "AutoTokenizer",
+        preprocessor_class=preprocessor_class,
         size=_size(inputs.config),
         method=method_parameters(inputs.config),
         method_yaml=_yaml_block(method_parameters(inputs.config)),
@@ -401,7 +406,7 @@ def render_model_card(inputs: CardInputs, template_path: str | Path = CARD_TEMPL
         reference_rows=reference_rows(family, attn_impl, inputs.records, inputs.config.get("gate_type")),
         max_steps=(inputs.recipe or {}).get("training", {}).get("max_steps"),
         synthetic_data=trained_on_synthetic_data(inputs),
-        quality_metric="Top-1 accuracy (%)" if family == "vit" else "Perplexity",
+        quality_metric=quality_label,
         glue_references=[g for g in references["glue_average"] if g["family"] == family],
         plots=list(inputs.plots),
         versions=_versions(inputs.records),
