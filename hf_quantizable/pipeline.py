@@ -30,10 +30,13 @@ from .hub.upload import check_repo_id
 from .paths import check_output_folder, write_text_atomic
 from .quantization.config import W8A8Config
 from .training import embedded
+from .training.presets import VARIANTS as PRESET_VARIANTS
 from .training.runner import CHECKPOINT_DIR
 from .training.trainer import latest_complete_checkpoint
 
-VARIANTS = ("vanilla", "gated", "clipped")
+# The presets' attention variants (`training.presets.VARIANTS`), in the order the main job runs them: the
+# baseline first, then gated attention, then clipped softmax.
+VARIANTS = tuple(sorted(PRESET_VARIANTS, key=lambda variant: (variant != "vanilla", variant != "gated")))
 WORK_DIR_MARK = ".hf_quantizable-main-job"  # marks a --work-dir this command made (and may reuse)
 TRAIN_SEED_LINES = 1000  # calibration lines drawn from the training corpus generator
 # Old flag names, accepted (with a deprecation line) for one release (see `hf_quantizable.cli`).

@@ -27,11 +27,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModel, PretrainedConfig, TrainingArguments, default_data_collator
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    PretrainedConfig,
+    PreTrainedModel,
+    TrainingArguments,
+    default_data_collator,
+)
 
+from . import families
 from .cli import DataArguments, OneLineErrorParser, one_line, positive_int
-from .modeling.configuration_quantizable import GATE_TYPES, QuantizableBertConfig
-from .modeling.modeling_quantizable_bert import QuantizableBertModel
+from .modeling.configuration_quantizable import ATTN_IMPLS, GATE_TYPES
 from .paths import apply_umask
 from .training.data import load_text_datasets, load_tokenizer
 from .training.presets import DataSpec
@@ -45,8 +52,9 @@ from .training.runner import (
 )
 from .training.trainer import QuantizableTrainer
 
-# `softmax` keeps the original attention: the control run (distillation with the outlier term only).
-RETROFIT_IMPLS = ("gated", "clipped_softmax", "normalized_clipped_softmax", "softmax")
+# Every `attn_impl`; `softmax` keeps the original attention: the control run (distillation with the outlier
+# term only).
+RETROFIT_IMPLS = ATTN_IMPLS
 # Old flag names, accepted (with a deprecation line) for one release (see `hf_quantizable.cli`).
 DEPRECATED_FLAGS = {"--dataset-path": "--dataset", "--seq-length": "--max-length"}
 # Flags that only one attention implementation reads, with their defaults there.
@@ -56,12 +64,30 @@ ATTENTION_FLAGS = {
 }
 
 
+def retrofit_families() -> list[str]:
+    """The families that can be retrofitted: those whose classes name their `_retrofit_modules`."""
+    return [f for f in families.names() if families.base_model_class(f)._retrofit_modules]
+
+
+def _layer_modules(model: nn.Module, kind: str) -> list[nn.Module]:
+    """The `kind` module (a key of the family's `_retrofit_modules`) of every layer of `model` (ours or stock)."""
+    model_class = families.base_model_class(families.family_of_model(model))
+    for path in model_class._layer_paths:
+        try:
+            layers = model.get_submodule(path)
+        except AttributeError:
+            continue
+        return [layer.get_submodule(model_class._retrofit_modules[kind]) for layer in layers]
+    raise ValueError(f"{type(model).__name__} has none of the layer lists {model_class._layer_paths}")
+
+
 @contextlib.contextmanager
 def capture_ffn_outputs(model: nn.Module) -> Iterator[list[torch.Tensor]]:
-    """Collect the FFN output (`output.dense`) of every BERT layer during the forwards inside."""
+    """Collect the FFN output (`_retrofit_modules["ffn_output"]`: BERT's `output.dense`) of every layer
+    during the forwards inside."""
     outputs: list[torch.Tensor] = []
-    layers = model.encoder.layer
-    handles = [layer.output.dense.register_forward_hook(lambda _m, _i, out: outputs.append(out)) for layer in layers]
+    modules = _layer_modules(model, "ffn_output")
+    handles = [module.register_forward_hook(lambda _m, _i, out: outputs.append(out)) for module in modules]
     try:
         yield outputs
     finally:
@@ -70,7 +96,8 @@ def capture_ffn_outputs(model: nn.Module) -> Iterator[list[torch.Tensor]]:
 
 
 def load_stock_config(path: str) -> PretrainedConfig:
-    """The config of the stock checkpoint `path`; ValueError naming it when it is missing or not BERT."""
+    """The config of the stock checkpoint `path`; ValueError naming it when it is missing or of a family
+    that cannot be retrofitted (see `retrofit_families`: BERT)."""
     try:
         stock = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as err:
@@ -78,34 +105,42 @@ def load_stock_config(path: str) -> PretrainedConfig:
             f"could not load the model {path!r}: {one_line(err)} (give a folder holding config.json, or a Hub id "
             "with network access)"
         ) from None
-    if stock.model_type not in ("bert", QuantizableBertConfig.model_type):
-        raise ValueError(f"retrofitting supports BERT checkpoints (model_type bert), got {stock.model_type!r}")
+    if families.family_of(stock.model_type) not in retrofit_families():
+        supported = retrofit_families()
+        raise ValueError(
+            f"retrofitting supports {' / '.join(f.upper() for f in supported)} checkpoints (model_type "
+            f"{', '.join(supported)}), got {stock.model_type!r}"
+        )
     return stock
 
 
-def retrofit_config(path: str, attn_impl: str, **attention: Any) -> QuantizableBertConfig:
-    """The stock config of `path` as a `QuantizableBertConfig` with `attn_impl` and its fields (validated)."""
+def retrofit_config(path: str, attn_impl: str, **attention: Any) -> PretrainedConfig:
+    """The stock config of `path` as its family's quantizable config (`QuantizableBertConfig`) with
+    `attn_impl` and its fields (validated)."""
     if attn_impl not in RETROFIT_IMPLS:
         raise ValueError(f"`attn_impl` must be one of {RETROFIT_IMPLS}, got {attn_impl!r}")
     stock = load_stock_config(path)
     fields = {k: v for k, v in stock.to_dict().items() if k not in ("model_type", "architectures", "auto_map")}
-    return QuantizableBertConfig(**{**fields, "attn_impl": attn_impl, **attention})
+    config_class = families.config_class(families.family_of(stock.model_type))
+    return config_class(**{**fields, "attn_impl": attn_impl, **attention})
 
 
-def retrofit_model(path: str, attn_impl: str, **attention: Any) -> QuantizableBertModel:
-    """Load the stock BERT checkpoint at `path` into `QuantizableBertModel` with `attn_impl`.
+def retrofit_model(path: str, attn_impl: str, **attention: Any) -> PreTrainedModel:
+    """Load the stock checkpoint at `path` into its family's quantizable base model (BERT:
+    `QuantizableBertModel`) with `attn_impl`.
 
     Extra keyword arguments are attention config fields (`gate_type`, `pi_init`, `clip_gamma`, ...).
     """
     config = retrofit_config(path, attn_impl, **attention)
+    model_class = families.base_model_class(families.family_of(config.model_type))
     try:
-        model = QuantizableBertModel.from_pretrained(path, config=config)
+        model = model_class.from_pretrained(path, config=config)
     except OSError as err:
         raise ValueError(f"could not load the weights of {path!r}: {one_line(err)}") from None
-    if attn_impl == "gated":
+    if attn_impl == "gated":  # the gates start at pi_init: the output projection makes up for it
         with torch.no_grad():
-            for layer in model.encoder.layer:
-                layer.attention.output.dense.weight.div_(config.pi_init)
+            for projection in _layer_modules(model, "attention_output"):
+                projection.weight.div_(config.pi_init)
     return model
 
 
@@ -272,7 +307,7 @@ def retrofit_recipe(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def check_inputs(args: argparse.Namespace, recipe: dict[str, Any]) -> QuantizableBertConfig:
+def check_inputs(args: argparse.Namespace, recipe: dict[str, Any]) -> PretrainedConfig:
     """Check the flags, the output folder, the model and the dataset path; return the retrofitted config."""
     check_output_dir(Path(args.output), recipe, resume=False)
     try:
@@ -322,7 +357,10 @@ def retrofit(args: argparse.Namespace) -> dict[str, Any]:
     tokenizer = load_tokenizer(args.model)
     tokenizer.model_max_length = min(tokenizer.model_max_length, config.max_position_embeddings)
     data = load_text_datasets(
-        DataSpec(dataset=args.dataset, seq_length=args.max_length), "bert", seed=args.seed, tokenizer=tokenizer
+        DataSpec(dataset=args.dataset, seq_length=args.max_length),
+        families.family_of(config.model_type),
+        seed=args.seed,
+        tokenizer=tokenizer,
     )
     student = retrofit_model(args.model, args.attn_impl, **attention_fields(args))
     try:
