@@ -129,7 +129,8 @@ _BUILDS: dict[str, bool] = {}  # source file -> whether its build registered the
 def build_kernel(source: str | Path) -> bool:
     """Compile the kernel source file `source` and register its ops; False (with a warning) where it cannot.
 
-    Built once per machine and source (the extension's name holds the source's hash), loaded once per process.
+    Built once per machine and source file (the extension's name holds a hash of its path and contents),
+    loaded once per process.
     """
     if ops_registered():
         return True
@@ -145,7 +146,9 @@ def _build(source: Path) -> bool:
         return False
     from torch.utils.cpp_extension import load
 
-    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
+    # The build folder is per source file and contents: the package's build and a checkpoint's copy
+    # never share one (sharing made each alternate load recompile: the build command names the path).
+    digest = hashlib.sha256(source.read_bytes() + str(source).encode()).hexdigest()[:16]
     logger.info("Building the AVX2 int8 kernel from %s (once per machine, about a minute).", source)
     try:
         load(
