@@ -12,9 +12,8 @@ from hf_quantizable import (
     QuantizableViTConfig,
     QuantizableViTForImageClassification,
 )
+from hf_quantizable.modeling.configuration_quantizable import ATTN_IMPLS  # noqa: F401  (the tests' parameters)
 from hf_quantizable.paths import shared_data_dir
-
-ATTN_IMPLS = ("softmax", "clipped_softmax", "normalized_clipped_softmax", "gated")
 
 TINY_BERT = dict(
     vocab_size=99,
