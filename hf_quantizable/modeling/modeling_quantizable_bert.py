@@ -338,6 +338,7 @@ class QuantizableBertForSequenceClassification(QuantizableBertPreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
+    # Copied from hf_quantizable.modeling.modeling_quantizable_bert.QuantizableBertForMaskedLM.forward with MaskedLMOutput->SequenceClassifierOutput
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -362,8 +363,10 @@ class QuantizableBertForSequenceClassification(QuantizableBertPreTrainedModel):
             output_hidden_states=output_hidden_states,
             return_dict=True,
         )
+        # Ignore copy
         logits = self.classifier(self.dropout(outputs.pooler_output))  # [B, num_labels]
         loss = None
+        # Ignore copy
         if labels is not None:
             if self.config.problem_type is None:
                 if self.num_labels == 1:

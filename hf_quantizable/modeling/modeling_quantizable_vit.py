@@ -117,6 +117,7 @@ class QuantizableViTAttention(nn.Module):
         return self.output(context), probs
 
 
+# Copied from hf_quantizable.modeling.modeling_quantizable_bert.QuantizableBertIntermediate with Bert->ViT
 class QuantizableViTIntermediate(nn.Module):
     def __init__(self, config: QuantizableViTConfig):
         super().__init__()
@@ -153,6 +154,7 @@ class QuantizableViTLayer(GradientCheckpointingLayer):
         return self.ffn_residual_quant(self.dropout(ffn_output) + hidden_states), probs
 
 
+# Copied from hf_quantizable.modeling.modeling_quantizable_bert.QuantizableBertEncoder with Bert->ViT
 class QuantizableViTEncoder(nn.Module):
     def __init__(self, config: QuantizableViTConfig):
         super().__init__()
