@@ -17,8 +17,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
-import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,15 +37,14 @@ from transformers import (
 from . import families
 from .cli import DataArguments, OneLineErrorParser, one_line, positive_int
 from .modeling.configuration_quantizable import ATTN_IMPLS, GATE_TYPES
-from .paths import apply_umask
 from .training.data import load_text_datasets, load_tokenizer
 from .training.presets import DataSpec
 from .training.runner import (
-    FINAL_TMP_PREFIX,
     RunDirectoryError,
     check_output_dir,
     fixed_batches,
     remove_leftovers,
+    save_final_model,
     write_json_atomic,
 )
 from .training.trainer import QuantizableTrainer
@@ -406,17 +403,7 @@ def retrofit(args: argparse.Namespace) -> dict[str, Any]:
 
 def save_final(trainer: QuantizableTrainer, output: Path, metrics: dict[str, Any]) -> None:
     """Write the Hub-ready model and `retrofit_results.json` into `output` through a temporary folder."""
-    tmp = output / f"{FINAL_TMP_PREFIX}{os.getpid()}"
-    try:
-        trainer.save_model(str(tmp))
-        write_json_atomic(tmp / "retrofit_results.json", metrics)
-        apply_umask(tmp)
-        for item in tmp.iterdir():
-            item.replace(output / item.name)
-        tmp.rmdir()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    save_final_model(trainer, output, {"retrofit_results.json": metrics})
 
 
 def main(argv: list[str] | None = None) -> int:

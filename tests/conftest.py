@@ -72,6 +72,15 @@ def tiny_inputs(family: str, batch_size: int = 2, seq_length: int = 9) -> dict[s
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
+@pytest.fixture
+def one_thread():
+    """The tiny models are far too small for intra-op parallelism; one thread avoids oversubscription."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def data_dir():
     path = shared_data_dir()

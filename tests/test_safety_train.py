@@ -44,12 +44,7 @@ TINY = [
 UMASK = 0o002  # not the usual 022, so a file that merely got a fixed mode does not pass
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train_argv(output: Path, *extra: str) -> list[str]:

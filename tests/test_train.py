@@ -57,13 +57,7 @@ STEPS = {"bert": 15, "opt": 15, "vit": 40}
 NO_PROGRESS = {"disable_tqdm": True}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are far too small for intra-op parallelism; one thread avoids oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(name: str, *extra: str):

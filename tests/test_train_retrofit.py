@@ -9,13 +9,7 @@ from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
 from hf_quantizable.retrofit import main, retrofit_model
 from hf_quantizable.training.embedded import generate_corpus
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("pi_init", [0.25, 0.5])

@@ -280,20 +280,18 @@ def build_run(
     )
 
 
-def finish_run(run: TrainingRun, train_metrics: dict[str, float]) -> dict[str, float]:
-    """Evaluate, then write the Hub-ready model folder into `output_dir` (via a temporary folder)."""
-    trainer = run.trainer
-    eval_metrics = trainer.evaluate()
-    if not trainer.is_world_process_zero():
-        return eval_metrics
-    tmp = run.output_dir / f"{FINAL_TMP_PREFIX}{os.getpid()}"
+def save_final_model(trainer: Trainer, output_dir: Path, results: dict[str, Any]) -> None:
+    """Write the Hub-ready model folder into `output_dir` through a temporary folder: the model (with
+    `auto_map` and its modeling code), processor and `training_args.bin`, plus `results` (file name ->
+    JSON data). A failure leaves `output_dir` as it was and no temporary folder."""
+    tmp = output_dir / f"{FINAL_TMP_PREFIX}{os.getpid()}"
     try:
-        trainer.save_model(str(tmp))  # model (with auto_map and modeling code), processor, training_args.bin
-        write_json_atomic(tmp / "train_results.json", train_metrics)
-        write_json_atomic(tmp / "eval_results.json", eval_metrics)
+        trainer.save_model(str(tmp))
+        for name, data in results.items():
+            write_json_atomic(tmp / name, data)
         apply_umask(tmp)
         for item in tmp.iterdir():
-            target = run.output_dir / item.name
+            target = output_dir / item.name
             if target.is_dir():
                 shutil.rmtree(target)
             item.replace(target)
@@ -301,4 +299,13 @@ def finish_run(run: TrainingRun, train_metrics: dict[str, float]) -> dict[str, f
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def finish_run(run: TrainingRun, train_metrics: dict[str, float]) -> dict[str, float]:
+    """Evaluate, then write the Hub-ready model folder into `output_dir` (via a temporary folder)."""
+    trainer = run.trainer
+    eval_metrics = trainer.evaluate()
+    if not trainer.is_world_process_zero():
+        return eval_metrics
+    save_final_model(trainer, run.output_dir, {"train_results.json": train_metrics, "eval_results.json": eval_metrics})
     return eval_metrics
