@@ -149,19 +149,15 @@ class QuantizableOPTPreTrainedModel(QuantizableModelMixin, OPTPreTrainedModel):
     )
     _keep_fp_modules = ("lm_head",)
 
+    _gamma_migration_layer_plan = (
+        ("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("final_layer_norm", ("fc1",)),
+    )
+
     def _gamma_migration_plan(self) -> list[tuple[str, list[str], str | None]]:
-        """(LayerNorm, linear layers reading its output, None) pairs of every pre-LN layer (no shortcut reads a
-        LayerNorm output); the final LayerNorm leaves the model and stays."""
         if not self.config.do_layer_norm_before:
             raise ValueError("gamma migration supports pre-LayerNorm OPT only (`do_layer_norm_before=True`)")
-        prefix = self._base_model_path() + "decoder"
-        plan = []
-        for i in range(len(self.base_model.decoder.layers)):
-            layer = f"{prefix}.layers.{i}"
-            qkv = [f"{layer}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")]
-            plan.append((f"{layer}.self_attn_layer_norm", qkv, None))
-            plan.append((f"{layer}.final_layer_norm", [f"{layer}.fc1"], None))
-        return plan
+        return super()._gamma_migration_plan()
 
 
 class QuantizableOPTDecoder(nn.Module):

@@ -187,17 +187,10 @@ class QuantizableViTPreTrainedModel(QuantizableModelMixin, ViTPreTrainedModel):
     )
     _keep_fp_modules = ("pooler", "classifier")
 
-    def _gamma_migration_plan(self) -> list[tuple[str, list[str], str | None]]:
-        """(LayerNorm, linear layers reading its output, None) pairs of every pre-LN block; the final LayerNorm
-        leaves the model and stays."""
-        prefix = self._base_model_path() + "encoder.layer"
-        plan = []
-        for i in range(len(self.base_model.encoder.layer)):
-            layer = f"{prefix}.{i}"
-            qkv = [f"{layer}.attention.attention.{p}" for p in ("query", "key", "value")]
-            plan.append((f"{layer}.layernorm_before", qkv, None))
-            plan.append((f"{layer}.layernorm_after", [f"{layer}.intermediate.dense"], None))
-        return plan
+    _gamma_migration_layer_plan = (
+        ("layernorm_before", ("attention.attention.query", "attention.attention.key", "attention.attention.value")),
+        ("layernorm_after", ("intermediate.dense",)),
+    )
 
 
 class QuantizableViTModel(QuantizableViTPreTrainedModel):

@@ -39,7 +39,9 @@ class QuantizableModelMixin:
     - `_keep_fp_modules`: the heads W8A8 keeps in floating point (`W8A8Config.keep_fp_modules`);
     - `_retrofit_modules`: per layer, the attention output projection and the FFN output that
       `hf_quantizable.retrofit` rescales and watches (None: the family is not retrofitted);
-    - `_gamma_migration_plan()` (optional method): the Outlier Suppression gamma migration plan;
+    - `_gamma_migration_layer_plan`: per layer, (LayerNorm, the linear layers reading its output) of a
+      pre-LN family, which `_gamma_migration_plan()` turns into the Outlier Suppression plan (a
+      post-LN family overrides that method);
     - on each model class, `_evaluation_task` (the `hf_quantizable.evaluate` task it runs) and, on the
       pre-training head, `_training_objective` ("mlm", "clm", "image-classification").
     """
@@ -49,6 +51,7 @@ class QuantizableModelMixin:
     _outlier_hook_points: tuple[dict, ...] = ()
     _keep_fp_modules: tuple[str, ...] = ()
     _retrofit_modules: dict[str, str] | None = None
+    _gamma_migration_layer_plan: tuple[tuple[str, tuple[str, ...]], ...] = ()
     _evaluation_task: str | None = None
     _training_objective: str | None = None
     _can_record_outputs = None
@@ -62,6 +65,21 @@ class QuantizableModelMixin:
     def _base_model_path(self) -> str:
         """The module path of the base model inside this model, with a trailing dot ("" for the base model)."""
         return "" if self.base_model is self else self.base_model_prefix + "."
+
+    def _gamma_migration_plan(self) -> list[tuple[str, list[str], str | None]]:
+        """(LayerNorm, linear layers reading its output, residual module whose shortcut reads it) triples of
+        gamma migration (`quantization.outlier_suppression`), by module name: here those of
+        `_gamma_migration_layer_plan` in every layer of `_layer_paths[0]` (pre-LN: no shortcut reads a
+        LayerNorm output; the final LayerNorm leaves the model and stays)."""
+        if not self._gamma_migration_layer_plan:
+            raise ValueError(f"{type(self).__name__} has no gamma migration plan")
+        prefix = self._base_model_path() + self._layer_paths[0]
+        layers = self.base_model.get_submodule(self._layer_paths[0])
+        return [
+            (f"{prefix}.{i}.{norm}", [f"{prefix}.{i}.{linear}" for linear in linears], None)
+            for i in range(len(layers))
+            for norm, linears in self._gamma_migration_layer_plan
+        ]
 
     def _check_and_adjust_attn_implementation(self, attn_implementation: str | None, *args, **kwargs) -> str:
         """transformers' check of `attn_implementation` (at init and in `set_attn_implementation`), after
