@@ -318,8 +318,11 @@ def test_quantizer_overwrite_replaces_its_previous_output(workspace):
 
 # The command, with a pause once the INT8 weights are written (into the temporary folder).
 _SLOW_WRITE = """
-import sys, time
+import signal, sys, time
 from transformers import PreTrainedModel
+
+# Ctrl-C as in a terminal, also where the test runs in a background job (which starts with SIGINT ignored).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from hf_quantizable.quantize import main
 
 write = PreTrainedModel.save_pretrained
