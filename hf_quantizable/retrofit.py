@@ -40,6 +40,7 @@ from .modeling.configuration_quantizable import ATTN_IMPLS, GATE_TYPES
 from .training.data import load_text_datasets, load_tokenizer
 from .training.presets import DataSpec
 from .training.runner import (
+    RECIPE_FILE,
     RunDirectoryError,
     check_output_dir,
     fixed_batches,
@@ -368,7 +369,7 @@ def retrofit(args: argparse.Namespace) -> dict[str, Any]:
     eval_batches = fixed_batches(data.validation, default_data_collator, args.batch_size, 4, keep_labels=False)
     output.mkdir(parents=True, exist_ok=True)
     remove_leftovers(output)
-    write_json_atomic(output / "training_recipe.json", recipe)
+    write_json_atomic(output / RECIPE_FILE, recipe)
     trainer = DistillationTrainer(
         model=student,
         args=training_args,

@@ -25,7 +25,7 @@ from transformers.utils import logging
 from .. import families
 from ..paths import write_text_atomic
 from . import embedded
-from .presets import DataSpec, is_local_path
+from .presets import AUGMENTATIONS, DataSpec, is_local_path
 
 logger = logging.get_logger(__name__)
 
@@ -352,10 +352,6 @@ class ImageData:
     validation: Dataset
     image_processor: Any
     labels: list[str]
-
-
-# `auto`: timm's pipeline when timm imports, else `basic` (the paper presets use it: they run without timm).
-AUGMENTATIONS = ("auto", "timm", "basic", "none")
 
 
 def _timm_transforms(spec: DataSpec, mean, std):

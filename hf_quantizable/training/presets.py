@@ -26,6 +26,9 @@ from transformers import TrainingArguments
 from .. import families
 from ..modeling.configuration_quantizable import ATTENTION_VARIANTS
 
+# Image augmentations (`DataSpec.augmentation`); `auto`: timm's pipeline when timm imports, else `basic` (the
+# paper presets use it: they run without timm).
+AUGMENTATIONS = ("auto", "timm", "basic", "none")
 OPTIMIZERS = ("adamw", "muon")  # muon: torch.optim.Muon on hidden matrices, AdamW on the rest (Park et al. 2025)
 
 
@@ -653,7 +656,7 @@ def _check_data(data: DataSpec, family: str) -> None:
     _check_range("data.eval_fraction", data.eval_fraction, 0, high=1)
     if not data.dataset:
         raise ValueError("data.dataset must name a dataset (embedded, a Hub dataset or a local path)")
-    if families.modality(family) == "image" and data.augmentation not in ("auto", "timm", "basic", "none", None):
+    if families.modality(family) == "image" and data.augmentation not in (*AUGMENTATIONS, None):
         raise ValueError(f"data.augmentation must be one of auto, timm, basic, none; got {data.augmentation!r}")
 
 
