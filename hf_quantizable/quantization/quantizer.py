@@ -18,17 +18,6 @@ from .calibration import activation_quantizers, quantize_model, quantized_linear
 from .config import W8A8Config
 from .export import build_int8_model, check_output_dir, save_atomically, save_int8_checkpoint, weight_bytes
 
-# Stock architectures whose checkpoints load into a quantizable class (Outlier Suppression targets).
-_STOCK_TO_QUANTIZABLE = {
-    "BertModel": "QuantizableBertModel",
-    "BertForMaskedLM": "QuantizableBertForMaskedLM",
-    "BertForSequenceClassification": "QuantizableBertForSequenceClassification",
-    "OPTModel": "QuantizableOPTModel",
-    "OPTForCausalLM": "QuantizableOPTForCausalLM",
-    "ViTModel": "QuantizableViTModel",
-    "ViTForImageClassification": "QuantizableViTForImageClassification",
-}
-
 
 def check_weight_files(path: str | Path) -> list[Path]:
     """The safetensors weight files of the model folder `path`, each checked to open (not truncated).
@@ -58,17 +47,19 @@ def check_weight_files(path: str | Path) -> list[Path]:
 
 def model_class_for(path: str | Path) -> type[PreTrainedModel]:
     """The hf_quantizable class for the checkpoint at `path` (quantizable or stock BERT/OPT/ViT)."""
-    import hf_quantizable
+    from .. import families
 
+    # Every registered family's classes, also under the stock transformers name (ours add `Quantizable`).
+    classes = {cls.__name__: cls for family in families.FAMILIES.values() for cls in family}
+    classes.update({name.removeprefix("Quantizable"): cls for name, cls in list(classes.items())})
     config = read_model_config(path)
     if config.get("w8a8_config"):
         raise ValueError(f"{path!s} is already an INT8 checkpoint (its config.json has `w8a8_config`)")
     architectures = config.get("architectures") or []
     for architecture in architectures:
-        name = _STOCK_TO_QUANTIZABLE.get(architecture, architecture)
-        if name in hf_quantizable.__all__ and name.startswith("Quantizable") and not name.endswith("Config"):
-            return getattr(hf_quantizable, name)
-    supported = sorted(set(_STOCK_TO_QUANTIZABLE) | set(_STOCK_TO_QUANTIZABLE.values()))
+        if architecture in classes:
+            return classes[architecture]
+    supported = sorted(classes)
     raise ValueError(
         f"cannot quantize model type {config.get('model_type')!r} (architectures {architectures}); "
         f"supported architectures: {supported}"
