@@ -211,10 +211,10 @@ def _int8_gemm(int8) -> dict:
 
     linears = [m for m in int8.modules() if isinstance(m, Int8Linear) and m.has_input_quant]
     routes = {route: sum(m.gemm_route() == route for m in linears) for route in ("avx2", "onednn")}
-    packed = [m.avx2_weight() for m in linears if m.gemm_route() == "avx2"]
-    if not packed:
-        return {"int8_gemm": "oneDNN", "gemm_routes": routes}
     avx2 = [m for m in linears if m.gemm_route() == "avx2"]
+    if not avx2:
+        return {"int8_gemm": "oneDNN", "gemm_routes": routes}
+    packed = [m.avx2_weight() for m in avx2]
     return {
         "int8_gemm": "AVX2 kernel" if not routes["onednn"] else "AVX2 kernel and oneDNN",
         "gemm_routes": routes,
