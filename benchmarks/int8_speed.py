@@ -402,7 +402,9 @@ def agreement(work: Path, rows: dict) -> None:
     import numpy as np
 
     outputs = {label: work / f"out-{kind}.npy" for label, kind in ROWS.items()}
-    loaded = {label: np.load(path).astype(np.float64) for label, path in outputs.items() if path.exists()}
+    loaded = {
+        label: np.load(path).astype(np.float64) for label, path in outputs.items() if label in rows and path.exists()
+    }
     for label, out in loaded.items():
         entry = {}
         for reference in ("fp32 eager", "ours int8 (PyTorch)"):

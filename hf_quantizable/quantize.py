@@ -223,7 +223,13 @@ def main(argv: list[str] | None = None) -> int:
         from .quantization.quantizer import W8A8Quantizer, check_weight_files, model_class_for
 
         model_type = model_class_for(model_dir).config_class.model_type
-        max_length = max_length_for(args, read_model_config(model_dir), model_type)
+        model_config = read_model_config(model_dir)
+        if args.gated_context is not None and model_config.get("attn_impl") != "gated":
+            raise ValueError(
+                f"--gated-context is read only by gated-attention models; {model_dir} has attn_impl="
+                f"{model_config.get('attn_impl', 'softmax')!r}: drop it"
+            )
+        max_length = max_length_for(args, model_config, model_type)
         check_weight_files(model_dir)
         check_output_dir(args.output, model_dir, args.overwrite)
         batches, processor = calibration_batches(

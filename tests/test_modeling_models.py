@@ -72,6 +72,7 @@ def test_clipped_softmax_defaults_and_alpha_form():
         (QuantizableBertConfig, {"gate_n_hid": 0}, "gate_n_hid"),
         (QuantizableBertConfig, {"w8a8_config": "int8"}, "w8a8_config"),
         (QuantizableOPTConfig, {"wd_ln_gamma": "yes"}, "wd_ln_gamma"),
+        (QuantizableOPTConfig, {"attention_init": "xavier"}, "attention_init"),
         (QuantizableOPTConfig, {"attn_impl": "gated", "gate_type": "per_head"}, "gate_type"),
         (QuantizableViTConfig, {"patch_embed_layernorm": 1}, "patch_embed_layernorm"),
         (QuantizableBertConfig, {"hidden_size": 30, "num_attention_heads": 4}, "hidden_size"),
@@ -81,6 +82,30 @@ def test_clipped_softmax_defaults_and_alpha_form():
 def test_invalid_config_values_name_the_field(config_class, kwargs, field):
     with pytest.raises(ValueError, match=f"`{field}`"):
         config_class(**kwargs)
+
+
+def test_opt_attention_init_options(tmp_path):
+    """`torch_default` gives the attention projections nn.Linear's kaiming-uniform init (the official
+    run_clm.py's), every other weight keeps OPT's normal(0, init_std); a saved model reloads as saved."""
+    hidden, init_std = 256, 0.006
+    shape = dict(TINY_OPT, hidden_size=hidden, word_embed_proj_dim=hidden, ffn_dim=512, init_std=init_std)
+    stds = {}
+    for attention_init in ("opt", "torch_default"):
+        torch.manual_seed(0)
+        model = QuantizableOPTForCausalLM(QuantizableOPTConfig(**shape, attention_init=attention_init))
+        attention = model.model.decoder.layers[1].self_attn
+        stds[attention_init] = [
+            getattr(attention, p).weight.std().item() for p in ("q_proj", "k_proj", "v_proj", "out_proj")
+        ]
+        assert model.model.decoder.layers[1].fc1.weight.std().item() == pytest.approx(init_std, rel=0.05)
+    assert stds["opt"] == pytest.approx([init_std] * 4, rel=0.05)
+    assert stds["torch_default"] == pytest.approx([(3 * hidden) ** -0.5] * 4, rel=0.05)
+    bias = attention.v_proj.bias
+    assert bias.abs().max() <= hidden**-0.5 and bias.std() > 0.5 * (3 * hidden) ** -0.5  # uniform(+-1/sqrt(fan_in))
+    model.save_pretrained(tmp_path)
+    reloaded = QuantizableOPTForCausalLM.from_pretrained(tmp_path)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], tensor), name
 
 
 def test_invalid_attn_impl_lists_allowed_values():

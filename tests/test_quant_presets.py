@@ -5,7 +5,12 @@ import json
 import pytest
 
 from hf_quantizable.quantization import W8A8Config, quantize_model
-from hf_quantizable.quantization.calibration import activation_quantizers, quantized_linears
+from hf_quantizable.quantization.calibration import (
+    activation_quantizers,
+    quantized_embeddings,
+    quantized_layernorms,
+    quantized_linears,
+)
 from hf_quantizable.quantization.config import preset_names
 from hf_quantizable.quantize import main
 from tests.test_quant_cli import model_dir  # noqa: F401  (fixture)
@@ -71,8 +76,32 @@ OS_OPT = [
 ]
 
 
-def _nodes(family: str, config: W8A8Config) -> list[str]:
-    model, batches = tiny_model(family, attn_impl="softmax")
+# Bondarenko et al.'s OPT set (official `models/quantized_opt.py`): the embedding sum, each LayerNorm
+# output, Q/K/V, scores, probabilities, context, the attention output, both residual sums, the FFN
+# activation (`fc1_act`), the FFN output and the final LayerNorm output.
+ALL_OPT = ["model.decoder.embed_quant", "model.decoder.final_ln_quant"] + [
+    f"model.decoder.layers.{i}.{node}"
+    for i in range(2)
+    for node in (
+        "attn_ln_quant",
+        "self_attn.q_quant",
+        "self_attn.k_quant",
+        "self_attn.v_quant",
+        "self_attn.core.scores_quant",
+        "self_attn.core.probs_quant",
+        "self_attn.core.context_quant",
+        "self_attn.out_quant",
+        "attn_residual_quant",
+        "ffn_ln_quant",
+        "act_quant",
+        "fc2_quant",
+        "ffn_residual_quant",
+    )
+]
+
+
+def _nodes(family: str, config: W8A8Config, attn_impl: str = "softmax") -> list[str]:
+    model, batches = tiny_model(family, attn_impl=attn_impl)
     quantize_model(model, config, batches)
     return sorted(activation_quantizers(model)), model
 
@@ -87,6 +116,8 @@ def _nodes(family: str, config: W8A8Config) -> list[str]:
         ("bert", "hf-quantizable-best", ALL_BERT),
         ("bert", "bondarenko2023-bert-weights-only", []),
         ("opt", "wei2022-os", OS_OPT),
+        ("opt", "bondarenko2023-opt", ALL_OPT),
+        ("opt", "liao2024-opt", ALL_OPT),
     ],
 )
 def test_preset_node_set_is_the_official_list(family, preset, expected):
@@ -96,6 +127,34 @@ def test_preset_node_set_is_the_official_list(family, preset, expected):
     linears = quantized_linears(model)
     assert linears and all(linear.input_quantizer in (set(nodes) | {None}) for linear in linears.values())
     assert model.w8a8_config.preset_name.startswith(preset)
+
+
+@pytest.mark.parametrize("preset", ["bondarenko2023-opt", "liao2024-opt"])
+def test_opt_presets_quantize_both_tables_and_every_layernorm(preset):
+    """`QuantizedOPTDecoder`: `embed_tokens` and the learned positional table as weights, every LayerNorm's weight."""
+    _, model = _nodes("opt", W8A8Config.preset(preset))
+    assert sorted(quantized_embeddings(model)) == ["model.decoder.embed_positions", "model.decoder.embed_tokens"]
+    layer_norms = [
+        f"model.decoder.layers.{i}.{n}" for i in range(2) for n in ("self_attn_layer_norm", "final_layer_norm")
+    ]
+    assert sorted(quantized_layernorms(model)) == sorted(["model.decoder.final_layer_norm", *layer_norms])
+
+
+@pytest.mark.parametrize(
+    ("gated_context", "quantized"), [("after_gate", "context_quant"), ("before_gate", "ungated_context_quant")]
+)
+def test_gated_context_point(gated_context, quantized):
+    """Gated attention's context on its grid after the gate (the output projection reads it: an integer
+    GEMM) or before the gate (official OPT code: the output projection reads the float gated context)."""
+    config = W8A8Config(num_calibration_batches=2, gated_context=gated_context)
+    nodes, model = _nodes("opt", config, attn_impl="gated")
+    context = {n.rsplit(".", 1)[1] for n in nodes if "context" in n}
+    assert context == {quantized}
+    readers = {n: linear.input_quantizer for n, linear in quantized_linears(model).items() if n.endswith("out_proj")}
+    expected = None if gated_context == "before_gate" else "model.decoder.layers.0.self_attn.core.context_quant"
+    assert readers["model.decoder.layers.0.self_attn.out_proj"] == expected
+    assert W8A8Config.preset("bondarenko2023-opt").gated_context == "before_gate"
+    assert W8A8Config.preset("bondarenko2023-bert").gated_context == "after_gate"  # quantized_bert.py
 
 
 def test_every_preset_is_valid_and_named():

@@ -106,6 +106,11 @@ def _with_model(name: str, edit):
     return argv
 
 
+def _vanilla(folder: Path) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "attn_impl": "softmax"}))
+
+
 def _foreign_output(ws: Path) -> Path:
     (ws / "mine").mkdir()
     (ws / "mine" / "notes.txt").write_text("my notes")
@@ -129,6 +134,11 @@ BAD_INPUTS = [
     BadInput("unknown-flag", lambda ws: quantize_args(ws, ws / "out", "--bitz", "8"), r"unrecognized arguments: --bitz"),
     BadInput("estimator", lambda ws: quantize_args(ws, ws / "out", "--activation-estimator", "max"),
              r"`activation_estimator` must be one of .*running_minmax"),
+    BadInput("gated-context-value", lambda ws: quantize_args(ws, ws / "out", "--gated-context", "inside"),
+             r"`gated_context` must be one of \('after_gate', 'before_gate'\), got 'inside'"),
+    BadInput("gated-context-without-gate",
+             lambda ws: [*_with_model("vanilla", _vanilla)(ws), "--gated-context", "before_gate"],
+             r"--gated-context is read only by gated-attention models; .*vanilla has attn_impl='softmax'"),
     BadInput("config-json-list", _with_config("list.json", "[8, 8]"),
              r"list\.json must hold a JSON object of W8A8Config fields, not a list"),
     BadInput("config-garbage", _with_config("garbage.json", "weight_bits: 8"), r"garbage\.json is not valid JSON"),

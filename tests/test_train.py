@@ -73,9 +73,15 @@ def test_every_preset_builds_a_valid_config():
     for name in list_presets():
         preset = get_preset(name)
         config = families.config_class(preset.family)(**preset.model)
+        variant = name.rsplit("-", 1)[1]
         assert (
             config.attn_impl
-            == {"vanilla": "softmax", "clipped": "clipped_softmax", "gated": "gated"}[name.rsplit("-", 1)[1]]
+            == {
+                "vanilla": "softmax",
+                "clipped": "clipped_softmax",
+                "gated": "gated",
+                "normalized_clipped": "normalized_clipped_softmax",
+            }[variant]
         )
 
 
@@ -104,6 +110,44 @@ def test_paper_recipes():
         0.25,
     )
     assert get_preset("bert-6l-vanilla").model["num_hidden_layers"] == 6
+    # run_clm.py's attention modules keep nn.Linear's init; the tiny CPU presets use OPT's
+    assert opt.model["attention_init"] == "torch_default"
+    assert get_preset("opt-tiny-gated").model.get("attention_init", "opt") == "opt"
+    opt_350m = get_preset("opt-350m-vanilla")  # scripts/opt_350m_vanilla.sh + model_configs/opt-350m.yaml
+    steps = opt_350m.training
+    assert (opt_350m.model["hidden_size"], opt_350m.model["num_hidden_layers"], opt_350m.model["ffn_dim"]) == (
+        1024,
+        24,
+        4096,
+    )
+    assert (steps["per_device_train_batch_size"] * steps["gradient_accumulation_steps"], steps["max_steps"]) == (
+        264,
+        100_000,
+    )
+    assert opt_350m.model["wd_ln_gamma"] is False
+
+
+def test_liao_monz_recipes():
+    """Liao & Monz 2024, Appendix A, written out: BERT sizes and recipe, OPT as Bondarenko et al., NCS values."""
+    sizes = {"small": (512, 6, 8, 2048), "base": (768, 12, 12, 3072), "large": (1024, 24, 16, 4096)}
+    for size, shape in sizes.items():
+        preset = get_preset(f"liao-bert-{size}-normalized_clipped")
+        model, training = preset.model, preset.training
+        keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+        assert tuple(model[k] for k in keys) == shape
+        assert (model["attn_impl"], model["ncs_zeta"], model["ncs_beta"]) == ("normalized_clipped_softmax", 1.0, -2.175)
+        assert training["learning_rate"] == (1e-4 if size == "large" else 7e-4)
+        assert (training["adam_beta1"], training["adam_beta2"], training["weight_decay"]) == (0.9, 0.98, 0.01)
+        batch = training["per_device_train_batch_size"] * training["gradient_accumulation_steps"]
+        assert (batch, training["max_steps"], preset.data.seq_length) == (2048, 125_000, 128)
+    opt = get_preset("liao-opt-125m-normalized_clipped")
+    assert (opt.model["ncs_zeta"], opt.model["ncs_beta"]) == (1.0, 0.9)
+    bondarenko = get_preset("opt-125m-vanilla")
+    assert opt.training == bondarenko.training
+    assert {k: v for k, v in opt.model.items() if not k.startswith("ncs") and k != "attn_impl"} == {
+        k: v for k, v in bondarenko.model.items() if k != "attn_impl"
+    }
+    assert get_preset("liao-opt-350m-clipped").model["clip_alpha"] == get_preset("opt-350m-clipped").model["clip_alpha"]
 
 
 def test_bad_presets_and_overrides_get_clear_errors():

@@ -411,7 +411,11 @@ class AttentionCore(nn.Module):
             if config.attn_impl == "gated"
             else None
         )
-        self.context_quant = QuantPoint()
+        if self.gate is None:
+            self.context_quant = QuantPoint()
+        else:  # `W8A8Config.gated_context`: after the gate (the out projection's input) or before it
+            self.ungated_context_quant = QuantPoint(w8a8_option=("gated_context", "before_gate"))
+            self.context_quant = QuantPoint(w8a8_option=("gated_context", "after_gate"))
 
     def _quantized(self) -> bool:
         return type(self.scores_quant) is not QuantPoint or type(self.probs_quant) is not QuantPoint
@@ -460,7 +464,8 @@ class AttentionCore(nn.Module):
                 self, query, key, value, mask, scaling=self.scaling, dropout=dropout
             )  # context: [B, T_q, H, d_head]
         if self.gate is not None:
-            context = context * self.gate(hidden_states, token_mask).transpose(1, 2)  # gate: [B, T_q, H, 1]
+            gate = self.gate(hidden_states, token_mask).transpose(1, 2)  # [B, T_q, H, 1]
+            context = self.ungated_context_quant(context) * gate
         context = context.reshape(batch_size, query_length, num_heads * head_dim)
         return self.context_quant(context), probs
 

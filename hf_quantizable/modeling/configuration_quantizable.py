@@ -23,6 +23,7 @@ ATTENTION_VARIANTS = {
 }
 ATTN_IMPLS = tuple(ATTENTION_VARIANTS.values())
 GATE_TYPES = ("linear", "mlp", "all_heads_linear", "per_head", "unconditional")
+ATTENTION_INITS = ("opt", "torch_default")  # `QuantizableOPTConfig.attention_init`
 
 
 def _check_number(name: str, value: Any, *, allow_none: bool = False) -> None:
@@ -161,6 +162,10 @@ class QuantizableOPTConfig(OPTConfig, QuantizableAttentionConfig):
 
     Args:
         wd_ln_gamma: the OPT recipe's weight decay on LayerNorm weights (read by the Trainer).
+        attention_init: how a new model initialises the attention projections (Q, K, V, output):
+            `opt` (normal with `init_std`, as every other OPT linear layer) or `torch_default`
+            (`nn.Linear`'s own kaiming-uniform init, std `1 / sqrt(3 * hidden_size)`: the official
+            `run_clm.py` builds its attention modules after the model's init, so theirs keep it).
     """
 
     model_type = "quantizable_opt"
@@ -168,12 +173,15 @@ class QuantizableOPTConfig(OPTConfig, QuantizableAttentionConfig):
     _tokenizer_fields = ("pad_token_id", "bos_token_id", "eos_token_id")
     _trained_tokenizer = "byte_level_bpe"
     wd_ln_gamma: bool = False
+    attention_init: str = "opt"
 
     def __post_init__(self, **kwargs):
         kwargs.pop("model_type", None)  # a stock checkpoint's "opt" becomes this class's type
         self.validate_attention_fields()
         if not isinstance(self.wd_ln_gamma, bool):
             raise ValueError(f"`wd_ln_gamma` must be True or False, got {self.wd_ln_gamma!r}")
+        if self.attention_init not in ATTENTION_INITS:
+            raise ValueError(f"`attention_init` must be one of {ATTENTION_INITS}, got {self.attention_init!r}")
         if self.attn_impl == "gated" and self.gate_type == "per_head":
             causal_types = tuple(t for t in GATE_TYPES if t != "per_head")
             raise ValueError(

@@ -89,12 +89,14 @@ class QuantPoint(nn.Identity):
 
     `residual_stream` marks the activations of the residual stream that no matrix product reads
     (residual sums and the layer outputs added into them): only LayerNorms and additions consume
-    them, so they may also be quantized with one grid per hidden channel.
+    them, so they may also be quantized with one grid per hidden channel. `w8a8_option`
+    `(field, value)`: the point is quantized only where that `W8A8Config` field has that value.
     """
 
-    def __init__(self, residual_stream: bool = False):
+    def __init__(self, residual_stream: bool = False, w8a8_option: tuple[str, object] | None = None):
         super().__init__()
         self.residual_stream = residual_stream
+        self.w8a8_option = w8a8_option
 
 
 def activation_qparams(x_min: torch.Tensor, x_max: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -44,8 +44,7 @@ class QuantizableBertEmbeddings(BertEmbeddings):
 
     def __init__(self, config: QuantizableBertConfig):
         super().__init__(config)
-        self.token_type_sum_quant = QuantPoint(residual_stream=True)
-        self.token_type_sum_quant.w8a8_option = "quantize_embeddings"  # quantized only with this W8A8Config field
+        self.token_type_sum_quant = QuantPoint(residual_stream=True, w8a8_option=("quantize_embeddings", True))
         self.sum_quant = QuantPoint(residual_stream=True)
         self.output_quant = QuantPoint()
 

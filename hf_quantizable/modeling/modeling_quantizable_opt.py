@@ -5,18 +5,20 @@ gate parameters are new). Every activation the W8A8 setting quantizes passes a `
 Self-contained: torch, transformers and relative imports only.
 """
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import nn
 from torch.nn import CrossEntropyLoss
+from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.opt.modeling_opt import OPTLearnedPositionalEmbedding, OPTPreTrainedModel
+from transformers.models.opt.modeling_opt import OPTPreTrainedModel
 
 from .attention import AttentionCore, causal_mask, eager_attention_forward
 from .configuration_quantizable import QuantizableOPTConfig
@@ -25,6 +27,8 @@ from .quantizable_utils import QuantizableModelMixin
 
 # transformers 5.24 renamed the outputs' `past_key_values` field (and the argument) to `cache`.
 _CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+# Row of position 0 in OPT's learned positional table (its first two rows are unused, as in metaseq).
+POSITION_OFFSET = 2
 
 
 class QuantizableOPTAttention(nn.Module):
@@ -40,6 +44,8 @@ class QuantizableOPTAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.enable_bias)
         self.q_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.enable_bias)
         self.out_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.enable_bias)
+        for projection in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
+            projection.torch_default_init = config.attention_init == "torch_default"  # read by `_init_weights`
         self.q_quant = QuantPoint()
         self.k_quant = QuantPoint()
         self.v_quant = QuantPoint()
@@ -154,6 +160,16 @@ class QuantizableOPTPreTrainedModel(QuantizableModelMixin, OPTPreTrainedModel):
         ("final_layer_norm", ("fc1",)),
     )
 
+    @torch.no_grad()
+    def _init_weights(self, module):
+        if getattr(module, "torch_default_init", False):  # as `nn.Linear.reset_parameters`
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                bound = 1 / math.sqrt(module.in_features)
+                init.uniform_(module.bias, -bound, bound)
+            return
+        super()._init_weights(module)
+
     def _gamma_migration_plan(self) -> list[tuple[str, list[str], str | None]]:
         if not self.config.do_layer_norm_before:
             raise ValueError("gamma migration supports pre-LayerNorm OPT only (`do_layer_norm_before=True`)")
@@ -168,7 +184,10 @@ class QuantizableOPTDecoder(nn.Module):
         self.config = config
         self.padding_idx = config.pad_token_id
         self.embed_tokens = nn.Embedding(config.vocab_size, config.word_embed_proj_dim, self.padding_idx)
-        self.embed_positions = OPTLearnedPositionalEmbedding(config.max_position_embeddings, config.hidden_size)
+        # Stock OPT's `OPTLearnedPositionalEmbedding` table (same parameter name and shape) as a plain
+        # `nn.Embedding` looked up at `position_ids + POSITION_OFFSET`, so that W8A8 quantizes it as it
+        # does every table (`quantize_embeddings`; the official `QuantizedOPTLearnedPositionalEmbedding`).
+        self.embed_positions = nn.Embedding(config.max_position_embeddings + POSITION_OFFSET, config.hidden_size)
         different_width = config.word_embed_proj_dim != config.hidden_size
         self.project_out = (
             nn.Linear(config.hidden_size, config.word_embed_proj_dim, bias=False) if different_width else None
@@ -221,8 +240,8 @@ class QuantizableOPTDecoder(nn.Module):
 
         if self.project_in is not None:
             inputs_embeds = self.project_in(inputs_embeds)
-        positions = self.embed_positions(full_mask, past_length, position_ids=position_ids)
-        hidden_states = self.embed_quant(inputs_embeds + positions)  # [B, T, D]
+        positions = self.embed_positions(position_ids + POSITION_OFFSET).to(inputs_embeds.dtype)  # [B, T, D]
+        hidden_states = self.embed_quant(inputs_embeds + positions)
 
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None

@@ -29,8 +29,9 @@ def insert_quantizers(model: nn.Module, config: W8A8Config) -> None:
     `quantize_embeddings` every `nn.Embedding` by a `QuantizedEmbedding`, with
     `quantize_layernorm_weights` every `nn.LayerNorm` by a `QuantizedLayerNorm`.
 
-    A `QuantPoint` with a `w8a8_option` (the name of a W8A8Config field, e.g. BERT's word +
-    token-type partial sum under `quantize_embeddings`) is quantized only when that field is true."""
+    A `QuantPoint` with a `w8a8_option` `(field, value)` is quantized only where that W8A8Config field
+    has that value (BERT's word + token-type partial sum under `quantize_embeddings`, the two context
+    points of gated attention under `gated_context`)."""
     points = [name for name, module in model.named_modules() if isinstance(module, QuantPoint)]
     if not points:
         raise ValueError(
@@ -43,7 +44,7 @@ def insert_quantizers(model: nn.Module, config: W8A8Config) -> None:
             continue
         if isinstance(module, QuantPoint):
             option = getattr(module, "w8a8_option", None)
-            if option is not None and not getattr(config, option):
+            if option is not None and getattr(config, option[0]) != option[1]:
                 continue
             per_channel = config.per_channel_residuals and module.residual_stream
             estimator = ActivationRangeEstimator(

@@ -11,6 +11,8 @@ ACTIVATION_ESTIMATORS = ("running_minmax", "avg_minmax", "percentile", "mse")
 ACTIVATION_NODES = ("all", "matmul_inputs", "none")
 # What is fake-quantized while activation ranges are calibrated (see `W8A8Config.calibration_quantized`).
 CALIBRATION_QUANTIZED = ("none", "weights", "all")
+# Where gated attention's context is quantized (see `W8A8Config.gated_context`).
+GATED_CONTEXT = ("after_gate", "before_gate")
 MIN_BITS, MAX_BITS = 2, 8
 # Outlier channels per linear input: their exact float product needs k * 255 * 127 < 2^24.
 MAX_OUTLIER_CHANNELS = 512
@@ -48,11 +50,11 @@ PRESETS: dict[str, dict] = {
     # Bondarenko et al. 2023 OPT: `validate_clm.py` main (weights `RangeEstimators.MSE` with
     # `OptMethod.grid`; activations `running_minmax` with `--percentile 99.999`, i.e. an EMA of
     # per-batch percentiles in `RunningMinMaxEstimator`; `--est_num_batches 4` in
-    # `scripts/opt_125m_vanilla.sh`; quant_setup `fp32_head`). Not yet covered: the official
-    # `models/quantized_opt.py` `QuantizedOPTDecoder` also quantizes `embed_tokens`, the learned
-    # positional embedding (`QuantizedOPTLearnedPositionalEmbedding`) and the LayerNorm weights;
-    # `quantize_embeddings` reaches only `embed_tokens` here (the positional table is an
-    # `nn.Embedding` subclass), so the OPT presets leave both options off.
+    # `scripts/opt_125m_vanilla.sh`; quant_setup `fp32_head`). The node set of
+    # `transformers_language/models/quantized_opt.py`: `QuantizedOPTDecoder` quantizes `embed_tokens`
+    # and the learned positional table (`QuantizedOPTLearnedPositionalEmbedding`) as weights, every
+    # LayerNorm (`QuantLayerNorm`) and the embedding sum; `QuantizedOPTAttentionWithExtras` quantizes
+    # the context (`context_act_quantizer`) before the gate multiplies it.
     "bondarenko2023-opt": {
         "weight_estimator": "mse",
         "activation_estimator": "percentile",
@@ -60,6 +62,9 @@ PRESETS: dict[str, dict] = {
         "momentum": 0.9,
         "num_calibration_batches": 4,
         "calibration_quantized": "all",
+        "quantize_embeddings": True,
+        "quantize_layernorm_weights": True,
+        "gated_context": "before_gate",
     },
     # Bondarenko et al. 2023 ViT (paper, Appendix: the BERT setting, min-max weights and running
     # min-max activations); the official repository holds no ViT code.
@@ -113,6 +118,8 @@ PRESETS: dict[str, dict] = {
         "momentum": 0.9,
         "num_calibration_batches": 16,
         "calibration_quantized": "all",
+        "quantize_embeddings": True,
+        "quantize_layernorm_weights": True,
     },
     # This package's strongest setting: gamma migration, per-channel weights, per-channel grids for
     # the residual stream and 8 outlier channels of their own for every integer product's input.
@@ -168,14 +175,19 @@ class W8A8Config:
             default) keeps one grid per tensor; at most 512 (the exact integer product bound).
         keep_fp_modules: module names (any dotted component) kept in floating point.
         quantize_embeddings: quantize the embedding tables (every `nn.Embedding` outside
-            `keep_fp_modules`: BERT's word, position and token-type tables, OPT's token table) as
+            `keep_fp_modules`: BERT's word, position and token-type tables, OPT's token and position tables) as
             weights: `weight_bits` symmetric, range from `weight_estimator`, per tensor (per row with
             `per_channel_weights`); the INT8 checkpoint stores int8 codes. In BERT also the word +
             token-type partial sum gets an activation quantizer. The official Bondarenko et al. BERT
-            node set (True in the `bondarenko2023-bert` and `liao2024-bert` presets; default False).
+            and OPT node sets (True in their presets and Liao & Monz's; default False).
         quantize_layernorm_weights: fake-quantize every LayerNorm weight (gamma) outside
             `keep_fp_modules`, `weight_bits` symmetric per tensor; biases stay FP (the official
             `QuantLayerNorm`; True in the same presets).
+        gated_context: where gated attention's context is quantized: `after_gate` (the gated context,
+            the output projection's input, so that product is an integer GEMM; the official BERT code,
+            `QuantizedBertSelfAttentionWithExtras`) or `before_gate` (P.V before the gate; the official
+            OPT code, `QuantizedOPTAttentionWithExtras`, whose output projection then reads the float
+            gated context: a float product with int8 weights). Models without a gate ignore it.
         gamma_migration: Outlier Suppression gamma migration (exact in floating point).
         token_wise_clipping: Outlier Suppression token-wise clipping of activation ranges.
         clipping_quantiles: coarse grid of token-wise clipping, quantiles of the per-token extremes;
@@ -235,6 +247,12 @@ class W8A8Config:
     quantize_layernorm_weights: bool = field(
         default=False, metadata={"help": "fake-quantize the LayerNorm weights (biases stay in floating point)"}
     )
+    gated_context: str = field(
+        default="after_gate",
+        metadata={
+            "help": "gated attention: context quantized after_gate (the output projection's input) or before_gate"
+        },
+    )
     gamma_migration: bool = field(default=False, metadata={"help": "Outlier Suppression gamma migration"})
     token_wise_clipping: bool = field(
         default=False, metadata={"help": "Outlier Suppression token-wise clipping of the activation ranges"}
@@ -287,7 +305,11 @@ class W8A8Config:
                 raise ValueError(f"`{name}` must be an integer in [{MIN_BITS}, {MAX_BITS}], got {value!r}")
         if self.weight_estimator not in WEIGHT_ESTIMATORS:
             raise ValueError(f"`weight_estimator` must be one of {WEIGHT_ESTIMATORS}, got {self.weight_estimator!r}")
-        for name, allowed in (("activation_nodes", ACTIVATION_NODES), ("calibration_quantized", CALIBRATION_QUANTIZED)):
+        for name, allowed in (
+            ("activation_nodes", ACTIVATION_NODES),
+            ("calibration_quantized", CALIBRATION_QUANTIZED),
+            ("gated_context", GATED_CONTEXT),
+        ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"`{name}` must be one of {allowed}, got {getattr(self, name)!r}")
         if self.preset_name is not None and not isinstance(self.preset_name, str):

@@ -141,6 +141,11 @@ _ATTN = {
 }
 # The variants with presets (every family's), in the order of `ATTENTION_VARIANTS`: vanilla, clipped, gated.
 VARIANTS = tuple(v for v in ATTENTION_VARIANTS if all(v in variants for variants in _ATTN.values()))
+# Liao & Monz 2024 compare vanilla, clipped softmax (the family's Bondarenko setting above) and
+# normalized clipped softmax with the paper's values: zeta = 1 and beta = 1 - 3.2 * 127/128 = -2.175
+# (BERT) or 0.9 (OPT). (The authors' code defaults to zeta = 1.03, beta = 1.0; the presets follow the paper.)
+_NCS = {"bert": {"ncs_zeta": 1.0, "ncs_beta": -2.175}, "opt": {"ncs_zeta": 1.0, "ncs_beta": 0.9}}
+LIAO_VARIANTS = ("vanilla", "clipped", "normalized_clipped")
 
 _COMMON_TRAINING = {"lr_scheduler_type": "linear", "max_grad_norm": 1.0, "seed": 1000, "save_total_limit": 2}
 
@@ -177,8 +182,11 @@ _OPT_125M_MODEL = {
     "ffn_dim": 3072,
     "max_position_embeddings": 512,
     "dropout": 0.1,
-    "init_std": 0.006,
+    "init_std": 0.006,  # model_configs/opt-12L12H.yaml
     "wd_ln_gamma": True,
+    # run_clm.py replaces every attention module after the model's init: their projections keep
+    # nn.Linear's default init (std 1 / sqrt(3 * 768) ~ 0.021, 3.5x init_std).
+    "attention_init": "torch_default",
 }
 _OPT_PAPER_TRAINING = {
     **_COMMON_TRAINING,
@@ -196,6 +204,50 @@ _OPT_PAPER_TRAINING = {
     "logging_steps": 2000,
 }
 _OPT_PAPER_DATA = {"dataset": "bookcorpus+wikipedia", "tokenizer": "facebook/opt-350m", "seq_length": 512}
+# scripts/opt_350m_vanilla.sh with model_configs/opt-350m.yaml: pre-LN (the yaml keeps OPTConfig's
+# `do_layer_norm_before`), word embeddings of the hidden width, no weight decay on LayerNorm weights.
+_OPT_350M_MODEL = {
+    **_OPT_125M_MODEL,
+    "hidden_size": 1024,
+    "word_embed_proj_dim": 1024,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "ffn_dim": 4096,
+    "max_position_embeddings": 1024,
+    "wd_ln_gamma": False,
+}
+_OPT_350M_TRAINING = {
+    **_OPT_PAPER_TRAINING,
+    "max_steps": 100_000,
+    "per_device_train_batch_size": 24,
+    "per_device_eval_batch_size": 24,
+    "gradient_accumulation_steps": 11,  # effective batch 264 on one device
+    "save_steps": 1000,
+}
+
+# Liao & Monz 2024 (arXiv:2402.12102), Appendix A, BERT pre-training: seq 128, 125K steps, batch
+# 2048, peak lr 7e-4 (1e-4 for large), AdamW (0.9, 0.98), weight decay 0.01. The warmup is not among
+# those settings: the presets take 6% of the steps (the ratio of their GLUE recipe), our choice.
+_LIAO_BERT_TRAINING = {
+    **_COMMON_TRAINING,
+    "learning_rate": 7e-4,
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.98,
+    "warmup_steps": 0.06,
+    "max_steps": 125_000,
+    "per_device_train_batch_size": 256,
+    "per_device_eval_batch_size": 256,
+    "gradient_accumulation_steps": 8,  # effective batch 2048 on one device
+    "weight_decay": 0.01,
+    "fp16": True,
+    "save_steps": 10_000,
+    "logging_steps": 2000,
+}
+_LIAO_BERT_SIZES = {  # name -> hidden, layers, heads (FFN 4x hidden)
+    "small": (512, 6, 8),
+    "base": (768, 12, 12),
+    "large": (1024, 24, 16),
+}
 
 _VIT_S16_MODEL = {
     "hidden_size": 384,
@@ -322,6 +374,13 @@ _BASES: dict[str, tuple[str, str, dict, dict, dict]] = {  # family, description,
         _OPT_PAPER_TRAINING,
         _OPT_PAPER_DATA,
     ),
+    "opt-350m": (
+        "opt",
+        "OPT-350m CLM on BookCorpus + Wikipedia (Bondarenko et al. Table 3; scripts/opt_350m_vanilla.sh).",
+        _OPT_350M_MODEL,
+        _OPT_350M_TRAINING,
+        _OPT_PAPER_DATA,
+    ),
     "opt-tiny": (
         "opt",
         "2-layer hidden-128 OPT CLM on the embedded corpus; minutes on 2 CPU cores.",
@@ -346,16 +405,55 @@ _BASES: dict[str, tuple[str, str, dict, dict, dict]] = {  # family, description,
 }
 
 
+_LIAO_BASES: dict[str, tuple[str, str, dict, dict, dict]] = {
+    **{
+        f"liao-bert-{size}": (
+            "bert",
+            f"BERT-{size} MLM (Liao & Monz 2024, Appendix A: hidden {hidden}, {layers} layers, seq 128, "
+            "125K steps, batch 2048, AdamW (0.9, 0.98)).",
+            {
+                **_BERT_BASE_MODEL,
+                "hidden_size": hidden,
+                "num_hidden_layers": layers,
+                "num_attention_heads": heads,
+                "intermediate_size": 4 * hidden,
+            },
+            {**_LIAO_BERT_TRAINING, "learning_rate": 1e-4 if size == "large" else 7e-4},
+            _BERT_PAPER_DATA,
+        )
+        for size, (hidden, layers, heads) in _LIAO_BERT_SIZES.items()
+    },
+    **{
+        f"liao-{base}": (
+            family,
+            f"{description} As Liao & Monz 2024 (Appendix A: the Bondarenko et al. recipe).",
+            *rest,
+        )
+        for base, (family, description, *rest) in _BASES.items()
+        if base in ("opt-125m", "opt-350m")
+    },
+}
+
+
+def _variant_fields(family: str, variant: str, model: dict, data: dict) -> dict:
+    """The model fields of attention `variant` in a preset of `family` with `model` and `data`."""
+    fields = _NCS[family] if variant == "normalized_clipped" else _ATTN[family][variant]
+    attention = {"attn_impl": ATTENTION_VARIANTS[variant], **fields}
+    if attention.get("gate_type") == "mlp":
+        attention["gate_n_hid"] = max(1, model["hidden_size"] // model["num_attention_heads"] // 4)
+    if "clip_alpha" in attention:  # gamma = -alpha / training length, fixed as the official code
+        attention.update(clip_alpha_length="fixed", clip_max_length=data["seq_length"])
+    return attention
+
+
 def _build_presets() -> dict[str, TrainingPreset]:
     presets = {}
-    for base, (family, description, model, training, data) in _BASES.items():
-        for variant in VARIANTS:
+    bases = [(base, spec, VARIANTS) for base, spec in _BASES.items()]
+    bases += [(base, spec, LIAO_VARIANTS) for base, spec in _LIAO_BASES.items()]
+    for base, (family, description, model, training, data), variants in bases:
+        for variant in variants:
             name = f"{base}-{variant}"
-            attention = {"attn_impl": ATTENTION_VARIANTS[variant], **_ATTN[family][variant]}
-            if attention.get("gate_type") == "mlp":
-                attention["gate_n_hid"] = max(1, model["hidden_size"] // model["num_attention_heads"] // 4)
-            if "clip_alpha" in attention:  # gamma = -alpha / training length, fixed as the official code
-                attention.update(clip_alpha_length="fixed", clip_max_length=data["seq_length"])
+            attention = _variant_fields(family, variant, model, data)
             presets[name] = TrainingPreset(
                 name=name,
                 family=family,
