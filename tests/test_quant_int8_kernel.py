@@ -204,19 +204,33 @@ def test_quantizer_writes_the_codes_its_linear_reads(kernel, monkeypatch, bits):
     x = torch.randn(6, 32) * 2
     with torch.no_grad():
         out = quantizer(x)
-        grid, codes, _ = getattr(out, int8._CODES)
-        assert grid == (0.05000000074505806, 20) and codes.dtype == torch.uint8
-        assert torch.equal(codes, int8.grid_codes(out.clone(), *grid, bits))
-        expected = layer(out.clone())  # a clone carries no codes: the layer computes its own
-        assert torch.equal(layer(out), expected)
+        assert isinstance(out, int8.QuantizedActivation) and type(out + 0) is torch.Tensor
+        written = out._codes[0]  # the fused pass wrote them
+        assert out.grid == (0.05000000074505806, 20) and out.bits == bits and written.dtype == torch.uint8
+        assert torch.equal(written, int8.grid_codes(out.clone(), *out.grid, bits))
+        expected = layer(out.clone())  # a plain tensor carries no codes: the layer computes its own
+        assert torch.equal(layer(out), expected) and out.codes() is written  # read, not recomputed
         layer.input_zero_point.fill_(21)  # another grid: the written codes are not the layer's
         assert torch.equal(layer(out), layer(out.clone()))
         layer.input_zero_point.fill_(20)
         out.mul_(-1)  # changed in place since its codes were written: they are stale
-        assert torch.equal(layer(out), layer(out.clone()))
+        assert torch.equal(layer(out), layer(out.clone())) and out.codes() is not written
     with torch.inference_mode():  # inference tensors have no version counter: the codes are still shared
         out = quantizer(x)
-        assert torch.equal(layer(out), expected) and hasattr(out, int8._CODES)
+        assert torch.equal(layer(out), expected) and out.codes() is out._codes[0]
+
+
+def test_quantized_activation_shares_codes_computed_once(monkeypatch):
+    """Without the fused pass (the torch route), the first linear layer computes the codes, the others reuse them."""
+    monkeypatch.setenv(int8_kernel.ENV_VAR, "onednn")
+    quantizer = int8.Int8ActivationQuantizer(bits=8)
+    quantizer.scale.fill_(0.05)
+    quantizer.zero_point.fill_(20)
+    with torch.no_grad():
+        out = quantizer(torch.randn(4, 16))
+        assert isinstance(out, int8.QuantizedActivation) and out._codes is None
+        codes = out.codes()
+        assert out.codes() is codes and torch.equal(codes, int8.grid_codes(out.clone(), 0.05000000074505806, 20, 8))
 
 
 def test_changed_buffers_are_read_again(kernel, monkeypatch):

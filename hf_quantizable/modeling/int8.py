@@ -5,7 +5,8 @@ floating point). The quantizer swaps those points and the linear layers for fake
 checkpoint whose config holds `w8a8_config` is rebuilt by `convert_to_int8` with:
 
 - `Int8ActivationQuantizer`: rounds and clamps an activation to its calibrated asymmetric grid
-  (the same arithmetic as the simulation);
+  (the same arithmetic as the simulation); its output, a `QuantizedActivation`, carries the grid
+  and the uint8 codes to the linear layers reading it;
 - `Int8Linear`: int8 weights with their scales; integer matrix products (uint8 activations x int8
   weights, int32 accumulation: the AVX2 kernel of `int8_kernel` or oneDNN, whichever is faster on
   the CPU), then the simulation's rescaling and bias.
@@ -36,11 +37,6 @@ from .int8_kernel import (
     onednn_int8_accumulator,
     split_for_int16_lanes,
 )
-
-# Attribute under which an activation quantizer leaves the uint8 codes of its output for the
-# Int8Linears reading it (or the first of those linears leaves them for the others):
-# (grid, codes, the tensor's version counter then: an in-place change since makes them stale).
-_CODES = "_w8a8_codes"
 
 
 def _version(x: torch.Tensor) -> int | None:
@@ -82,6 +78,38 @@ def uses_avx2(module: nn.Module) -> bool:
         cached = (choice, avx2_ops(choice))
         module.__dict__["_avx2_route"] = cached
     return cached[1]
+
+
+class QuantizedActivation(torch.Tensor):
+    """An activation on a per-tensor grid, as an INT8 activation quantizer outputs it.
+
+    The tensor holds the dequantized values (what every floating-point operation reads; operations
+    on it return plain tensors) and carries its `grid` `(scale, zero_point)`, its `bits` and its
+    uint8 codes: those the fused quantizer wrote, or those the first `Int8Linear` reading it computed,
+    shared with the other linear layers reading it (Q, K and V read one input). An in-place change
+    of the values makes the codes stale: they are computed again.
+    """
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    grid: tuple[float, int]
+    bits: int
+    _codes: tuple[torch.Tensor, int | None] | None
+
+    @classmethod
+    def wrap(
+        cls, values: torch.Tensor, grid: tuple[float, int], bits: int, codes: torch.Tensor | None = None
+    ) -> "QuantizedActivation":
+        out = values.as_subclass(cls)
+        out.grid, out.bits = grid, bits
+        out._codes = None if codes is None else (codes, _version(out))
+        return out
+
+    def codes(self) -> torch.Tensor:
+        """The uint8 codes `round(x / scale) + zero_point` `[..., K]`, computed once per version."""
+        if self._codes is None or self._codes[1] != _version(self):
+            self._codes = (grid_codes(self, *self.grid, self.bits), _version(self))
+        return self._codes[0]
 
 
 class QuantPoint(nn.Identity):
@@ -229,9 +257,10 @@ class Int8ActivationQuantizer(nn.Module):
     """Static asymmetric activation quantizer of an INT8 checkpoint (the simulation's arithmetic).
 
     One grid per tensor, or one per hidden channel (`channels`, residual-stream points only). The
-    output is the dequantized activation. Where it runs the AVX2 kernel (`uses_avx2`), the same pass
-    writes its uint8 codes and leaves them on the output for the `Int8Linear`s reading it (Q, K and V
-    share one input).
+    output is the dequantized activation; on one grid per tensor (and 8 bits or fewer) a
+    `QuantizedActivation`, whose codes the `Int8Linear`s reading it share. Where it runs the AVX2
+    kernel (`uses_avx2`), the same pass writes those codes. Under `torch.compile` the output is a
+    plain tensor (the linear layers compute the codes in the graph).
     """
 
     def __init__(self, bits: int, channels: int | None = None):
@@ -258,15 +287,14 @@ class Int8ActivationQuantizer(nn.Module):
             return self.forward(x.float()).to(x.dtype)
         if self.scale.dim():
             return fake_quantize_activation(x, self.scale, self.zero_point, self.bits)
-        (scale, zero_point), levels = self.grid(), 2**self.bits - 1
+        grid, levels = self.grid(), 2**self.bits - 1
         kernel = uses_avx2(self)
-        if kernel and self.bits <= 8:
-            fused = fake_quantize(x, scale, zero_point, levels, codes=True)
-            if fused is not None:
-                out, codes = fused
-                setattr(out, _CODES, ((scale, zero_point), codes, _version(out)))
-                return out
-        return fake_quantize_on_grid(x, scale, zero_point, levels, kernel)
+        if _compiling() or self.bits > 8:
+            return fake_quantize_on_grid(x, *grid, levels, kernel)
+        fused = fake_quantize(x, *grid, levels, codes=True) if kernel else None
+        if fused is not None:
+            return QuantizedActivation.wrap(fused[0], grid, self.bits, codes=fused[1])
+        return QuantizedActivation.wrap(fake_quantize_on_grid(x, *grid, levels, kernel), grid, self.bits)
 
 
 def rescale_accumulator(
@@ -474,17 +502,12 @@ class Int8Linear(nn.Module):
         return scale, int(zero_point)
 
     def _input_codes(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 codes of `x` on the input grid: those its quantizer (or another layer) left on `x`, else
-        computed and left there for the other layers reading it."""
+        """uint8 codes of `x` on the input grid: a `QuantizedActivation`'s own where it is on that grid
+        (shared with the other layers reading it), else computed here."""
         grid = self.input_grid()
-        if _compiling():
-            return grid_codes(x, *grid, self.input_bits)
-        cached = getattr(x, _CODES, None)
-        if cached is not None and cached[0] == grid and cached[2] == _version(x):
-            return cached[1]
-        codes = grid_codes(x, *grid, self.input_bits)
-        setattr(x, _CODES, (grid, codes, _version(x)))
-        return codes
+        if isinstance(x, QuantizedActivation) and x.grid == grid and x.bits == self.input_bits:
+            return x.codes()
+        return grid_codes(x, *grid, self.input_bits)
 
     def accumulator(self, codes: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         """`(codes - z) @ weight.T` as float32: an int8 GEMM on CPU, the exact reference elsewhere.
