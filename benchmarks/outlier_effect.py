@@ -604,8 +604,10 @@ def token_profile(model, tokenizer, batches, top: int = 3) -> list[dict[str, Any
 
     For each point: max |x|, the median over tokens of the per-token max |x| (`token_max_median`),
     the ratio of the two (large: a few tokens carry the maximum, ~1: a channel present in every
-    token), the tokens with the largest per-token max (decoded) and the share of the tensor's
-    top-1% per-token maxima sitting on each token string.
+    token), the median over sequences of the first token's max |x| against the largest |x| of every
+    later token (`position0_max_median`, `rest_max`, `position0_over_rest_max`: > 1 when a
+    first-token massive activation sets the per-tensor range), the tokens with the largest per-token
+    max (decoded) and the share of the tensor's top-1% per-token maxima sitting on each token string.
     """
     from hf_quantizable.modeling.int8 import QuantPoint
 
@@ -643,11 +645,18 @@ def token_profile(model, tokenizer, batches, top: int = 3) -> list[dict[str, Any
             s = tokenizer.convert_ids_to_tokens(t)
             counts[s] = counts.get(s, 0) + 1
         share = sorted(((s, c / k) for s, c in counts.items()), key=lambda x: -x[1])[:top]
+        first, rest = v[positions == 0], v[positions != 0]
         rows.append(
             {
                 "point": name,
                 "max": float(v.max()),
                 "token_max_median": median,
+                # the first token (BOS when the setting adds one) against every later token
+                "position0_max_median": float(first.median()) if first.numel() else None,
+                "rest_max": float(rest.max()) if rest.numel() else None,
+                "position0_over_rest_max": float(first.median()) / max(float(rest.max()), 1e-12)
+                if first.numel() and rest.numel()
+                else None,
                 "max_over_median": float(v.max()) / max(median, 1e-12),
                 "top1pct_over_median": float(v[top_idx].min()) / max(median, 1e-12),
                 "top1pct_tokens": share,
