@@ -10,7 +10,7 @@ from torch import nn
 from ..modeling.attention import AttentionGate
 from ..modeling.int8 import QuantPoint
 from .config import W8A8Config
-from .modules import ActivationQuantizer, QuantizedEmbedding, QuantizedLayerNorm, QuantizedLinear
+from .modules import ActivationQuantizer, QuantizedEmbedding, QuantizedLayerNorm, QuantizedLinear, TracedActivation
 from .ranges import ActivationRangeEstimator
 
 
@@ -118,7 +118,7 @@ def weight_quantized_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def set_mode(model: nn.Module, mode: str) -> None:
-    """Put every activation quantizer in `calibrate`, `observe`, `quantize` or `fp` mode."""
+    """Put every activation quantizer in `calibrate`, `observe`, `quantize`, `fp` or `trace` mode."""
     for quantizer in activation_quantizers(model).values():
         quantizer.mode = mode
 
@@ -179,26 +179,22 @@ def run_batches(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], re
 def _find_linear_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> None:
     """Record, for every QuantizedLinear, which activation quantizer produced its input.
 
+    One forward pass in `trace` mode: each quantizer tags its output (`TracedActivation`), and a
+    linear layer reading a tagged tensor itself (no operation in between) reads that quantizer's grid.
     A quantizer read by a linear layer gets one grid per tensor (the integer GEMM needs it), even
     where `per_channel_residuals` asked for channels (e.g. the embeddings of post-LayerNorm OPT).
     """
-    produced: dict[int, tuple[torch.Tensor, str]] = {}
-    handles = []
     quantizers = activation_quantizers(model)
-    for name, quantizer in quantizers.items():
-        handles.append(
-            quantizer.register_forward_hook(lambda m, args, out, name=name: produced.__setitem__(id(out), (out, name)))
-        )
+    names = {quantizer: name for name, quantizer in quantizers.items()}
 
     def find_producer(module, args):
-        source = produced.get(id(args[0]))
-        name = source[1] if source is not None and source[0] is args[0] else None
-        module.set_input_quantizer(name, quantizers.get(name))
-        if name is not None:
-            quantizers[name].estimator.per_channel = False
+        producer = args[0].producer if isinstance(args[0], TracedActivation) else None
+        module.set_input_quantizer(names.get(producer), producer)
+        if producer is not None:
+            producer.estimator.per_channel = False
 
-    handles += [linear.register_forward_pre_hook(find_producer) for linear in quantized_linears(model).values()]
-    set_mode(model, "fp")
+    handles = [linear.register_forward_pre_hook(find_producer) for linear in quantized_linears(model).values()]
+    set_mode(model, "trace")
     try:
         for _ in run_batches(model, [batch]):
             pass

@@ -45,13 +45,24 @@ def token_rows(x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor
     return x
 
 
+class TracedActivation(torch.Tensor):
+    """An activation tagged with the `ActivationQuantizer` that output it (`trace` mode): how a linear
+    layer learns which quantizer produces its input. Operations on it return plain tensors, so only
+    a layer reading the quantizer's output itself sees the tag."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    producer: "ActivationQuantizer"
+
+
 class ActivationQuantizer(nn.Module):
     """Asymmetric fake-quantizer of one activation: one grid per tensor, one per channel of the
     last axis when its range estimator is `per_channel`, or two (see `set_outlier_channels`).
 
     Modes: `calibrate` (feeds the range estimator; identity, or with `quantize_while_calibrating`
     the fake quantization with the range estimated so far), `quantize` (round and clamp with the
-    calibrated scale and zero point), `fp` (identity), `observe` (identity; calls `observers`).
+    calibrated scale and zero point), `fp` (identity), `observe` (identity; calls `observers`),
+    `trace` (identity, as a `TracedActivation` naming this quantizer).
     `token_mask` (`[B, T]`, set per batch) restricts calibration and observers to the real tokens.
     With `learned` (scale, zero point parameters), `quantize` is LSQ+'s learnable fake quantization
     (token-wise clipping's fine stage).
@@ -132,6 +143,10 @@ class ActivationQuantizer(nn.Module):
             return x
         if self.mode == "fp":
             return x
+        if self.mode == "trace":
+            traced = x.as_subclass(TracedActivation)
+            traced.producer = self
+            return traced
         if self.learned is None:
             return fake_quantize_activation(x, self.scale, self.zero_point, self.bits)
         # LSQ+ (as the official Outlier Suppression `fake_quantize_learnableplus_per_tensor_affine_training`).
