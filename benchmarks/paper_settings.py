@@ -159,14 +159,22 @@ def eval_description(lines: int) -> str:
 
 
 def earlier_rows(output: str, lines: int) -> dict:
-    """The cosine rows of an earlier run into `output` on the same evaluation lines (kept unless
-    re-measured, as the GLUE rows are)."""
+    """The cosine rows of an earlier run into `output` on the same evaluation lines whose setting is
+    still the current one (its stored config, with the fields added since at their defaults, equals
+    the setting's), kept unless re-measured; a stale row is dropped, and said so."""
     if not Path(output).is_file():
         return {}
     record = json.loads(Path(output).read_text())
     if record.get("eval_data") != eval_description(lines):
         return {}
-    return record.get("results", {})
+    current = settings()
+    rows = {}
+    for name, row in record.get("results", {}).items():
+        if name in current and W8A8Config(**row["config"]).to_dict() == current[name].to_dict():
+            rows[name] = row
+        else:
+            print(f"dropping the stale row {name!r} (its setting changed since it was measured)")
+    return rows
 
 
 def write_record(output: str, results: dict, lines: int) -> None:
