@@ -94,6 +94,7 @@ def test_pairing_keeps_safe_steps_in_int16(kernel, low, high, some_safe, all_saf
         (21, 96, 40, 8, -60, 61, False, True),  # safe and unsafe steps
         (5, 13, 7, 8, -127, 128, False, False),  # every tail: rows, K not a multiple of 8, N below 16
         (130, 200, 33, 8, -30, 31, True, True),  # no entries; several row chunks
+        (150, 2056, 24, 8, -127, 128, True, True),  # a wide input: shorter row chunks, entries in each
         (64, 96, 20, 6, -127, 128, False, True),  # 6-bit codes: a looser limit
         (1, 8, 16, 8, 127, 128, False, False),  # all weights 127: every lane over the limit
     ],

@@ -28,7 +28,8 @@ namespace {
 
 constexpr int64_t kBlockCols = 16;  // output columns per packed block: two ymm of eight int32
 constexpr int64_t kTileRows = 4;    // rows per register tile
-constexpr int64_t kChunkRows = 128; // rows per pass over the packed weight (their codes stay in L2)
+constexpr int64_t kChunkRows = 128;          // at most this many rows per pass over the packed weight
+constexpr int64_t kChunkBytes = 192 * 1024;  // and at most this many bytes of their codes (they stay in L2)
 
 // One step of `tile_product`: with `kPaired`, the two quads' int16 results are added before widening.
 template <int R, bool kPaired>
@@ -248,11 +249,14 @@ torch::Tensor linear_into(const torch::Tensor& codes, int64_t zero_point, const 
     for (int64_t u = 0; u < used; ++u)
       for (int64_t m = m0; m < std::min(rows, m0 + 64); ++m) columns[u * rows + m] = a[m * k_in + used_data[u]];
   const uint8_t* a_t = columns.data();
+  // Wide inputs (fc2's) in fewer rows per pass: reading the chunk's codes from L3 for every block of
+  // outputs costs more than reading the packed weight once more per chunk.
+  const int64_t chunk_rows = std::clamp(kChunkBytes / std::max<int64_t>(k_in, 1) / kTileRows * kTileRows, kTileRows, kChunkRows);
   at::parallel_for(0, blocks, 1, [&](int64_t first_block, int64_t last_block) {
     alignas(32) int32_t tile[kTileRows * kBlockCols];
     std::vector<int32_t> extra(kBlockCols * kChunkRows);  // [column, row] sums of the entries
-    for (int64_t m0 = 0; m0 < rows; m0 += kChunkRows) {
-      const int64_t m1 = std::min(rows, m0 + kChunkRows), chunk = m1 - m0;
+    for (int64_t m0 = 0; m0 < rows; m0 += chunk_rows) {
+      const int64_t m1 = std::min(rows, m0 + chunk_rows), chunk = m1 - m0;
       for (int64_t block = first_block; block < last_block; ++block) {
         const int8_t* panel = b + block * steps * 128;
         const int32_t* quad_offsets = step_offset_data + block * steps * 2;
