@@ -14,7 +14,7 @@ from hf_quantizable.quantization.calibration import (
 from hf_quantizable.quantization.config import preset_names
 from hf_quantizable.quantize import main
 from tests.test_quant_cli import model_dir  # noqa: F401  (fixture)
-from tests.test_quant_core import tiny_model
+from tests.test_quant_core import EXPECTED_NODES, tiny_model
 
 
 def _bert_layer(i: int, last: bool) -> list[str]:
@@ -34,31 +34,22 @@ def _bert_layer(i: int, last: bool) -> list[str]:
     return nodes if last else [*nodes, f"{layer}.output.output_quant"]
 
 
+def _all_nodes(family: str, prefix: str, layers: str) -> list[str]:
+    """Every node of `EXPECTED_NODES[family]` in the two-layer `tiny_model`."""
+    model_level, per_layer, _ = EXPECTED_NODES[family]
+    return [f"{prefix}.{node}" for node in model_level] + [
+        f"{layers}.{i}.{node}" for i in range(2) for node in per_layer
+    ]
+
+
 OS_BERT = ["bert.embeddings.output_quant", *_bert_layer(0, last=False), *_bert_layer(1, last=True)]
 # Bondarenko et al.'s BERT set (official `models/quantized_bert.py`, quant_setup "all"): the
 # embedding sum and LayerNorm output, Q/K/V, scores, probabilities, context, each dense output, each
-# residual sum, each LayerNorm output, the FFN activation. The presets that follow it exactly also
-# quantize the word + token-type partial sum (`sum_input_token_type_embd_act_quantizer`), with the
-# embedding tables and LayerNorm weights (tests/test_int8_embedding.py).
-ALL_BERT = ["bert.embeddings.sum_quant", "bert.embeddings.output_quant"] + [
-    f"bert.encoder.layer.{i}.{node}"
-    for i in range(2)
-    for node in (
-        "attention.self.query_quant",
-        "attention.self.key_quant",
-        "attention.self.value_quant",
-        "attention.self.core.scores_quant",
-        "attention.self.core.probs_quant",
-        "attention.self.core.context_quant",
-        "attention.output.dense_quant",
-        "attention.output.residual_quant",
-        "attention.output.output_quant",
-        "intermediate.act_quant",
-        "output.dense_quant",
-        "output.residual_quant",
-        "output.output_quant",
-    )
-]
+# residual sum, each LayerNorm output, the FFN activation (`EXPECTED_NODES`, written out there). The
+# presets that follow it exactly also quantize the word + token-type partial sum
+# (`sum_input_token_type_embd_act_quantizer`), with the embedding tables and LayerNorm weights
+# (tests/test_int8_embedding.py).
+ALL_BERT = _all_nodes("bert", "bert", "bert.encoder.layer")
 OFFICIAL_BERT = ["bert.embeddings.token_type_sum_quant", *ALL_BERT]
 OS_OPT = [
     f"model.decoder.layers.{i}.{node}"
@@ -78,26 +69,8 @@ OS_OPT = [
 
 # Bondarenko et al.'s OPT set (official `models/quantized_opt.py`): the embedding sum, each LayerNorm
 # output, Q/K/V, scores, probabilities, context, the attention output, both residual sums, the FFN
-# activation (`fc1_act`), the FFN output and the final LayerNorm output.
-ALL_OPT = ["model.decoder.embed_quant", "model.decoder.final_ln_quant"] + [
-    f"model.decoder.layers.{i}.{node}"
-    for i in range(2)
-    for node in (
-        "attn_ln_quant",
-        "self_attn.q_quant",
-        "self_attn.k_quant",
-        "self_attn.v_quant",
-        "self_attn.core.scores_quant",
-        "self_attn.core.probs_quant",
-        "self_attn.core.context_quant",
-        "self_attn.out_quant",
-        "attn_residual_quant",
-        "ffn_ln_quant",
-        "act_quant",
-        "fc2_quant",
-        "ffn_residual_quant",
-    )
-]
+# activation (`fc1_act`), the FFN output and the final LayerNorm output (`EXPECTED_NODES`).
+ALL_OPT = _all_nodes("opt", "model.decoder", "model.decoder.layers")
 
 
 def _nodes(family: str, config: W8A8Config, attn_impl: str = "softmax") -> list[str]:
