@@ -51,7 +51,7 @@ from hf_quantizable.training.runner import (
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_LOG = REPO / "benchmarks" / "results" / "outlier_search.jsonl"
 DEFAULT_COMPARISON = REPO / "benchmarks" / "results" / "outlier_effect.json"
-DEFAULT_RUNS = Path(os.environ.get("OUTLIER_RUNS_DIR", "/work/outlier_runs"))
+DEFAULT_RUNS = Path(os.environ.get("OUTLIER_RUNS_DIR", Path.home() / ".cache" / "hf_quantizable" / "outlier_runs"))
 SEARCH_VARIANTS = (*VARIANTS, "vanilla-muon")
 SETTING_FILE = "setting.json"
 FINAL_FILE = "final.json"

@@ -23,6 +23,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -113,7 +114,8 @@ def clipping_summary(model, minmax_ranges: dict) -> dict | None:
     return summary
 
 
-GLUE_CHECKPOINTS = Path("/work/bench/glue")
+# Fine-tuned classifiers, made once (outside the repository).
+GLUE_CHECKPOINTS = Path(os.environ.get("PAPER_SETTINGS_GLUE_DIR", Path.home() / ".cache" / "hf_quantizable" / "glue"))
 GLUE_RECIPE = "bondarenko"  # the GLUE fine-tuning preset (evaluation.glue.GLUE_PRESETS)
 GLUE_CALIBRATION_BATCH = 32  # examples per calibration batch (Outlier Suppression: 256 samples = 8 x 32)
 
