@@ -401,10 +401,14 @@ def markdown_table(path: str) -> str:
         if glue.get("majority_class"):
             floor = "/".join(f"{100 * glue['majority_class'][m]:.1f}" for m in metrics)
             lines.append(f"| majority class (dev) | | | {floor} | {floor} |")
+    defined = {("cos", name) for name in settings()} | {("glue", name) for name in glue_settings()}
     for setting, values in rows.items():
-        cells = [
-            (f"{values[c]:.4f}" if c[0] == "cos" else values[c]) if c in values else "not measured" for c in columns
-        ]
+        cells = []
+        for kind, bits in columns:
+            if (kind, bits) in values:
+                cells.append(f"{values[kind, bits]:.4f}" if kind == "cos" else values[kind, bits])
+            else:  # a setting with no such row (weights only: W8) is left empty
+                cells.append("not measured" if (kind, f"{bits} {setting}") in defined else "")
         lines.append(f"| {setting} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
