@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from minilm_setup import MODEL_DESCRIPTION, load_minilm
+from minilm_setup import MODEL_DESCRIPTION, eval_description, load_minilm
 
 import hf_quantizable
 from hf_quantizable.evaluation.results import cpu_description
@@ -75,7 +75,7 @@ def main() -> None:
                 "benchmark": "embedding_quantization",
                 "model": MODEL_DESCRIPTION,
                 "metric": "cosine similarity of FP vs quantized (simulated = INT8, bit-exact) mean-pooled embeddings",
-                "eval_data": f"WikiText-2 test, first {args.lines} lines (non-empty, non-heading), max 128 tokens",
+                "eval_data": eval_description(args.lines),
                 "calibration_data": "WikiText-2 validation, batches of 32 lines (max 128 tokens), 16 batches",
                 "fp32_checkpoint_bytes": fp32_bytes,
                 "results": results,

@@ -14,13 +14,14 @@ import time
 
 import torch
 import transformers
-from minilm_setup import MODEL_DESCRIPTION, load_minilm
+from minilm_setup import MODEL_DESCRIPTION, eval_description, load_minilm
 
 import hf_quantizable
 from hf_quantizable.paths import write_text_atomic
 from hf_quantizable.quantization import W8A8Config, quantize_model
 from hf_quantizable.quantization.calibration import set_mode
 
+EVAL_LINES = 192
 OS = {"gamma_migration": True, "token_wise_clipping": True, "clipping_steps": 10}
 W6 = {"weight_bits": 6, "activation_bits": 6}
 # Per-channel weights and residual-stream grids, Outlier Suppression's gamma migration.
@@ -78,7 +79,7 @@ def write_record(output: str, results: dict, done: int, total: int) -> None:
         "benchmark": "minilm_fidelity",
         "model": MODEL_DESCRIPTION,
         "metric": "cosine similarity of FP vs quantized mean-pooled embeddings",
-        "eval_data": "WikiText-2 test, first 192 lines (non-empty, non-heading), max 128 tokens",
+        "eval_data": eval_description(EVAL_LINES),
         "calibration_data": "WikiText-2 validation, 8 batches of 16 lines",
         "targets": {"W8A8": 0.99, "W6A6": 0.95},
         "baseline_before_project": {"W8 weights only": 0.961, "W8A8 minmax": 0.909, "W6A6 minmax": 0.452},
@@ -105,7 +106,7 @@ def main() -> None:
     parser.add_argument("--settings", nargs="*", help="subset of setting names (default: all)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    bench = load_minilm(192)
+    bench = load_minilm(EVAL_LINES)
     calibration = bench.calibration(16, 8)
 
     results = {}

