@@ -168,7 +168,11 @@ def earlier_rows(output: str, lines: int) -> dict:
     current = settings()
     rows = {}
     for name, row in record.get("results", {}).items():
-        if name in current and W8A8Config(**row["config"]).to_dict() == current[name].to_dict():
+        try:
+            stored = W8A8Config(**row["config"]).to_dict()
+        except (TypeError, ValueError):  # a field since removed, or a value no longer allowed
+            stored = None
+        if name in current and stored == current[name].to_dict():
             rows[name] = row
         else:
             print(f"dropping the stale row {name!r} (its setting changed since it was measured)")
@@ -178,10 +182,11 @@ def earlier_rows(output: str, lines: int) -> dict:
 def write_record(output: str, results: dict, lines: int) -> None:
     """Rewrite the cosine part of `output` with `results`, keeping its GLUE section and findings."""
     previous = json.loads(Path(output).read_text()) if Path(output).is_file() else {}
+    every = settings()
     record = {
         "benchmark": "paper_settings",
-        "settings_finished": f"{sum(name in results for name in settings())} of {len(settings())}",
-        "not_measured": [name for name in settings() if name not in results],
+        "settings_finished": f"{sum(name in results for name in every)} of {len(every)}",
+        "not_measured": [name for name in every if name not in results],
         "model": MODEL_DESCRIPTION,
         "metric": "cosine similarity of FP vs quantized mean-pooled embeddings",
         "eval_data": eval_description(lines),
