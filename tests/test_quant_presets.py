@@ -74,25 +74,7 @@ ALL_OPT = _all_nodes("opt", "model.decoder", "model.decoder.layers")
 # Bondarenko et al.'s ViT setting (paper appendix: every activation, as their BERT setting; no official
 # ViT code): the embedding output, each LayerNorm output, Q/K/V, scores, probabilities, context, the
 # attention output, both residual sums, the FFN activation and output, and the final LayerNorm output.
-ALL_VIT = ["vit.embeddings.embed_quant", "vit.final_ln_quant"] + [
-    f"vit.encoder.layer.{i}.{node}"
-    for i in range(2)
-    for node in (
-        "attn_ln_quant",
-        "attention.attention.q_quant",
-        "attention.attention.k_quant",
-        "attention.attention.v_quant",
-        "attention.attention.core.scores_quant",
-        "attention.attention.core.probs_quant",
-        "attention.attention.core.context_quant",
-        "attention.output.dense_quant",
-        "attn_residual_quant",
-        "ffn_ln_quant",
-        "intermediate.act_quant",
-        "output.dense_quant",
-        "ffn_residual_quant",
-    )
-]
+ALL_VIT = _all_nodes("vit", "vit", "vit.encoder.layer")
 
 
 def _nodes(family: str, config: W8A8Config, attn_impl: str = "softmax") -> list[str]:
