@@ -283,23 +283,14 @@ def read_tracking(path: Path) -> list[dict[str, Any]]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def with_bos(dataset, bos_token_id: int):
-    """Blocks that start with the BOS token: `[bos] + ids[:-1]` (same length; other columns kept)."""
-
-    def prepend(batch):
-        out = dict(batch)
-        out["input_ids"] = [[bos_token_id] + ids[:-1] for ids in batch["input_ids"]]
-        return out
-
-    return dataset.map(prepend, batched=True, desc="BOS at sequence start")
-
-
 def variant_preset(setting: Setting, variant: str, max_steps: int, seed: int, runs_dir: Path = DEFAULT_RUNS):
     base, _, optimizer = variant.partition("-")
     overrides = [*setting.overrides, f"training.max_steps={max_steps}", f"training.seed={seed}"]
     if setting.corpus:  # a generated text file replaces the base's dataset (and its embedded size)
         overrides = [o for o in overrides if not o.startswith(("data.dataset=", "data.embedded_size="))]
         overrides.append(f"data.dataset={corpus_file(setting.corpus, runs_dir)}")
+    if setting.bos:
+        overrides.append("data.bos_at_block_start=true")
     overrides.append("tracking.outlier_every_n_steps=0")  # the benchmark tracks (after its data options)
     if optimizer:
         overrides.append(f"optimizer={optimizer}")
@@ -425,10 +416,6 @@ def run_variant(setting: Setting, label: str, variant: str, args, log: Path) -> 
         trainer = run.trainer
         if getattr(trainer, "optimizer_name", "adamw") != preset.optimizer:
             trainer.optimizer_name = preset.optimizer
-        if setting.bos:
-            bos = trainer.processing_class.bos_token_id
-            trainer.train_dataset = with_bos(trainer.train_dataset, bos)
-            trainer.eval_dataset = with_bos(trainer.eval_dataset, bos)
         collator = _collator(preset.family, trainer)
         batch_size = trainer.args.per_device_eval_batch_size
         tracker = OutlierTrackingCallback(
@@ -579,14 +566,14 @@ def _diagnosis_batches(run_dir: Path, checkpoint: Path, eval_batches: int, calib
     from hf_quantizable.training.data import load_text_datasets
     from hf_quantizable.training.presets import TrainingPreset
 
-    preset = TrainingPreset.from_dict(json.loads((run_dir / "training_recipe.json").read_text()))
+    recipe = json.loads((run_dir / "training_recipe.json").read_text())
     setting_path = run_dir.parent / SETTING_FILE
-    bos = json.loads(setting_path.read_text()).get("bos", False) if setting_path.exists() else False
+    if setting_path.exists() and json.loads(setting_path.read_text()).get("bos"):
+        recipe["data"]["bos_at_block_start"] = True  # runs made before the recipe had the field
+    preset = TrainingPreset.from_dict(recipe)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     data = load_text_datasets(preset.data, preset.family, seed=preset.training.get("seed", 1000), tokenizer=tokenizer)
     train, validation = data.train, data.validation
-    if bos:
-        train, validation = with_bos(train, tokenizer.bos_token_id), with_bos(validation, tokenizer.bos_token_id)
     loader = AutoModelForMaskedLM if preset.family == "bert" else AutoModelForCausalLM
     model = loader.from_pretrained(checkpoint, trust_remote_code=True).eval()
     if preset.family == "bert":

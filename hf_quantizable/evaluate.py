@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .cli import DataArguments, OneLineErrorParser, given_options, positive_int, refuse_unused
 from .evaluation.results import ResultRecord, read_results, write_results
+from .paths import recipe_data_field
 from .quantization.config import W8A8Config
 
 TASK_CHOICES = ("mlm", "clm", "image", "embedding", "glue")
@@ -242,6 +243,7 @@ def run(args: argparse.Namespace) -> tuple[list[ResultRecord], Path]:
         label_column=args.label_column,
         max_sequences=args.max_sequences,
         max_length=args.max_length,
+        bos_at_block_start=args.task == "clm" and bool(recipe_data_field(args.model, "bos_at_block_start", False)),
         batch_size=args.batch_size,
         mlm_probability=args.mlm_probability,
         seed=args.seed,

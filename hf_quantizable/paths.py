@@ -7,6 +7,7 @@ import shutil
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 DATA_ENV = "HF_QUANTIZABLE_DATA"
 # The lm-eval task YAMLs of the package (`TaskManager(include_path=...)`, lm-eval's `--include_path`).
@@ -25,6 +26,20 @@ def read_model_config(path: str | Path) -> dict:
     if not isinstance(config, dict):
         raise ValueError(f"{config_file} must hold a JSON object, not a {type(config).__name__}")
     return config
+
+
+def recipe_data_field(path: str | Path, name: str, default: Any = None) -> Any:
+    """Field `name` of the `data` section of the training recipe (training_recipe.json) in the model
+    folder `path`: how the model's training data was shaped, which its evaluation and calibration
+    follow. `default` for a folder without a recipe (a Hub id, a model trained elsewhere) or field."""
+    recipe = Path(path) / "training_recipe.json"
+    if not recipe.is_file():
+        return default
+    try:
+        data = json.loads(recipe.read_text(encoding="utf-8")).get("data") or {}
+    except (ValueError, UnicodeDecodeError, AttributeError) as error:
+        raise ValueError(f"{recipe} is not a valid training recipe: {error}") from None
+    return data.get(name, default)
 
 
 def shared_data_dir() -> Path:

@@ -85,8 +85,6 @@ import json  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from datasets import Dataset  # noqa: E402
-
 _BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "outlier_effect.py"
 
 
@@ -115,10 +113,9 @@ def test_read_tracking_keeps_the_last_record_of_a_retracked_step(search, tmp_pat
     assert [(r["step"], r["v"]) for r in search.read_tracking(path)] == [(100, 1), (200, 3), (300, 4)]
 
 
-def test_with_bos_puts_bos_first_and_keeps_the_length(search):
-    dataset = Dataset.from_dict({"input_ids": [[5, 6, 7, 8], [9, 10, 11, 12]]})
-    out = search.with_bos(dataset, 1)
-    assert out["input_ids"] == [[1, 5, 6, 7], [1, 9, 10, 11]]
+def test_a_bos_setting_trains_with_bos_at_every_block_start(search):
+    assert search.variant_preset(search.Setting("opt-tiny", [], bos=True), "vanilla", 12, 7).data.bos_at_block_start
+    assert not search.variant_preset(search.Setting("opt-tiny", []), "vanilla", 12, 7).data.bos_at_block_start
 
 
 def test_setting_file_refuses_another_setting_and_a_repeat_without_resume(search, tmp_path):

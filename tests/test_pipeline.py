@@ -1,5 +1,6 @@
-"""The main job, short: train tiny vanilla + gated BERTs, quantize, evaluate, write Hub-ready folders;
-then refresh their cards with hub_eval, offline."""
+"""The main job, short: train tiny vanilla + gated BERTs (setting bert-tiny), quantize, evaluate, write
+Hub-ready folders, then refresh their cards with hub_eval, offline; and the default setting on its
+shipped opt-outlier checkpoint, which the preset's first training steps reproduce."""
 
 import contextlib
 import io
@@ -12,11 +13,14 @@ from huggingface_hub import ModelCard, constants
 from hf_quantizable.evaluation.results import read_results
 from hf_quantizable.hub.card import variant_of
 from hf_quantizable.hub_eval import main as hub_eval_main
+from hf_quantizable.pipeline import SHIPPED_DIR, summary_table
 from hf_quantizable.pipeline import main as pipeline_main
-from hf_quantizable.pipeline import summary_table
+from hf_quantizable.train import main as train_main
+from hf_quantizable.training.runner import CHECKPOINT_DIR
 from tests.isolation import run_without_package
 
-QUICK = ["--max-steps", "4", "--corpus-size", "1000", "--max-sequences", "4", "--num-calibration-batches", "1"]
+QUICK = ["--setting", "bert-tiny", "--max-steps", "4", "--corpus-size", "1000"]
+QUICK += ["--max-sequences", "4", "--num-calibration-batches", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +141,76 @@ def test_main_job_reruns_over_its_own_outputs(main_job, capsys):
     assert pipeline_main([*args, "--overwrite"]) == 0
     assert weights.stat().st_mtime_ns == trained  # not retrained
     assert read_results(root / "out" / "bert-tiny-gated" / "results.json")
+
+
+# --- setting opt-outlier: the shipped checkpoints ---
+
+
+@pytest.fixture(scope="module")
+def outlier_job(tmp_path_factory):
+    root = tmp_path_factory.mktemp("outlier-job")
+    args = ["--local-dir", str(root / "out"), "--work-dir", str(root / "runs"), "--variants", "vanilla"]
+    args += ["--namespace", "test-org", "--no-progress", "--max-sequences", "4", "--num-calibration-batches", "1"]
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = pipeline_main(args)
+    return root, code, stdout.getvalue()
+
+
+def test_opt_outlier_job_quantizes_and_evaluates_the_shipped_weights(outlier_job):
+    from safetensors.torch import load_file
+
+    root, code, stdout = outlier_job
+    assert code == 0
+    assert sorted(p.name for p in (root / "out").iterdir()) == ["opt-outlier-vanilla", "opt-outlier-vanilla-w8a8"]
+    fp = root / "out" / "opt-outlier-vanilla"
+    shipped = load_file(SHIPPED_DIR / "vanilla" / "model.safetensors")
+    published = load_file(fp / "model.safetensors")
+    assert shipped.keys() == published.keys() and all(torch.equal(shipped[k], published[k]) for k in shipped)
+    assert list(fp.glob("modeling_quantizable_opt.py"))  # the Hub folder carries its modeling code
+    measured = {(variant_of(r), r.metric): r.value for r in read_results(fp / "results.json")}
+    assert measured[("fp32", "perplexity")] > 1 and measured[("int8", "perplexity")] > 1
+    card = (fp / "README.md").read_text()
+    assert "Synthetic no-op corpus (held out)" in card and "the synthetic no-op corpus (filler tokens" in card
+    assert "English-like grammar" not in card
+    assert "FP vs INT8 (W8A8), opt-outlier, held-out no-op corpus, 4 sequences" in stdout
+
+
+def test_opt_outlier_calibrates_and_evaluates_blocks_that_start_with_bos(outlier_job):
+    from transformers import AutoTokenizer
+
+    from hf_quantizable.evaluation.harness import EvalSettings, build_batches
+    from hf_quantizable.quantization.data import calibration_batches
+
+    root, _, _ = outlier_job
+    run_dir, data = root / "runs" / "opt-outlier-vanilla", root / "runs" / "data"
+    tokenizer = AutoTokenizer.from_pretrained(run_dir)
+    batches, _ = calibration_batches(run_dir, data / "calibration.txt", 4, 256, 2, "quantizable_opt")
+    assert len(batches) == 2 and all(b["input_ids"].shape == (4, 256) for b in batches)
+    assert all((b["input_ids"][:, 0] == tokenizer.bos_token_id).all() for b in batches)
+    settings = EvalSettings(
+        task="clm", dataset=str(data / "embedded-noop-heldout"), split="validation", max_sequences=4,
+        max_length=256, bos_at_block_start=True,
+    )  # fmt: skip
+    (batch,) = build_batches(settings, tokenizer, "validation")
+    assert (batch["input_ids"][:, 0] == tokenizer.bos_token_id).all()
+    assert (batch["input_ids"][:, 1:] != tokenizer.bos_token_id).any()
+
+
+def test_opt_outlier_refuses_the_training_flags(tmp_path, capsys):
+    assert pipeline_main(["--local-dir", str(tmp_path / "o"), "--max-steps", "10"]) == 2
+    assert "--max-steps applies to --setting bert-tiny" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_opt_outlier_preset_reproduces_the_first_steps_of_the_shipped_run(tmp_path):
+    """The shipped checkpoint's training log at its first logging step equals a fresh run of its preset."""
+    shipped = json.loads((SHIPPED_DIR / "vanilla" / "training_log.json").read_text())
+    step = shipped["logging_steps"]
+    logged = next(e for e in shipped["log_history"] if e["step"] == step and "loss" in e)
+    args = ["--preset", "opt-outlier-vanilla", "--output", str(tmp_path / "run"), "--max-steps", str(step)]
+    assert train_main([*args, "--no-progress"]) == 0
+    state = json.loads((tmp_path / "run" / CHECKPOINT_DIR / f"checkpoint-{step}" / "trainer_state.json").read_text())
+    fresh = next(e for e in state["log_history"] if e["step"] == step and "loss" in e)
+    assert fresh["loss"] == pytest.approx(logged["loss"], rel=2e-3)
+    assert fresh["grad_norm"] == pytest.approx(logged["grad_norm"], rel=2e-2)

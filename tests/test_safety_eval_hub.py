@@ -397,7 +397,7 @@ PIPELINE_CASES = [
     BadInput(
         "repo folder holds user files",
         lambda w: ["--local-dir", str(w), "--work-dir", str(w / "runs"), "--variants", "gated"],
-        r"--local-dir .*bert-tiny-gated.* not an earlier output",
+        r"--local-dir .*opt-outlier-gated.* not an earlier output",
     ),
 ]
 
@@ -405,8 +405,8 @@ PIPELINE_CASES = [
 @pytest.mark.parametrize("case", PIPELINE_CASES, ids=lambda c: c.id)
 def test_pipeline_refuses_cleanly(case, workspace):
     if case.id == "repo folder holds user files":
-        (workspace / "bert-tiny-gated").mkdir()
-        (workspace / "bert-tiny-gated" / "notes.txt").write_text("mine")
+        (workspace / "opt-outlier-gated").mkdir()
+        (workspace / "opt-outlier-gated" / "notes.txt").write_text("mine")
     assert_clean_refusal(pipeline_main, case, workspace)
 
 

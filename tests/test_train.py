@@ -431,3 +431,22 @@ def test_periodic_w8a8_check_leaves_the_trained_model_untouched(tmp_path):
     modules = list(run.trainer.model.modules())
     assert sum(type(m) is QuantPoint for m in modules) > 10  # the quantized model was a deep copy
     assert not [m for m in modules if type(m).__module__.startswith("hf_quantizable.quantization")]
+
+
+def test_bos_at_block_start_shifts_every_packed_block_behind_the_bos_token():
+    from hf_quantizable.training.data import load_text_datasets
+
+    spec = apply_overrides(get_preset("opt-tiny-vanilla"), ["data.embedded_size=300", "data.seq_length=16"]).data
+    plain = load_text_datasets(spec, "opt", seed=0)
+    spec.bos_at_block_start = True
+    shifted = load_text_datasets(spec, "opt", seed=0, tokenizer=plain.tokenizer)
+    bos = plain.tokenizer.bos_token_id
+    for split in ("train", "validation"):
+        before, after = plain.__dict__[split]["input_ids"], shifted.__dict__[split]["input_ids"]
+        assert len(before) == len(after) > 0
+        assert all(a == [bos] + b[:-1] for a, b in zip(after, before))
+
+
+def test_bos_at_block_start_is_refused_for_masked_lm_presets():
+    with pytest.raises(ValueError, match="bos_at_block_start.*causal-LM"):
+        apply_overrides(get_preset("bert-tiny-vanilla"), ["data.bos_at_block_start=true"])

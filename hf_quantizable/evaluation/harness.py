@@ -55,6 +55,8 @@ class EvalSettings:
     label_column: str = "label"
     max_sequences: int = 128
     max_length: int = 128
+    # causal LM: every block starts with the BOS token (the model's `data.bos_at_block_start`)
+    bos_at_block_start: bool = False
     batch_size: int = 8
     mlm_probability: float = 0.15
     seed: int = 0
@@ -216,7 +218,8 @@ def build_batches(settings: EvalSettings, processor, split: str, skip: int = 0) 
         raise ValueError(f"dataset has no text column {settings.text_column!r}; columns: {dataset.column_names}")
     texts = dataset[settings.text_column]
     if settings.task == "clm":
-        batches = clm_batches(processor, texts, settings.max_length, settings.batch_size, limit)
+        bos = processor.bos_token_id if settings.bos_at_block_start else None
+        batches = clm_batches(processor, texts, settings.max_length, settings.batch_size, limit, bos_token_id=bos)
     elif settings.task == "mlm":
         batches = mlm_batches(
             processor, texts, settings.max_length, settings.batch_size, settings.mlm_probability, settings.seed, limit

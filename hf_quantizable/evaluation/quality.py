@@ -75,11 +75,15 @@ def clm_batches(
     block_size: int = 512,
     batch_size: int = 4,
     max_sequences: int | None = None,
+    bos_token_id: int | None = None,
 ) -> list[Batch]:
-    """Causal-LM batches: texts grouped into blocks of `block_size` tokens, labels = inputs."""
+    """Causal-LM batches: texts grouped into blocks of `block_size` tokens, labels = inputs. With
+    `bos_token_id`, each block is `[bos] + block[:-1]`, as training with `data.bos_at_block_start`."""
     blocks = _blocks(tokenizer, texts, block_size, max_sequences)
     if not blocks:
         raise ValueError(f"the texts hold fewer than {block_size} tokens: no evaluation block")
+    if bos_token_id is not None:
+        blocks = [{"input_ids": [bos_token_id] + block["input_ids"][:-1]} for block in blocks]
     batches = []
     for chunk in _batched(blocks, batch_size):
         input_ids = torch.tensor([block["input_ids"] for block in chunk])

@@ -66,6 +66,7 @@ DATASET_NAMES = {
     "mnist": "MNIST",
     "tiny_shakespeare": "Tiny Shakespeare",
     "embedded-heldout": "Embedded synthetic corpus (held out)",
+    "embedded-noop-heldout": "Synthetic no-op corpus (held out)",
 }
 # Dataset names (Hub short names, or the folder of the offline copy) -> (Hub id, config of that copy)
 HUB_DATASETS = {
@@ -75,7 +76,15 @@ HUB_DATASETS = {
     "mnist": ("ylecun/mnist", None),
     "tiny_shakespeare": ("karpathy/tiny_shakespeare", None),
 }
-SYNTHETIC_DATASETS = ("embedded", "embedded-heldout", "embedded-noop")
+_GRAMMAR = "the embedded synthetic corpus (text generated from a small English-like grammar)"
+_NOOP = "the synthetic no-op corpus (filler tokens with key-value pairs: attention is mostly useless)"
+# The generated corpora (and the main job's held-out folders of them) -> what the card calls them.
+SYNTHETIC_DATASETS = {
+    "embedded": _GRAMMAR,
+    "embedded-heldout": _GRAMMAR,
+    "embedded-noop": _NOOP,
+    "embedded-noop-heldout": _NOOP,
+}
 METRIC_NAMES = {
     "perplexity": "Perplexity",
     "accuracy": "Accuracy",
@@ -343,11 +352,11 @@ def own_records(inputs: CardInputs) -> list[ResultRecord]:
     return [r for r in inputs.records if variant_of(r) not in FP_PRECISIONS]
 
 
-def trained_on_synthetic_data(inputs: CardInputs) -> bool:
-    """Whether the model was trained (or evaluated) on the embedded synthetic corpus, not natural text."""
+def synthetic_corpus(inputs: CardInputs) -> str | None:
+    """The generated corpus the model was trained (else evaluated) on, described; None for natural text."""
     recipe_data = ((inputs.recipe or {}).get("data") or {}).get("dataset")
-    evaluated = {dataset_ref(r.dataset, r.dataset_config)[0] for r in inputs.records}
-    return recipe_data in SYNTHETIC_DATASETS or bool(evaluated & set(SYNTHETIC_DATASETS))
+    evaluated = [dataset_ref(r.dataset, r.dataset_config)[0] for r in inputs.records]
+    return next((SYNTHETIC_DATASETS[d] for d in (recipe_data, *evaluated) if d in SYNTHETIC_DATASETS), None)
 
 
 def build_card_data(inputs: CardInputs) -> ModelCardData:
@@ -405,7 +414,7 @@ def render_model_card(inputs: CardInputs, template_path: str | Path = CARD_TEMPL
         fp_measured=[precision_label(p) for p in precisions if p in FP_PRECISIONS],
         reference_rows=reference_rows(family, attn_impl, inputs.records, inputs.config.get("gate_type")),
         max_steps=(inputs.recipe or {}).get("training", {}).get("max_steps"),
-        synthetic_data=trained_on_synthetic_data(inputs),
+        synthetic_corpus=synthetic_corpus(inputs),
         quality_metric=quality_label,
         glue_references=[g for g in references["glue_average"] if g["family"] == family],
         plots=list(inputs.plots),

@@ -6,14 +6,13 @@ on (its `results.json`; the offline WikiText-2 / MNIST for a folder without one)
 `results.json` and `plots/` (what the card is rendered from).
 """
 
-import json
 from pathlib import Path
 
 from ..evaluation.harness import EvalSettings, evaluate_model
 from ..evaluation.results import read_results, write_results
-from ..paths import read_model_config, shared_data_dir
+from ..paths import read_model_config, recipe_data_field, shared_data_dir
 from .card import dataset_ref, is_hub_id
-from .folder import PLOTS_DIR, RECIPE_FILE, RESULTS_FILE
+from .folder import PLOTS_DIR, RESULTS_FILE
 
 TASKS = {"ForMaskedLM": "mlm", "ForCausalLM": "clm", "ForImageClassification": "image"}
 
@@ -65,12 +64,8 @@ def recorded_dataset(folder: Path) -> tuple[str, str | None, str] | None:
 
 def sequence_length(folder: Path, config: dict) -> int:
     """The trained sequence length (training_recipe.json), else min(128, max positions)."""
-    recipe = folder / RECIPE_FILE
-    if recipe.is_file():
-        length = json.loads(recipe.read_text()).get("data", {}).get("seq_length")
-        if length:
-            return int(length)
-    return min(128, config.get("max_position_embeddings") or 128)
+    length = recipe_data_field(folder, "seq_length")
+    return int(length) if length else min(128, config.get("max_position_embeddings") or 128)
 
 
 def evaluate_for_card(
@@ -101,6 +96,7 @@ def evaluate_for_card(
         split=split or "test",
         max_sequences=max_sequences,
         max_length=sequence_length(fp_dir, config) if task != "image" else 128,
+        bos_at_block_start=task == "clm" and bool(recipe_data_field(fp_dir, "bos_at_block_start", False)),
         seed=seed,
         extra_precisions=extra_precisions,
     )

@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 
 from .. import families
-from ..paths import shared_data_dir
+from ..paths import recipe_data_field, shared_data_dir
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -64,8 +64,9 @@ def calibration_batches(
 ) -> tuple[list[dict[str, torch.Tensor]], object]:
     """Calibration batches for the model in `model_dir` and its tokenizer / image processor.
 
-    Text models read a text file (one example per line; default WikiText-2 validation); image models
-    (ViT) read an image folder.
+    Text models read a text file (one example per line; default WikiText-2 validation; packed into
+    blocks behind a BOS token when the model's training recipe has `bos_at_block_start`); image
+    models (ViT) read an image folder.
     """
     if families.modality(families.family_of(model_type)) == "image":
         from transformers import AutoImageProcessor
@@ -90,4 +91,17 @@ def calibration_batches(
     tokenizer = _load_processor(AutoTokenizer, model_dir, "tokenizer")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if recipe_data_field(model_dir, "bos_at_block_start", False):
+        return bos_block_batches(tokenizer, read_lines(data), batch_size, max_length, num_batches), tokenizer
     return text_batches(tokenizer, read_lines(data), batch_size, max_length, num_batches), tokenizer
+
+
+def bos_block_batches(tokenizer, lines: list[str], batch_size: int, max_length: int, num_batches: int) -> list[dict]:
+    """Packed blocks of `max_length` tokens, each starting with BOS: the shape a causal LM trained with
+    `data.bos_at_block_start` saw (its activations at the first token differ from any other's)."""
+    from ..evaluation.quality import clm_batches
+
+    batches = clm_batches(
+        tokenizer, lines, max_length, batch_size, batch_size * num_batches, bos_token_id=tokenizer.bos_token_id
+    )
+    return [{"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]} for b in batches]

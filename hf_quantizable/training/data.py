@@ -258,11 +258,27 @@ class TextData:
     tokenizer: PreTrainedTokenizerBase
 
 
-def group_texts(examples: dict[str, list], block_size: int) -> dict[str, list]:
-    """Concatenate tokenized texts and cut them into `block_size` blocks (the remainder is dropped)."""
+def group_texts(examples: dict[str, list], block_size: int, bos_token_id: int | None = None) -> dict[str, list]:
+    """Concatenate tokenized texts and cut them into `block_size` blocks (the remainder is dropped).
+
+    With `bos_token_id`, every block's input ids are `[bos] + block[:-1]` (same length, other columns
+    as cut), so each sequence starts with the same token (`data.bos_at_block_start`).
+    """
     concatenated = {k: [t for seq in examples[k] for t in seq] for k in examples}
     total = (len(concatenated["input_ids"]) // block_size) * block_size
-    return {k: [v[i : i + block_size] for i in range(0, total, block_size)] for k, v in concatenated.items()}
+    blocks = {k: [v[i : i + block_size] for i in range(0, total, block_size)] for k, v in concatenated.items()}
+    if bos_token_id is not None:
+        blocks["input_ids"] = [[bos_token_id] + ids[:-1] for ids in blocks["input_ids"]]
+    return blocks
+
+
+def block_start_token(spec: DataSpec, tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The BOS id every block starts with (`data.bos_at_block_start`), else None."""
+    if not spec.bos_at_block_start:
+        return None
+    if tokenizer.bos_token_id is None:
+        raise ValueError("data.bos_at_block_start=true needs a tokenizer with a BOS token; this one has none")
+    return tokenizer.bos_token_id
 
 
 def load_text_datasets(
@@ -299,7 +315,8 @@ def load_text_datasets(
         tokenized = dataset.map(tokenize, batched=True, remove_columns=dataset.column_names, **map_kwargs)
         if not isinstance(dataset, IterableDataset):
             map_kwargs["desc"] = f"pack {split} into blocks of {block}"
-        out[split] = tokenized.map(group_texts, batched=True, fn_kwargs={"block_size": block}, **map_kwargs)
+        grouping = {"block_size": block, "bos_token_id": block_start_token(spec, tokenizer)}
+        out[split] = tokenized.map(group_texts, batched=True, fn_kwargs=grouping, **map_kwargs)
     validation = out["validation"]
     if isinstance(validation, IterableDataset):
         validation = Dataset.from_list(list(validation))

@@ -48,6 +48,9 @@ class DataSpec:
             tokenizer name/path for `AutoTokenizer`.
         vocab_size: vocabulary size of a trained tokenizer.
         seq_length: MLM sequence length / CLM block size (group-texts packing).
+        bos_at_block_start: causal LM: every packed block starts with the tokenizer's BOS token
+            (`[bos] + block[:-1]`), a fixed first token for attention sinks to form on; evaluation and
+            calibration of the trained model build their blocks the same way (its training recipe).
         mlm_probability: masking probability of the MLM collator.
         image_size: square input size of image models.
         augmentation: `timm` (the paper's pipeline, needs an importable timm), `auto` (timm's when it
@@ -69,6 +72,7 @@ class DataSpec:
     tokenizer: str = "train"
     vocab_size: int = 2000
     seq_length: int = 128
+    bos_at_block_start: bool = False
     mlm_probability: float = 0.15
     image_size: int = 224
     augmentation: str | None = "basic"
@@ -388,6 +392,32 @@ _BASES: dict[str, tuple[str, str, dict, dict, dict]] = {  # family, description,
         {**_TINY_TRAINING, "adam_beta1": 0.9, "adam_beta2": 0.95, "weight_decay": 0.1},
         {"seq_length": 64},
     ),
+    "opt-outlier": (
+        "opt",
+        "4-layer hidden-128 pre-LN OPT on the synthetic no-op corpus, a BOS token at every block start, "
+        "lr 2e-3, no dropout or weight decay: the setting of benchmarks/outlier_effect.py closest to the "
+        "papers' effect (the main job's shipped checkpoints; about 30 minutes per variant on one core).",
+        {
+            **_OPT_TINY_MODEL,
+            "num_hidden_layers": 4,
+            "max_position_embeddings": 256,
+            "dropout": 0,
+            "attention_dropout": 0,
+        },
+        {
+            **_TINY_TRAINING,
+            "adam_beta1": 0.9,
+            "adam_beta2": 0.95,
+            "learning_rate": 2e-3,
+            "warmup_steps": 100,
+            "max_steps": 3200,
+            "per_device_train_batch_size": 16,
+            "per_device_eval_batch_size": 16,
+            "weight_decay": 0,
+            "logging_steps": 100,
+        },
+        {"dataset": "embedded-noop", "embedded_size": 100000, "seq_length": 256, "bos_at_block_start": True},
+    ),
     "vit-s16": (
         "vit",
         "ViT-S/16 on ImageNet-1k (Bondarenko et al. Table 4; timm/DeiT pipeline when timm is installed).",
@@ -467,6 +497,9 @@ def _build_presets() -> dict[str, TrainingPreset]:
 
 
 PRESETS: dict[str, TrainingPreset] = _build_presets()
+# The search run behind the shipped opt-outlier checkpoints clipped with gamma = -alpha / 64 (its base
+# preset's training length) while training on 256 tokens; the preset keeps that gamma (-0.1875).
+PRESETS["opt-outlier-clipped"].model["clip_max_length"] = 64
 
 
 def list_presets() -> list[str]:
@@ -578,7 +611,15 @@ def allowed_fields(family: str) -> list[str]:
 
 # --- validation: every field is checked before a run writes anything ---
 
-_TEXT_ONLY_DATA = {"tokenizer", "vocab_size", "seq_length", "mlm_probability", "text_column", "num_proc"}
+_TEXT_ONLY_DATA = {
+    "tokenizer",
+    "vocab_size",
+    "seq_length",
+    "bos_at_block_start",
+    "mlm_probability",
+    "text_column",
+    "num_proc",
+}
 _IMAGE_ONLY_DATA = {"image_size", "augmentation", "image_column", "label_column"}
 _HUB_ONLY_DATA = {"dataset_config"}
 _ATTENTION_FIELDS = {
@@ -641,6 +682,8 @@ def _unused_reason(preset: TrainingPreset, group: str, name: str) -> str | None:
         if objective not in (None, "mlm"):
             masked = ", ".join(f for f in families.names() if families.training_objective(f) == "mlm")
             return f"it is the masking rate of masked-LM ({masked}); {family} trains {_OBJECTIVES[objective]}"
+        if name == "bos_at_block_start" and families.training_objective(family) != "clm":
+            return f"it shapes causal-LM blocks; {family} trains {_OBJECTIVES[families.training_objective(family)]}"
         if name == "vocab_size" and data.tokenizer != "train":
             return f"it sizes a trained tokenizer, and data.tokenizer={data.tokenizer!r} is loaded"
         embedded = str(data.dataset).startswith("embedded")
