@@ -19,7 +19,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from outlier_effect import SETTINGS  # the sibling benchmark (its folder is on sys.path)
+from outlier_effect import DEFAULT_LOG, SETTINGS, read_log  # the sibling benchmark (its folder is on sys.path)
 
 from hf_quantizable.paths import atomic_folder
 from hf_quantizable.pipeline import SHIPPED_DIR
@@ -74,6 +74,16 @@ def ship_variant(run_dir: Path, variant: str, out: Path, setting: dict, label: s
         )
     state = json.loads((final / "trainer_state.json").read_text())
     wall = json.loads((run_dir.parent / f"{variant}.wall.json").read_text())["wall_time_s"]
+    finished = [
+        r
+        for r in read_log(DEFAULT_LOG)
+        if (r.get("label"), r.get("seed"), r.get("variant"), r.get("status"))
+        == (label, int(seed.removeprefix("seed")), variant, "finished")
+    ]
+    if not finished:
+        raise SystemExit(f"error: the search log {DEFAULT_LOG} has no finished record of {label} {seed} {variant}")
+    machine = finished[-1]["machine"]
+    threads = machine["torch_threads"]
     for name in MODEL_FILES:
         shutil.copy2(final / name, out / name)
     _write_json(out / "training_recipe.json", preset)
@@ -89,6 +99,7 @@ def ship_variant(run_dir: Path, variant: str, out: Path, setting: dict, label: s
             "seed": int(seed.removeprefix("seed")),
             "steps": state["global_step"],
             "wall_time_s": wall,
+            "machine": f"{machine['cpu_model']} ({', '.join(machine['cpu_flags'])}), {threads} thread{'s' * (threads > 1)}",
             "command": f"python benchmarks/outlier_effect.py --label {label} --seed {seed.removeprefix('seed')} "
             f"--max-steps {state['global_step']} --variants {variant} --w8a8-every {setting['w8a8_every']} "
             f"{setting_args}",

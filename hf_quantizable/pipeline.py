@@ -31,7 +31,7 @@ from .cli import DataArguments, OneLineErrorParser, given_options, refuse_unused
 from .evaluation.results import read_results
 from .hub.card import variant_of
 from .hub.evaluate import evaluate_for_card
-from .hub.folder import PLOTS_DIR, RECIPE_FILE, is_repo_folder
+from .hub.folder import PLOTS_DIR, PROVENANCE_FILE, RECIPE_FILE, is_repo_folder
 from .hub.publish import plan_push, write_plan
 from .hub.upload import check_repo_id
 from .paths import check_output_folder, recipe_data_field, write_text_atomic
@@ -48,7 +48,14 @@ VARIANTS = tuple(sorted(PRESET_VARIANTS, key=lambda variant: (variant != "vanill
 WORK_DIR_MARK = ".hf_quantizable-main-job"  # marks a --work-dir this command made (and may reuse)
 SETTINGS = ("opt-outlier", "bert-tiny")
 SHIPPED_DIR = Path(__file__).parent / "checkpoints" / "opt-outlier"  # the opt-outlier models, one folder a variant
-SHIPPED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", RECIPE_FILE)
+SHIPPED_FILES = (
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    RECIPE_FILE,
+    PROVENANCE_FILE,
+)
 TRAIN_SEED_LINES = 1000  # calibration lines drawn from the training corpus generator
 # Old flag names, accepted (with a deprecation line) for one release (see `hf_quantizable.cli`).
 DEPRECATED_FLAGS = {"--eval-sequences": "--max-sequences", "--calibration-batches": "--num-calibration-batches"}
@@ -174,7 +181,8 @@ def unpack_shipped(variant: str, run_dir: Path) -> None:
     shutil.rmtree(run_dir, ignore_errors=True)  # a folder of this job's --work-dir (its mark was checked)
     model.save_pretrained(run_dir)
     AutoTokenizer.from_pretrained(source).save_pretrained(run_dir)
-    shutil.copy2(source / RECIPE_FILE, run_dir / RECIPE_FILE)
+    for name in (RECIPE_FILE, PROVENANCE_FILE):
+        shutil.copy2(source / name, run_dir / name)
 
 
 def run_variant(variant: str, args: argparse.Namespace, calibration: Path, evaluation: Path) -> list[Path]:

@@ -60,6 +60,7 @@ def test_main_job_writes_both_sibling_folders_with_cards(main_job):
         assert f"test-org/bert-tiny-{variant}-w8a8" in card.text
         assert ModelCard.load(int8 / "README.md").data.base_model == f"test-org/bert-tiny-{variant}"
         assert (fp / "plots" / "layers.png").stat().st_size > 0 and "(plots/layers.png)" in card.text
+        assert "Trained for 4 steps in " in card.text  # from Trainer's train_results.json
         assert ("fp32", "perplexity") in measured and ("int8", "perplexity") in measured
         assert ("fp32", "max_inf_norm") in measured and ("fp32", "avg_kurtosis") in measured
 
@@ -173,6 +174,15 @@ def test_opt_outlier_job_quantizes_and_evaluates_the_shipped_weights(outlier_job
     card = (fp / "README.md").read_text()
     assert "Synthetic no-op corpus (held out)" in card and "the synthetic no-op corpus (filler tokens" in card
     assert "English-like grammar" not in card
+    provenance = json.loads((SHIPPED_DIR / "vanilla" / "provenance.json").read_text())
+    minutes = round(provenance["wall_time_s"] / 60, 1)
+    assert (
+        f"`benchmarks/outlier_effect.py` (seed 1000), 3200 steps in\n{minutes} minutes on {provenance['machine']}"
+        in card
+    )
+    assert provenance["command"] in card
+    for folder in (fp, root / "out" / "opt-outlier-vanilla-w8a8"):
+        assert json.loads((folder / "provenance.json").read_text()) == provenance
     assert "FP vs INT8 (W8A8), opt-outlier, held-out no-op corpus, 4 sequences" in stdout
 
 

@@ -113,6 +113,9 @@ class CardInputs:
     int8_config: dict[str, Any] | None = None
     recipe: dict[str, Any] | None = None
     plots: Sequence[str] = field(default_factory=list)
+    # how the run was trained (`publish.read_training_run`): steps, wall_time_s, and for a shipped model
+    # trained_by, command, seed
+    training_run: dict[str, Any] | None = None
 
     @property
     def is_int8(self) -> bool:
@@ -409,6 +412,7 @@ def render_model_card(inputs: CardInputs, template_path: str | Path = CARD_TEMPL
         method_yaml=_yaml_block(method_parameters(inputs.config)),
         w8a8_yaml=_yaml_block(_card_w8a8_config(inputs)),
         recipe_yaml=_yaml_block(inputs.recipe),
+        training_run=inputs.training_run,
         table=comparison_table(inputs.records),
         precisions=[precision_label(p) for p in precisions],
         fp_measured=[precision_label(p) for p in precisions if p in FP_PRECISIONS],

@@ -13,6 +13,8 @@ from huggingface_hub import ModelCard
 from ..paths import atomic_folder
 
 RECIPE_FILE = "training_recipe.json"
+PROVENANCE_FILE = "provenance.json"  # how a shipped model was trained (command, seed, steps, wall time)
+TRAIN_RESULTS_FILE = "train_results.json"  # Trainer's summary of a run (train_runtime)
 RESULTS_FILE = "results.json"
 PLOTS_DIR = "plots"
 PLOT_SUFFIXES = (".png", ".svg", ".jpg", ".jpeg")
@@ -30,6 +32,7 @@ SHARED_FILES = (
     "processor_config.json",
     "chat_template.jinja",
     RECIPE_FILE,
+    PROVENANCE_FILE,
 )
 # What a model folder contributes to its Hub repo; training state (optimizer, checkpoints, pickled
 # training arguments) stays behind.

@@ -16,8 +16,10 @@ from ..provenance import model_fingerprint
 from .card import CardInputs, render_model_card
 from .folder import (
     PLOTS_DIR,
+    PROVENANCE_FILE,
     RECIPE_FILE,
     RESULTS_FILE,
+    TRAIN_RESULTS_FILE,
     find_plots,
     is_repo_folder,
     plot_paths_in_repo,
@@ -77,6 +79,20 @@ def _read_recipe(model_dir: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def read_training_run(model_dir: Path, recipe: dict[str, Any] | None) -> dict[str, Any] | None:
+    """How the run was trained, for its card: `provenance.json` (a shipped model: command, seed, steps,
+    wall time) or Trainer's `train_results.json` (steps from the recipe, `train_runtime`); else None."""
+    provenance = model_dir / PROVENANCE_FILE
+    if provenance.is_file():
+        return json.loads(provenance.read_text())
+    train_results = model_dir / TRAIN_RESULTS_FILE
+    if not train_results.is_file():
+        return None
+    runtime = json.loads(train_results.read_text()).get("train_runtime")
+    steps = ((recipe or {}).get("training") or {}).get("max_steps")
+    return {"steps": steps, "wall_time_s": runtime} if runtime is not None else None
+
+
 def plan_push(
     run_dir: str | Path,
     repo_id: str,
@@ -117,6 +133,7 @@ def plan_push(
             raise ValueError(f"{int8_dir} was not quantized from {run_dir} (its `source_fingerprint` differs)")
 
     common = dict(records=records, recipe=recipe, plots=plot_paths_in_repo(plots), int8_config=int8_config)
+    common["training_run"] = read_training_run(run_dir, recipe)
     fp_inputs = CardInputs(repo_id=repo_id, config=config, int8_repo_id=int8_repo_id, **common)
     plans = [RepoPlan(repo_id, run_dir, fp_inputs, results_path, plots)]
     if int8_repo_id is not None:
