@@ -23,15 +23,19 @@ QUICK = ["--setting", "bert-tiny", "--max-steps", "4", "--corpus-size", "1000"]
 QUICK += ["--max-sequences", "4", "--num-calibration-batches", "1"]
 
 
-@pytest.fixture(scope="module")
-def main_job(tmp_path_factory):
-    root = tmp_path_factory.mktemp("main-job")
-    args = ["--local-dir", str(root / "out"), "--work-dir", str(root / "runs"), "--variants", "vanilla", "gated"]
-    args += ["--namespace", "test-org", "--no-progress", *QUICK]
+def run_main_job(root, variants: list[str], options: list[str]) -> tuple:
+    """(root, exit status, stdout) of the main job writing into root/out and root/runs."""
+    args = ["--local-dir", str(root / "out"), "--work-dir", str(root / "runs"), "--variants", *variants]
+    args += ["--namespace", "test-org", "--no-progress", *options]
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         code = pipeline_main(args)
     return root, code, stdout.getvalue()
+
+
+@pytest.fixture(scope="module")
+def main_job(tmp_path_factory):
+    return run_main_job(tmp_path_factory.mktemp("main-job"), ["vanilla", "gated"], QUICK)
 
 
 def test_main_job_writes_both_sibling_folders_with_cards(main_job):
@@ -149,13 +153,8 @@ def test_main_job_reruns_over_its_own_outputs(main_job, capsys):
 
 @pytest.fixture(scope="module")
 def outlier_job(tmp_path_factory):
-    root = tmp_path_factory.mktemp("outlier-job")
-    args = ["--local-dir", str(root / "out"), "--work-dir", str(root / "runs"), "--variants", "vanilla"]
-    args += ["--namespace", "test-org", "--no-progress", "--max-sequences", "4", "--num-calibration-batches", "1"]
-    stdout = io.StringIO()
-    with contextlib.redirect_stdout(stdout):
-        code = pipeline_main(args)
-    return root, code, stdout.getvalue()
+    options = ["--max-sequences", "4", "--num-calibration-batches", "1"]
+    return run_main_job(tmp_path_factory.mktemp("outlier-job"), ["vanilla"], options)
 
 
 def test_opt_outlier_job_quantizes_and_evaluates_the_shipped_weights(outlier_job):
