@@ -11,7 +11,14 @@ from safetensors.torch import load_file
 from hf_quantizable.modeling import int8, int8_kernel
 from hf_quantizable.modeling.int8 import Int8Linear, int8_gemm_saturates
 from hf_quantizable.modeling.int8_kernel import cpu_has_avx2
-from hf_quantizable.quantization import W8A8Config, W8A8Quantizer
+from hf_quantizable.quantization import W8A8Config, W8A8Quantizer, quantize_model
+from hf_quantizable.quantization.export import freeze
+from hf_quantizable.quantization.modules import (
+    ActivationQuantizer,
+    QuantizedEmbedding,
+    QuantizedLayerNorm,
+    QuantizedLinear,
+)
 from tests.isolation import run_without_package
 from tests.test_quant_core import tiny_model
 
@@ -135,6 +142,37 @@ def test_int8_model_equals_simulation(family, config, tmp_path):
             simulated = quantizer.simulated_model(**batch)[0]
             int8 = quantizer.int8_model(**batch)[0]
         assert torch.equal(simulated, int8), (simulated - int8).abs().max()
+
+
+@pytest.mark.parametrize(
+    ("family", "config"),
+    [
+        ("bert", W8A8Config(per_channel_weights=True, per_channel_residuals=True, gamma_migration=True)),
+        ("opt", W8A8Config.preset("bondarenko2023-opt")),  # int8 tables: the tied head is untied, stays FP
+        ("vit", W8A8Config(outlier_channels=3)),
+    ],
+)
+def test_freeze_in_place_builds_what_loading_builds(family, config, tmp_path):
+    model, batches = tiny_model(family, "softmax" if config.gamma_migration else "gated")
+    simulated = quantize_model(model, config, batches)
+    with torch.no_grad():
+        expected = [simulated(**batch)[0] for batch in batches]
+    frozen = freeze(simulated)
+    assert frozen is model and not hasattr(frozen, "w8a8_config")
+    calibrating = (ActivationQuantizer, QuantizedLinear, QuantizedEmbedding, QuantizedLayerNorm)
+    assert not [name for name, m in frozen.named_modules() if isinstance(m, calibrating)]
+    with torch.no_grad():
+        for batch, simulated_out in zip(batches, expected):
+            assert torch.equal(frozen(**batch)[0], simulated_out)
+    frozen.save_pretrained(tmp_path)
+    loaded = type(frozen).from_pretrained(tmp_path).eval()
+    assert {n: type(m) for n, m in loaded.named_modules()} == {n: type(m) for n, m in frozen.named_modules()}
+    frozen_state, loaded_state = frozen.state_dict(), loaded.state_dict()
+    assert frozen_state.keys() == loaded_state.keys()
+    for key, tensor in frozen_state.items():
+        assert tensor.dtype == loaded_state[key].dtype and torch.equal(tensor, loaded_state[key]), key
+    if family == "opt":
+        assert not frozen.config.tie_word_embeddings and frozen.lm_head.weight.dtype == torch.float32
 
 
 def test_checkpoint_layout_and_size(tmp_path):

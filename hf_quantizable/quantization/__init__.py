@@ -2,6 +2,7 @@
 
 from .calibration import quantize_model
 from .config import W8A8Config
+from .export import freeze
 from .quantizer import W8A8Quantizer
 
-__all__ = ["W8A8Config", "W8A8Quantizer", "quantize_model"]
+__all__ = ["W8A8Config", "W8A8Quantizer", "freeze", "quantize_model"]

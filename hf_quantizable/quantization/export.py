@@ -7,10 +7,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..modeling.int8_embedding import Int8Embedding, convert_embeddings_to_int8
+from ..modeling.int8 import QuantPoint, convert_to_int8
+from ..modeling.int8_embedding import Int8Embedding
 from ..modeling.quantization_method import W8A8QuantizationConfig, quantization_settings
 from ..paths import atomic_folder, check_output_folder
 from .calibration import activation_quantizers, quantized_embeddings, quantized_layernorms, quantized_linears
+from .modules import ActivationQuantizer, QuantizedEmbedding, QuantizedLayerNorm, QuantizedLinear
 
 FORMAT_VERSION = 1
 
@@ -84,30 +86,65 @@ def int8_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def build_int8_model(model: nn.Module, source_fingerprint: str | None = None) -> nn.Module:
-    """An INT8 model (same class, `config.w8a8_config` set) holding the calibrated quantization of `model`."""
-    config = copy.deepcopy(model.config)
-    config.w8a8_config = int8_config_dict(model, source_fingerprint)
+def _plain_module(module: nn.Module) -> nn.Module | None:
+    """The plain torch module a calibrated module was inserted for (sharing its parameters), or None."""
+    if isinstance(module, ActivationQuantizer):
+        return QuantPoint(residual_stream=module.residual_stream)
+    if isinstance(module, QuantizedLinear):
+        plain = nn.Linear(module.in_features, module.out_features, module.bias is not None, device="meta")
+        plain.weight, plain.bias = module.weight, module.bias
+        return plain
+    if isinstance(module, QuantizedEmbedding):
+        plain = nn.Embedding(module.num_embeddings, module.embedding_dim, module.padding_idx, device="meta")
+        plain.weight = module.weight  # a tied head keeps sharing it until `convert_to_int8` unties it
+        return plain
+    if isinstance(module, QuantizedLayerNorm):
+        plain = nn.LayerNorm(module.normalized_shape, module.eps, bias=module.bias is not None, device="meta")
+        plain.weight, plain.bias = module.weight, module.bias
+        return plain
+    return None
+
+
+@torch.no_grad()
+def freeze(model: nn.Module, source_fingerprint: str | None = None) -> nn.Module:
+    """Turn calibrated `model` into its INT8 runtime in place (calibrating -> frozen) and return it.
+
+    The calibrated modules go back to their plain torch modules, and `convert_to_int8` (the code that
+    builds an INT8 checkpoint's modules when it loads) builds the INT8 ones from the `w8a8_config`
+    recorded in `model.config`; they then take the calibrated int8 codes and grids. So a frozen model
+    has the modules and tensors its saved checkpoint loads with. `source_fingerprint` as in
+    `int8_config_dict`.
+    """
+    w8a8_config = int8_config_dict(model, source_fingerprint)
+    state = int8_state_dict(model)
+    for name, module in list(model.named_modules()):
+        plain = _plain_module(module)
+        if plain is not None:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, plain)
+    model.config.w8a8_config = w8a8_config
     # the standard field transformers reads (`model.is_quantized`, `model.hf_quantizer` on load)
-    config.quantization_config = W8A8QuantizationConfig(**quantization_settings(config.w8a8_config)).to_dict()
-    # A BERT base model built without its pooler is rebuilt the same way.
-    kwargs = {"add_pooling_layer": False} if getattr(model, "pooler", True) is None else {}
-    int8_model = type(model)(config, **kwargs)
-    convert_embeddings_to_int8(int8_model, config.w8a8_config)  # (also done by `convert_to_int8`; idempotent)
+    model.config.quantization_config = W8A8QuantizationConfig(**quantization_settings(w8a8_config)).to_dict()
+    convert_to_int8(model, w8a8_config)
     unconverted = sorted(
         name
-        for name in config.w8a8_config["quantized_embeddings"]
-        if not isinstance(int8_model.base_model.get_submodule(name), Int8Embedding)
+        for name in w8a8_config["quantized_embeddings"]
+        if not isinstance(model.base_model.get_submodule(name), Int8Embedding)
     )
     if unconverted:
         raise RuntimeError(f"INT8 export: the embedding tables {unconverted} did not become Int8Embedding")
-    state = int8_state_dict(model)
-    expected = int8_model.state_dict()
+    expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     if missing:
         raise RuntimeError(f"INT8 export is missing tensors: {missing[:5]}")
-    int8_model.load_state_dict({k: state[k] for k in expected}, strict=True)
-    return int8_model.eval()
+    model.load_state_dict({k: state[k] for k in expected}, strict=True)
+    del model.w8a8_config  # the calibration settings; the frozen model's are in its config
+    return model.eval()
+
+
+def build_int8_model(model: nn.Module, source_fingerprint: str | None = None) -> nn.Module:
+    """An INT8 copy of calibrated `model` (`freeze` of a deep copy: `model` stays simulated)."""
+    return freeze(copy.deepcopy(model), source_fingerprint)
 
 
 def save_int8_checkpoint(int8_model: nn.Module, folder: Path, processor=None) -> None:

@@ -11,12 +11,12 @@ from optimum.quantization_base import OptimumQuantizer
 from torch import nn
 from transformers import PreTrainedModel
 
-from ..modeling.int8 import QuantPoint, convert_to_int8
+from ..modeling.int8 import QuantPoint
 from ..paths import read_model_config
 from ..provenance import model_fingerprint
 from .calibration import activation_quantizers, quantize_model, quantized_linears, take_batches
 from .config import W8A8Config
-from .export import build_int8_model, check_output_dir, save_atomically, save_int8_checkpoint, weight_bytes
+from .export import build_int8_model, check_output_dir, freeze, save_atomically, save_int8_checkpoint, weight_bytes
 
 
 def check_weight_files(path: str | Path) -> list[Path]:
@@ -222,9 +222,6 @@ def quantize_in_place(model: PreTrainedModel, settings: dict, calibration_datase
     config = W8A8Config.from_dict(settings)
     source = Path(model.name_or_path) if model.name_or_path else None
     fingerprint = model_fingerprint(source) if source is not None and source.is_dir() else None
-    simulated = quantize_model(copy.deepcopy(model), config, calibration_batches_of(calibration_dataset))
-    int8_model = build_int8_model(simulated, fingerprint)
-    convert_to_int8(model, int8_model.config.w8a8_config)
-    model.config.w8a8_config = int8_model.config.w8a8_config
-    model.load_state_dict(int8_model.state_dict(), strict=True)
-    model.eval()
+    loading_config = model.config.quantization_config  # what transformers set while loading
+    freeze(quantize_model(model, config, calibration_batches_of(calibration_dataset)), fingerprint)
+    model.config.quantization_config = loading_config
