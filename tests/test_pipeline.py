@@ -213,7 +213,12 @@ def test_opt_outlier_refuses_the_training_flags(tmp_path, capsys):
 
 
 def test_the_opt_outlier_preset_reproduces_the_first_steps_of_the_shipped_run(tmp_path):
-    """The shipped checkpoint's training log at its first logging step equals a fresh run of its preset."""
+    """The shipped checkpoint's training log at its first logging step equals a fresh run of its preset.
+
+    Compared: the averaged quantities (the training loss over the first logging window, the probe loss on
+    held-out text). Single-step ones (the last step's gradient norm, outlier maxima) differ between CPU
+    kinds: AVX2 and AVX-512 float kernels round differently, and the runs drift apart in those details.
+    """
     shipped = json.loads((SHIPPED_DIR / "vanilla" / "training_log.json").read_text())
     step = shipped["logging_steps"]
     logged = next(e for e in shipped["log_history"] if e["step"] == step and "loss" in e)
@@ -222,4 +227,7 @@ def test_the_opt_outlier_preset_reproduces_the_first_steps_of_the_shipped_run(tm
     state = json.loads((tmp_path / "run" / CHECKPOINT_DIR / f"checkpoint-{step}" / "trainer_state.json").read_text())
     fresh = next(e for e in state["log_history"] if e["step"] == step and "loss" in e)
     assert fresh["loss"] == pytest.approx(logged["loss"], rel=2e-3)
-    assert fresh["grad_norm"] == pytest.approx(logged["grad_norm"], rel=2e-2)
+    assert fresh["learning_rate"] == pytest.approx(logged["learning_rate"], rel=1e-6)
+    probe = next(e for e in shipped["log_history"] if e["step"] == step and "probe/loss" in e)["probe/loss"]
+    fresh_probe = next(e for e in state["log_history"] if e["step"] == step and "probe/loss" in e)["probe/loss"]
+    assert fresh_probe == pytest.approx(probe, rel=1e-2)

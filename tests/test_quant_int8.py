@@ -12,6 +12,7 @@ from hf_quantizable.modeling import int8, int8_kernel
 from hf_quantizable.modeling.int8 import Int8Linear, int8_gemm_saturates
 from hf_quantizable.modeling.int8_kernel import cpu_has_avx2
 from hf_quantizable.quantization import W8A8Config, W8A8Quantizer, quantize_model
+from hf_quantizable.quantization.calibration import set_mode
 from hf_quantizable.quantization.export import freeze
 from hf_quantizable.quantization.modules import (
     ActivationQuantizer,
@@ -148,6 +149,7 @@ def test_int8_model_equals_simulation(family, config, tmp_path):
     ("family", "config"),
     [
         ("bert", W8A8Config(per_channel_weights=True, per_channel_residuals=True, gamma_migration=True)),
+        ("bert", W8A8Config.preset("bondarenko2023-bert")),  # int8 tables, LayerNorm weights on their grid
         ("opt", W8A8Config.preset("bondarenko2023-opt")),  # int8 tables: the tied head is untied, stays FP
         ("vit", W8A8Config(outlier_channels=3)),
     ],
@@ -157,22 +159,39 @@ def test_freeze_in_place_builds_what_loading_builds(family, config, tmp_path):
     simulated = quantize_model(model, config, batches)
     with torch.no_grad():
         expected = [simulated(**batch)[0] for batch in batches]
+    calibrating = (ActivationQuantizer, QuantizedLinear, QuantizedEmbedding, QuantizedLayerNorm)
+    before = {name: m for name, m in simulated.named_modules() if isinstance(m, calibrating)}
     frozen = freeze(simulated)
     assert frozen is model and not hasattr(frozen, "w8a8_config")
-    calibrating = (ActivationQuantizer, QuantizedLinear, QuantizedEmbedding, QuantizedLayerNorm)
     assert not [name for name, m in frozen.named_modules() if isinstance(m, calibrating)]
+    # each module froze itself: the same objects, now of their runtime classes, without calibration state
+    assert all(frozen.get_submodule(name) is module for name, module in before.items())
+    assert not [name for name, m in before.items() if hasattr(m, "estimator") or hasattr(m, "quantize_weights")]
     with torch.no_grad():
         for batch, simulated_out in zip(batches, expected):
             assert torch.equal(frozen(**batch)[0], simulated_out)
     frozen.save_pretrained(tmp_path)
     loaded = type(frozen).from_pretrained(tmp_path).eval()
     assert {n: type(m) for n, m in loaded.named_modules()} == {n: type(m) for n, m in frozen.named_modules()}
+    assert [n for n, _ in loaded.named_parameters()] == [n for n, _ in frozen.named_parameters()]  # int8 in buffers
     frozen_state, loaded_state = frozen.state_dict(), loaded.state_dict()
     assert frozen_state.keys() == loaded_state.keys()
     for key, tensor in frozen_state.items():
         assert tensor.dtype == loaded_state[key].dtype and torch.equal(tensor, loaded_state[key]), key
     if family == "opt":
         assert not frozen.config.tie_word_embeddings and frozen.lm_head.weight.dtype == torch.float32
+
+
+def test_freeze_refuses_a_model_it_cannot_freeze_and_leaves_it_as_it_was():
+    model, batches = tiny_model("bert")
+    with pytest.raises(ValueError, match="calibrated by quantize_model"):
+        freeze(model)
+    simulated = quantize_model(model, W8A8Config(), batches)
+    set_mode(simulated, "calibrate")
+    modules = {name: type(m) for name, m in simulated.named_modules()}
+    with pytest.raises(ValueError, match="in mode 'calibrate'"):
+        freeze(simulated)
+    assert {name: type(m) for name, m in simulated.named_modules()} == modules
 
 
 def test_checkpoint_layout_and_size(tmp_path):

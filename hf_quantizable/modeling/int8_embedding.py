@@ -70,9 +70,9 @@ def convert_embeddings_to_int8(model: nn.Module, w8a8_config: dict) -> None:
     """Replace the `nn.Embedding`s that `w8a8_config["quantized_embeddings"]` lists (name relative to
     the base model -> whether the scale is per row) by `Int8Embedding`s (in place, idempotent).
 
-    A quantized table that the output layer shared (tied word embeddings) is untied: the task head
-    stays in floating point (as in the official code, where the head keeps the FP table), so
-    `config.tie_word_embeddings` becomes False and the head's weight is stored on its own.
+    A quantized table that the output layer shared (tied word embeddings) is untied (`untie_int8_tables`):
+    the task head stays in floating point (as in the official code, where the head keeps the FP
+    table), so `config.tie_word_embeddings` becomes False and the head's weight is stored on its own.
     """
     tables = w8a8_config.get("quantized_embeddings") or {}
     if not tables:
@@ -91,14 +91,23 @@ def convert_embeddings_to_int8(model: nn.Module, w8a8_config: dict) -> None:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, replacement)
         replaced.append(module)
+    untie_int8_tables(model, replaced, inputs)
+
+
+def untie_int8_tables(model: nn.Module, tables: list[nn.Module], input_embeddings: set[int] | None = None) -> None:
+    """Untie the task head from the embedding `tables` that became int8 (the head stays in floating
+    point): `config.tie_word_embeddings` becomes False where a table is an input embedding (`id`s in
+    `input_embeddings`, default: the model's now) or a parameter still shares a table's weight."""
     config = getattr(model, "config", None)
-    if replaced and getattr(config, "tie_word_embeddings", False):
-        if any(id(table) in inputs for table in replaced) or _ties_to(model, replaced):
-            config.tie_word_embeddings = False
-            for module in model.modules():
-                if getattr(module, "all_tied_weights_keys", None):
-                    _untie(module, module.all_tied_weights_keys)
-                    module.all_tied_weights_keys = {}
+    if not tables or not getattr(config, "tie_word_embeddings", False):
+        return
+    inputs = _input_embeddings(model) if input_embeddings is None else input_embeddings
+    if any(id(table) in inputs for table in tables) or _ties_to(model, tables):
+        config.tie_word_embeddings = False
+        for module in model.modules():
+            if getattr(module, "all_tied_weights_keys", None):
+                _untie(module, module.all_tied_weights_keys)
+                module.all_tied_weights_keys = {}
 
 
 def _untie(module: nn.Module, tied: dict[str, str]) -> None:

@@ -50,8 +50,7 @@ def insert_quantizers(model: nn.Module, config: W8A8Config) -> None:
             estimator = ActivationRangeEstimator(
                 config.activation_estimator, config.activation_bits, config.momentum, config.percentile, per_channel
             )
-            replacement = ActivationQuantizer(config.activation_bits, estimator)
-            replacement.residual_stream = module.residual_stream
+            replacement = ActivationQuantizer(config.activation_bits, estimator, module.residual_stream)
         elif type(module) is nn.Linear:
             replacement = QuantizedLinear(
                 module, config.weight_bits, config.weight_estimator, config.per_channel_weights

@@ -7,12 +7,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..modeling.int8 import QuantPoint, convert_to_int8
-from ..modeling.int8_embedding import Int8Embedding
+from ..modeling.int8 import check_int8_config, check_int8_tensors
+from ..modeling.int8_embedding import untie_int8_tables
 from ..modeling.quantization_method import W8A8QuantizationConfig, quantization_settings
 from ..paths import atomic_folder, check_output_folder
 from .calibration import activation_quantizers, quantized_embeddings, quantized_layernorms, quantized_linears
-from .modules import ActivationQuantizer, QuantizedEmbedding, QuantizedLayerNorm, QuantizedLinear
 
 FORMAT_VERSION = 1
 
@@ -59,85 +58,37 @@ def int8_config_dict(model: nn.Module, source_fingerprint: str | None = None) ->
 
 
 @torch.no_grad()
-def int8_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """State dict of the INT8 model: int8 weight codes, weight scales, activation grids, FP rest."""
-    state = {k: v for k, v in model.state_dict().items()}
-    quantizers = activation_quantizers(model)
-    for name, quantizer in quantizers.items():
-        state[f"{name}.scale"] = quantizer.scale.detach().clone()
-        state[f"{name}.zero_point"] = quantizer.zero_point.detach().clone()
-    for name, linear in quantized_linears(model).items():
-        state[f"{name}.weight"] = linear.weight_codes().to(torch.int8)
-        state[f"{name}.weight_scale"] = linear.weight_scale.detach().clone()
-        if linear.input_quantizer is not None:
-            source = quantizers[linear.input_quantizer]
-            if source.outlier_channels is None:
-                scale, zero_point = source.scale, source.zero_point
-            else:
-                scale, zero_point, state[f"{name}.outlier_scale"] = source.group_grids()
-                state[f"{name}.outlier_channels"] = source.outlier_channels
-            state[f"{name}.input_scale"] = scale.detach().clone()
-            state[f"{name}.input_zero_point"] = zero_point.detach().clone()
-    for name, table in quantized_embeddings(model).items():
-        state[f"{name}.weight"] = table.weight_codes().to(torch.int8)
-        state[f"{name}.weight_scale"] = table.weight_scale.detach().clone()
-    for name, layer_norm in quantized_layernorms(model).items():
-        state[f"{name}.weight"] = layer_norm.dequantized_weight().detach().clone()
-    return state
-
-
-def _plain_module(module: nn.Module) -> nn.Module | None:
-    """The plain torch module a calibrated module was inserted for (sharing its parameters), or None."""
-    if isinstance(module, ActivationQuantizer):
-        return QuantPoint(residual_stream=module.residual_stream)
-    if isinstance(module, QuantizedLinear):
-        plain = nn.Linear(module.in_features, module.out_features, module.bias is not None, device="meta")
-        plain.weight, plain.bias = module.weight, module.bias
-        return plain
-    if isinstance(module, QuantizedEmbedding):
-        plain = nn.Embedding(module.num_embeddings, module.embedding_dim, module.padding_idx, device="meta")
-        plain.weight = module.weight  # a tied head keeps sharing it until `convert_to_int8` unties it
-        return plain
-    if isinstance(module, QuantizedLayerNorm):
-        plain = nn.LayerNorm(module.normalized_shape, module.eps, bias=module.bias is not None, device="meta")
-        plain.weight, plain.bias = module.weight, module.bias
-        return plain
-    return None
-
-
-@torch.no_grad()
 def freeze(model: nn.Module, source_fingerprint: str | None = None) -> nn.Module:
     """Turn calibrated `model` into its INT8 runtime in place (calibrating -> frozen) and return it.
 
-    The calibrated modules go back to their plain torch modules, and `convert_to_int8` (the code that
-    builds an INT8 checkpoint's modules when it loads) builds the INT8 ones from the `w8a8_config`
-    recorded in `model.config`; they then take the calibrated int8 codes and grids. So a frozen model
-    has the modules and tensors its saved checkpoint loads with. `source_fingerprint` as in
-    `int8_config_dict`.
+    Every calibrating module freezes itself (`QuantizedLinear.freeze` and the others): the same
+    module objects become the runtime's INT8 modules, holding the int8 codes and calibrated grids.
+    The `w8a8_config` that describes them goes into `model.config`, so a frozen model has the
+    modules and tensors its saved checkpoint loads with (`convert_to_int8`). `source_fingerprint`
+    as in `int8_config_dict`.
     """
+    if not hasattr(model, "w8a8_config"):
+        raise ValueError(f"freeze takes a model calibrated by quantize_model; this {type(model).__name__} is not")
+    quantizers = activation_quantizers(model)
+    uncalibrated = sorted(name for name, q in quantizers.items() if q.mode != "quantize" or q.learned is not None)
+    if uncalibrated:
+        raise ValueError(
+            f"freeze needs every activation quantizer in mode 'quantize'; {uncalibrated[0]!r} is in mode "
+            f"{quantizers[uncalibrated[0]].mode!r} (leave the calibration context first)"
+        )
     w8a8_config = int8_config_dict(model, source_fingerprint)
-    state = int8_state_dict(model)
-    for name, module in list(model.named_modules()):
-        plain = _plain_module(module)
-        if plain is not None:
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, plain)
+    tables = list(quantized_embeddings(model).values())
+    # linear layers first: they take their input grids from the still calibrating quantizers
+    for module in [*quantized_linears(model).values(), *tables, *quantized_layernorms(model).values()]:
+        module.freeze()
+    for quantizer in quantizers.values():
+        quantizer.freeze()
+    untie_int8_tables(model, tables)
     model.config.w8a8_config = w8a8_config
     # the standard field transformers reads (`model.is_quantized`, `model.hf_quantizer` on load)
     model.config.quantization_config = W8A8QuantizationConfig(**quantization_settings(w8a8_config)).to_dict()
-    convert_to_int8(model, w8a8_config)
-    unconverted = sorted(
-        name
-        for name in w8a8_config["quantized_embeddings"]
-        if not isinstance(model.base_model.get_submodule(name), Int8Embedding)
-    )
-    if unconverted:
-        raise RuntimeError(f"INT8 export: the embedding tables {unconverted} did not become Int8Embedding")
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise RuntimeError(f"INT8 export is missing tensors: {missing[:5]}")
-    model.load_state_dict({k: state[k] for k in expected}, strict=True)
+    check_int8_config(model, w8a8_config)
+    check_int8_tensors(model)
     del model.w8a8_config  # the calibration settings; the frozen model's are in its config
     return model.eval()
 

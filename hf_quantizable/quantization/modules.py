@@ -1,11 +1,22 @@
-"""Simulated (fake-quant) modules: an activation quantizer, a weight-quantized linear layer, and the
-weight-quantized embedding table and LayerNorm of the Bondarenko et al. BERT node set."""
+"""The calibrating state of the INT8 modules: an activation quantizer, a linear layer, and the
+embedding table and LayerNorm of the Bondarenko et al. BERT node set.
+
+Each calibrating module subclasses the INT8 runtime module it becomes (`modeling.int8`,
+`modeling.int8_embedding`; a plain `nn.LayerNorm`): it holds the floating-point weights and the
+calibration state (range estimators, modes, LSQ+ parameters) and simulates the runtime's arithmetic
+bit for bit. `freeze()` moves one module to its frozen state in place (quanto's `quantize ->
+Calibration -> freeze`): the weights become their int8 codes, the calibration state goes, and the
+module is then of its runtime class, with the tensors an INT8 checkpoint loads into it. The runtime
+classes stay free of calibration code (they are copied into checkpoints).
+"""
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..modeling.int8 import (
+    Int8ActivationQuantizer,
+    Int8Linear,
     TensorGrid,
     activation_qparams,
     add_outlier_channels,
@@ -16,7 +27,7 @@ from ..modeling.int8 import (
     rescale_accumulator,
     weight_scale,
 )
-from ..modeling.int8_embedding import embedding_codes, lookup_rows
+from ..modeling.int8_embedding import Int8Embedding, embedding_codes, lookup_rows
 from .ranges import ActivationRangeEstimator, weight_absmax
 
 
@@ -45,6 +56,13 @@ def token_rows(x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor
     return x
 
 
+def _become(module: nn.Module, frozen_class: type, calibration_state: tuple[str, ...]) -> None:
+    """Drop `module`'s calibration attributes and make it an instance of `frozen_class` (in place)."""
+    for name in calibration_state:
+        module.__dict__.pop(name, None)
+    module.__class__ = frozen_class
+
+
 class TracedActivation(torch.Tensor):
     """An activation tagged with the `ActivationQuantizer` that output it (`trace` mode): how a linear
     layer learns which quantizer produces its input. Operations on it return plain tensors, so only
@@ -55,31 +73,40 @@ class TracedActivation(torch.Tensor):
     producer: "ActivationQuantizer"
 
 
-class ActivationQuantizer(nn.Module):
-    """Asymmetric fake-quantizer of one activation: one grid per tensor, one per channel of the
-    last axis when its range estimator is `per_channel`, or two (see `set_outlier_channels`).
+class ActivationQuantizer(Int8ActivationQuantizer):
+    """Calibrating asymmetric fake-quantizer of one activation: one grid per tensor, one per channel
+    of the last axis when its range estimator is `per_channel`, or two (see `set_outlier_channels`).
 
     Modes: `calibrate` (feeds the range estimator; identity, or with `quantize_while_calibrating`
-    the fake quantization with the range estimated so far), `quantize` (round and clamp with the
-    calibrated scale and zero point), `fp` (identity), `observe` (identity; calls `observers`),
-    `trace` (identity, as a `TracedActivation` naming this quantizer).
+    the fake quantization with the range estimated so far), `quantize` (the INT8 runtime's
+    quantizer with the calibrated scale and zero point), `fp` (identity), `observe` (identity; calls
+    `observers`), `trace` (identity, as a `TracedActivation` naming this quantizer).
     `token_mask` (`[B, T]`, set per batch) restricts calibration and observers to the real tokens.
     With `learned` (scale, zero point parameters), `quantize` is LSQ+'s learnable fake quantization
-    (token-wise clipping's fine stage).
+    (token-wise clipping's fine stage). `freeze()` makes it the runtime's `Int8ActivationQuantizer`.
     """
 
-    def __init__(self, bits: int, estimator: ActivationRangeEstimator):
-        super().__init__()
-        self.bits = bits
+    _calibration_state = (
+        "estimator",
+        "mode",
+        "learned",
+        "quantize_while_calibrating",
+        "token_mask",
+        "outlier_channels",
+        "observers",
+        "residual_stream",
+    )
+
+    def __init__(self, bits: int, estimator: ActivationRangeEstimator, residual_stream: bool = False):
+        super().__init__(bits)
         self.estimator = estimator
         self.mode = "calibrate"
-        self.register_buffer("scale", torch.ones(()))
-        self.register_buffer("zero_point", torch.zeros(()))
         self.learned: tuple[nn.Parameter, nn.Parameter] | None = None
         self.quantize_while_calibrating = False
         self.token_mask: torch.Tensor | None = None
         self.outlier_channels: torch.Tensor | None = None  # channels on the second grid
         self.observers: list = []  # callables seeing the FP input in observe mode
+        self.residual_stream = residual_stream  # what its `QuantPoint` said (kept when it becomes one again)
 
     def extra_repr(self) -> str:
         if self.per_channel:
@@ -128,7 +155,7 @@ class ActivationQuantizer(nn.Module):
         """The calibrated grid of the output while quantizing with one grid per tensor, else None."""
         if self.mode != "quantize" or self.per_channel or self.learned is not None:
             return None
-        return TensorGrid(self.scale.item(), int(self.zero_point.item()), 2**self.bits - 1)
+        return super().tensor_grid()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "calibrate":
@@ -148,7 +175,7 @@ class ActivationQuantizer(nn.Module):
             traced.producer = self
             return traced
         if self.learned is None:
-            return fake_quantize_activation(x, self.scale, self.zero_point, self.bits)
+            return super().forward(x)
         # LSQ+ (as the official Outlier Suppression `fake_quantize_learnableplus_per_tensor_affine_training`).
         levels = 2**self.bits - 1
         factor = 1.0 / (x.numel() * levels) ** 0.5
@@ -157,18 +184,47 @@ class ActivationQuantizer(nn.Module):
         codes = torch.clamp(_round_ste(x / scale) + zero_point, 0, levels)
         return (codes - zero_point) * scale
 
+    @torch.no_grad()
+    def freeze(self) -> Int8ActivationQuantizer:
+        """Become the INT8 runtime's quantizer with the calibrated grid (in place; returns `self`)."""
+        if self.mode != "quantize" or self.learned is not None:
+            raise RuntimeError(f"an activation quantizer in mode {self.mode!r} is not calibrated: nothing to freeze")
+        self.scale, self.zero_point = self.scale.detach().float().clone(), self.zero_point.detach().float().clone()
+        _become(self, Int8ActivationQuantizer, self._calibration_state)
+        return self
 
-class QuantizedLinear(nn.Linear):
-    """nn.Linear whose weight is fake-quantized on a symmetric grid (per tensor or per output channel).
+
+class QuantizedLinear(Int8Linear):
+    """Calibrating linear layer: the floating-point weight, fake-quantized on a symmetric grid (per
+    tensor or per output channel).
 
     `input_quantizer` names the activation quantizer that produces this layer's input (found during
-    calibration); the INT8 export runs an integer GEMM for such layers. Once that quantizer is
+    calibration); the frozen layer runs an integer GEMM for such layers. Once that quantizer is
     calibrated, the simulation computes the integer accumulator exactly and rescales it with the
-    same float operations as the INT8 runtime, so both give the same outputs.
+    same float operations as the INT8 runtime, so both give the same outputs. `freeze()` makes it
+    the runtime's `Int8Linear`.
     """
 
+    _calibration_state = (
+        "bits",
+        "per_channel",
+        "estimator",
+        "input_quantizer",
+        "_source",
+        "_cache",
+        "quantize_weights",
+    )
+
     def __init__(self, linear: nn.Linear, bits: int, estimator: str, per_channel: bool):
-        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        super().__init__(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            per_channel,
+            has_input_quant=False,
+            input_bits=bits,
+        )
+        del self.weight, self.bias  # the runtime's int8 buffers: this state holds the FP parameters
         self.weight = linear.weight
         self.bias = linear.bias
         self.bits = bits
@@ -176,13 +232,15 @@ class QuantizedLinear(nn.Linear):
         self.estimator = estimator
         self.input_quantizer: str | None = None
         self._source: list[ActivationQuantizer] = []  # the input quantizer (not a submodule)
-        self.register_buffer("weight_scale", torch.ones(linear.out_features if per_channel else ()))
         self._cache: tuple | None = None  # (weight version, scale version, codes)
         self.quantize_weights = True  # False: plain nn.Linear (floating-point reference)
         self.update_weight_scale()
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, bits={self.bits}, per_channel={self.per_channel}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"bits={self.bits}, per_channel={self.per_channel}"
+        )
 
     @torch.no_grad()
     def update_weight_scale(self) -> None:
@@ -234,31 +292,60 @@ class QuantizedLinear(nn.Linear):
         outlier_weight = self.weight_codes().index_select(1, channels)
         return add_outlier_channels(out, x, channels, outlier_scale, outlier_weight, self.weight_scale)
 
+    @torch.no_grad()
+    def freeze(self) -> Int8Linear:
+        """Become the runtime's `Int8Linear` (in place; returns `self`): the weight becomes its int8 codes,
+        the bias and weight scale float32 buffers, and a calibrated input quantizer's grid (two grids
+        with outlier channels) the layer's input grid. Freeze before the input quantizer."""
+        source = self._source[0] if self._source else None
+        if source is not None and (source.mode != "quantize" or source.learned is not None):
+            raise RuntimeError(f"the input quantizer {self.input_quantizer!r} is not calibrated: nothing to freeze")
+        codes = self.weight_codes().to(torch.int8)
+        bias = None if self.bias is None else self.bias.detach().float().clone()
+        del self.weight, self.bias  # the FP parameters (a tied module keeps its own reference)
+        self.register_buffer("weight", codes)
+        self.register_buffer("bias", bias)
+        self.weight_scale = self.weight_scale.float()
+        self.has_input_quant = source is not None
+        if source is not None:
+            self.input_bits = source.bits
+            if source.outlier_channels is None:
+                scale, zero_point = source.scale, source.zero_point
+            else:
+                scale, zero_point, outlier_scale = source.group_grids()
+                del self.outlier_channels  # None until now
+                self.register_buffer("outlier_channels", source.outlier_channels.clone())
+                self.register_buffer("outlier_scale", outlier_scale.detach().float().clone())
+            self.register_buffer("input_scale", scale.detach().float().clone())
+            self.register_buffer("input_zero_point", zero_point.detach().float().clone())
+        _become(self, Int8Linear, self._calibration_state)
+        return self
 
-class QuantizedEmbedding(nn.Embedding):
-    """nn.Embedding whose table is fake-quantized on a symmetric grid, per table or per row.
+
+class QuantizedEmbedding(Int8Embedding):
+    """Calibrating embedding table: the floating-point table, fake-quantized on a symmetric grid, per
+    table or per row.
 
     As the official `QuantEmbedding` (Qualcomm-AI-research/outlier-free-transformers,
     `quantization/autoquant_utils.py`): the table goes through the weight quantizer (symmetric,
     range from the weight estimator, per tensor unless per-channel weights: then one scale per row)
     and the looked-up rows are not quantized again. The table stays the original parameter (a task
     head tied to it keeps reading the FP weights, as the official head does). Rows are looked up with
-    `int8_embedding.lookup_rows`, as `Int8Embedding` does, so both give the same bits.
+    `int8_embedding.lookup_rows`, as `Int8Embedding` does, so both give the same bits. `freeze()`
+    makes it the runtime's `Int8Embedding`.
     """
 
+    _calibration_state = ("estimator", "per_row", "_cache", "quantize_weights")
+
     def __init__(self, embedding: nn.Embedding, bits: int, estimator: str, per_row: bool):
-        super().__init__(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx, device="meta")
+        super().__init__(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx, per_row, bits)
+        del self.weight  # the runtime's int8 codes: this state holds the FP table
         self.weight = embedding.weight  # the same parameter (a tied head keeps it)
-        self.bits = bits
         self.estimator = estimator
         self.per_row = per_row
-        self.register_buffer("weight_scale", torch.ones(embedding.num_embeddings if per_row else ()))
         self._cache: tuple | None = None
         self.quantize_weights = True  # False: plain nn.Embedding (floating-point reference)
         self.update_weight_scale()
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, bits={self.bits}, per_row={self.per_row}"
 
     @torch.no_grad()
     def update_weight_scale(self) -> None:
@@ -275,8 +362,19 @@ class QuantizedEmbedding(nn.Embedding):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if not self.quantize_weights:
-            return super().forward(input_ids)
+            return F.embedding(input_ids, self.weight, self.padding_idx)
         return lookup_rows(input_ids, self.weight_codes(), self.weight_scale, self.padding_idx)
+
+    @torch.no_grad()
+    def freeze(self) -> Int8Embedding:
+        """Become the runtime's `Int8Embedding` (in place; returns `self`): the table becomes its int8
+        codes; a head tied to it keeps the FP parameter (`untie_int8_tables` unties the config)."""
+        codes = self.weight_codes().to(torch.int8)
+        del self.weight
+        self.register_buffer("weight", codes)
+        self.weight_scale = self.weight_scale.float()
+        _become(self, Int8Embedding, self._calibration_state)
+        return self
 
 
 class QuantizedLayerNorm(nn.LayerNorm):
@@ -285,9 +383,12 @@ class QuantizedLayerNorm(nn.LayerNorm):
     As the official `QuantLayerNorm` (`quantization/autoquant_utils.py`, a `QuantizationHijacker`:
     `get_params` quantizes the weight only, with the weight quantizer: 8-bit symmetric per tensor,
     current min-max for BERT). Always per tensor here (the official hijacker would give a
-    per-channel setting one scale per element, i.e. no quantization). The INT8 checkpoint stores the
-    dequantized weight in a plain LayerNorm (the same float values, so the same outputs).
+    per-channel setting one scale per element, i.e. no quantization). Frozen, it is a plain
+    LayerNorm holding the dequantized weight (the same float values, so the same outputs), as the
+    INT8 checkpoint stores it.
     """
+
+    _calibration_state = ("bits", "estimator", "_cache", "quantize_weights")
 
     def __init__(self, layer_norm: nn.LayerNorm, bits: int, estimator: str):
         super().__init__(layer_norm.normalized_shape, eps=layer_norm.eps, elementwise_affine=True, device="meta")
@@ -316,3 +417,11 @@ class QuantizedLayerNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.dequantized_weight() if self.quantize_weights else self.weight
         return F.layer_norm(x, self.normalized_shape, weight, self.bias, self.eps)
+
+    @torch.no_grad()
+    def freeze(self) -> nn.LayerNorm:
+        """Become a plain `nn.LayerNorm` with the dequantized weight (in place; returns `self`)."""
+        self.weight.copy_(self.dequantized_weight())
+        del self.weight_scale
+        _become(self, nn.LayerNorm, self._calibration_state)
+        return self
