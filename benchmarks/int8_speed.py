@@ -204,9 +204,9 @@ def child_prepare(args: argparse.Namespace, work: Path) -> None:
 
 def _int8_gemm(int8) -> dict:
     """Which GEMMs our PyTorch runtime uses here (`Int8Linear.gemm_route`: under `auto`, timed now, and
-    the AVX2 kernel built now, so no row pays for either) and, for the layers on the AVX2 kernel, the
-    share of weights its split moves to the exact int32 side path and the share of its steps that add
-    two quads in int16 (the others widen each quad on its own)."""
+    the AVX2 kernel built now, so no row pays for either) and, for the layers on the AVX2 kernel
+    without VNNI, the share of weights its split moves to the exact int32 side path and the share of
+    its steps that add two quads in int16 (the others widen each quad on its own)."""
     from hf_quantizable.modeling.int8 import Int8Linear
 
     linears = [m for m in int8.modules() if isinstance(m, Int8Linear) and m.has_input_quant]
@@ -215,6 +215,11 @@ def _int8_gemm(int8) -> dict:
     if not avx2:
         return {"int8_gemm": "oneDNN", "gemm_routes": routes}
     packed = [m.avx2_weight() for m in avx2]
+    if packed[0].vnni:  # vpdpbusd: nothing split off, no int16 pairing
+        return {
+            "int8_gemm": "AVX2 kernel (VNNI)" if not routes["onednn"] else "AVX2 kernel (VNNI) and oneDNN",
+            "gemm_routes": routes,
+        }
     return {
         "int8_gemm": "AVX2 kernel" if not routes["onednn"] else "AVX2 kernel and oneDNN",
         "gemm_routes": routes,

@@ -27,6 +27,16 @@ def kernel():
     return torch.ops.hf_quantizable
 
 
+GEMM_PATHS = ["int16", "vnni"]  # the kernel's two GEMMs: vpmaddubsw pairs (any AVX2 CPU) and vpdpbusd
+
+
+def packed_weight(path: str, weight: torch.Tensor, max_code: int) -> PackedInt8Weight:
+    """`weight` packed for the kernel's GEMM `path` (skipped where the CPU lacks VNNI)."""
+    if path == "vnni" and not int8_kernel.vnni_available():
+        pytest.skip("the VNNI GEMM needs a CPU with AVX512-VNNI")
+    return PackedInt8Weight(weight, max_code, vnni=path == "vnni")
+
+
 def _pair_loads(weight: torch.Tensor) -> torch.Tensor:
     """`[N, K / 2, 2]`: per input pair `(2i, 2i + 1)` of each output, the sum of its positive and of its
     negative weight magnitudes (what `vpmaddubsw` adds in one int16)."""
@@ -99,7 +109,8 @@ def test_pairing_keeps_safe_steps_in_int16(kernel, low, high, some_safe, all_saf
         (1, 8, 16, 8, 127, 128, False, False),  # all weights 127: every lane over the limit
     ],
 )
-def test_kernel_equals_exact_product_and_rescaling(kernel, rows, k, n, bits, low, high, per_channel, bias):
+@pytest.mark.parametrize("path", GEMM_PATHS)
+def test_kernel_equals_exact_product_and_rescaling(kernel, path, rows, k, n, bits, low, high, per_channel, bias):
     generator = torch.Generator().manual_seed(1)
     max_code = 2**bits - 1
     weight = torch.randint(low, high, (n, k), generator=generator, dtype=torch.int8)
@@ -109,13 +120,23 @@ def test_kernel_equals_exact_product_and_rescaling(kernel, rows, k, n, bits, low
     input_scale = torch.tensor(0.05)
     weight_scale = torch.rand(n, generator=generator) * 0.01 if per_channel else torch.tensor(0.003)
     bias_values = torch.randn(n, generator=generator) if bias else None
-    packed = PackedInt8Weight(weight, max_code)
+    packed = packed_weight(path, weight, max_code)
     exact = integer_matmul_reference(codes, torch.tensor(float(zero_point)), weight)
     # The runtime's rescaling (`rescale_accumulator`): the same float operations.
     expected = int8.rescale_accumulator(exact.clone(), input_scale, weight_scale, bias_values)
     got = packed.linear(codes, zero_point, input_scale * weight_scale, bias_values)
     assert got.dtype == torch.float32 and got.shape == (rows, n)
     assert torch.equal(got, expected)
+
+
+def test_vnni_packs_the_whole_weight(kernel):
+    """With VNNI nothing saturates: no entries split off, where the int16 GEMM needs many."""
+    weight = torch.full((16, 64), 127, dtype=torch.int8)
+    assert packed_weight("int16", weight, 255).entry_values.numel() > 0
+    vnni = packed_weight("vnni", weight, 255)
+    assert vnni.entry_values.numel() == 0 and torch.equal(vnni.column_sums, weight.sum(1, dtype=torch.int32))
+    codes = torch.full((3, 64), 255, dtype=torch.uint8)
+    assert torch.equal(vnni.linear(codes, 0, torch.ones(()), None), torch.full((3, 16), 255.0 * 127 * 64))
 
 
 def test_int8_linear_routes_agree_bit_for_bit(kernel, monkeypatch):
@@ -273,6 +294,8 @@ def test_ops_have_valid_schemas_and_meta_kernels(kernel):
     args = (codes, 3, packed.packed, packed.step_offsets, packed.safe_steps, 20, packed.column_sums)
     args += (packed.entry_offsets, packed.used_inputs, packed.entry_inputs, packed.entry_values)
     torch.library.opcheck(kernel.linear, (*args, torch.full((20,), 0.01), torch.randn(20)))
+    if int8_kernel.vnni_available():
+        torch.library.opcheck(kernel.linear, (*args, torch.full((20,), 0.01), torch.randn(20), True))
     a, b = torch.randn(2, 3, 5, 8).mul(20).round(), torch.randn(2, 3, 8, 4).mul(20).round()
     for heads_last in (False, True):
         torch.library.opcheck(kernel.grid_matmul, (a, 1.0, b, 1.0, 0.5, heads_last))

@@ -7,7 +7,8 @@
 //   oneDNN's GEMM needs four). Exact because the Python side takes off the weights that could let a
 //   pair saturate (`split_for_int16_lanes`, added back here in int32) and `pack_weight` pairs the quads
 //   of input channels so that no added int16 lane can overflow (pairs it cannot make safe are widened
-//   one by one).
+//   one by one). With `vnni` (CPUs with AVX512-VNNI, `vnni_available`), `vpdpbusd` adds each quad's
+//   four products straight into the int32 sums: exact on any weight, so nothing is split or paired.
 // - `fake_quantize` / `fake_quantize_with_codes`: the activation quantizers' arithmetic in one pass
 //   (optionally writing the uint8 codes an integer GEMM reads).
 // - `grid_matmul`: the attention products of activations on grids (Q.K^T, P.V) as int16 `vpmaddwd`
@@ -28,6 +29,7 @@ namespace {
 
 constexpr int64_t kBlockCols = 16;  // output columns per packed block: two ymm of eight int32
 constexpr int64_t kTileRows = 4;    // rows per register tile
+constexpr int64_t kVnniTileRows = 8;  // rows per register tile with VNNI (16 zmm sums)
 constexpr int64_t kChunkRows = 128;          // at most this many rows per pass over the packed weight
 constexpr int64_t kChunkBytes = 192 * 1024;  // and at most this many bytes of their codes (they stay in L2)
 
@@ -78,6 +80,37 @@ inline void tile_product(const uint8_t* a, int64_t lda, const int8_t* b, const i
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(tile + r * kBlockCols), acc[r][0]);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(tile + r * kBlockCols + 8), acc[r][1]);
   }
+}
+
+// `tile_product` with VNNI: per row and step, one `vpdpbusd` per quad adds its four uint8 x int8
+// products to the 16 int32 sums of the block (a quad's 64 packed bytes are the 16 outputs' four
+// weights, in output order). The two quads of a step go to separate sums (shorter dependency chains).
+template <int R>
+__attribute__((target("avx2,avx512f,avx512vl,avx512vnni"))) void tile_product_vnni(
+    const uint8_t* a, int64_t lda, const int8_t* b, const int32_t* offsets, int64_t steps, int32_t* tile) {
+  __m512i acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
+  for (int64_t i = 0; i < steps; ++i) {
+    const __m512i b0 = _mm512_loadu_si512(b + i * 128);
+    const __m512i b1 = _mm512_loadu_si512(b + i * 128 + 64);
+    const uint8_t* first_quad = a + offsets[2 * i];
+    const uint8_t* second_quad = a + offsets[2 * i + 1];
+    for (int r = 0; r < R; ++r) {
+      int32_t first, second;
+      std::memcpy(&first, first_quad + r * lda, 4);
+      std::memcpy(&second, second_quad + r * lda, 4);
+      acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], _mm512_set1_epi32(first), b0);
+      acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], _mm512_set1_epi32(second), b1);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    _mm512_storeu_si512(tile + r * kBlockCols, _mm512_add_epi32(acc[r][0], acc[r][1]));
+}
+
+// Whether this CPU (and its OS) runs AVX512-VNNI with 512-bit registers.
+bool cpu_vnni() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512vnni");
 }
 
 // Whether two quads' int16 lanes (`loads`: per column, pair and sign, the sum of that sign's weight
@@ -217,10 +250,11 @@ torch::Tensor linear_into(const torch::Tensor& codes, int64_t zero_point, const 
                      const torch::Tensor& column_sums, const torch::Tensor& entry_offsets,
                      const torch::Tensor& used_inputs, const torch::Tensor& entry_inputs,
                      const torch::Tensor& entry_values,
-                     const torch::Tensor& scale, const c10::optional<torch::Tensor>& bias,
+                     const torch::Tensor& scale, const c10::optional<torch::Tensor>& bias, bool vnni,
                      const c10::optional<torch::Tensor>& out_buffer) {
   TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && codes.dim() == 2 && codes.is_contiguous() &&
                   codes.size(1) % 8 == 0, "linear takes contiguous uint8 codes [M, K] with K a multiple of 8");
+  TORCH_CHECK(!vnni || cpu_vnni(), "linear: vnni=True needs a CPU with AVX512-VNNI");
   const int64_t rows = codes.size(0), k_in = codes.size(1), steps = k_in / 8;
   const int64_t blocks = (n_out + kBlockCols - 1) / kBlockCols;
   TORCH_CHECK(packed.numel() == blocks * steps * 128 && step_offsets.numel() == blocks * steps * 2 &&
@@ -252,8 +286,9 @@ torch::Tensor linear_into(const torch::Tensor& codes, int64_t zero_point, const 
   // Wide inputs (fc2's) in fewer rows per pass: reading the chunk's codes from L3 for every block of
   // outputs costs more than reading the packed weight once more per chunk.
   const int64_t chunk_rows = std::clamp(kChunkBytes / std::max<int64_t>(k_in, 1) / kTileRows * kTileRows, kTileRows, kChunkRows);
+  const int64_t tile_step = vnni ? kVnniTileRows : kTileRows;
   at::parallel_for(0, blocks, 1, [&](int64_t first_block, int64_t last_block) {
-    alignas(32) int32_t tile[kTileRows * kBlockCols];
+    alignas(64) int32_t tile[kVnniTileRows * kBlockCols];
     std::vector<int32_t> extra(kBlockCols * kChunkRows);  // [column, row] sums of the entries
     for (int64_t m0 = 0; m0 < rows; m0 += chunk_rows) {
       const int64_t m1 = std::min(rows, m0 + chunk_rows), chunk = m1 - m0;
@@ -284,14 +319,27 @@ torch::Tensor linear_into(const torch::Tensor& codes, int64_t zero_point, const 
             for (; i < chunk; ++i) dst[i] += (static_cast<int32_t>(src[i]) - z) * values[e];
           }
         }
-        for (int64_t m = m0; m < m1; m += kTileRows) {
-          const int64_t tile_rows = std::min(kTileRows, m1 - m);
+        for (int64_t m = m0; m < m1; m += tile_step) {
+          const int64_t tile_rows = std::min(tile_step, m1 - m);
           const uint8_t* a_tile = a + m * k_in;
-          switch (tile_rows) {
-            case 4: tile_product<4>(a_tile, k_in, panel, quad_offsets, safe, steps, tile); break;
-            case 3: tile_product<3>(a_tile, k_in, panel, quad_offsets, safe, steps, tile); break;
-            case 2: tile_product<2>(a_tile, k_in, panel, quad_offsets, safe, steps, tile); break;
-            default: tile_product<1>(a_tile, k_in, panel, quad_offsets, safe, steps, tile);
+          if (vnni) {
+            switch (tile_rows) {
+              case 8: tile_product_vnni<8>(a_tile, k_in, panel, quad_offsets, steps, tile); break;
+              case 7: tile_product_vnni<7>(a_tile, k_in, panel, quad_offsets, steps, tile); break;
+              case 6: tile_product_vnni<6>(a_tile, k_in, panel, quad_offsets, steps, tile); break;
+              case 5: tile_product_vnni<5>(a_tile, k_in, panel, quad_offsets, steps, tile); break;
+              case 4: tile_product_vnni<4>(a_tile, k_in, panel, quad_offsets, steps, tile); break;
+              case 3: tile_product_vnni<3>(a_tile, k_in, panel, quad_offsets, steps, tile); break;
+              case 2: tile_product_vnni<2>(a_tile, k_in, panel, quad_offsets, steps, tile); break;
+              default: tile_product_vnni<1>(a_tile, k_in, panel, quad_offsets, steps, tile);
+            }
+          } else {
+            switch (tile_rows) {
+              case 4: tile_product<4>(a_tile, k_in, panel, quad_offsets, safe, steps, tile); break;
+              case 3: tile_product<3>(a_tile, k_in, panel, quad_offsets, safe, steps, tile); break;
+              case 2: tile_product<2>(a_tile, k_in, panel, quad_offsets, safe, steps, tile); break;
+              default: tile_product<1>(a_tile, k_in, panel, quad_offsets, safe, steps, tile);
+            }
           }
           for (int64_t j = 0; j < num_entry_columns; ++j) {
             const int64_t c = entry_columns[j];
@@ -470,9 +518,9 @@ torch::Tensor linear(const torch::Tensor& codes, int64_t zero_point, const torch
                      const torch::Tensor& column_sums, const torch::Tensor& entry_offsets,
                      const torch::Tensor& used_inputs, const torch::Tensor& entry_inputs,
                      const torch::Tensor& entry_values, const torch::Tensor& scale,
-                     const c10::optional<torch::Tensor>& bias) {
+                     const c10::optional<torch::Tensor>& bias, bool vnni) {
   return linear_into(codes, zero_point, packed, step_offsets, safe_steps, n_out, column_sums, entry_offsets,
-                     used_inputs, entry_inputs, entry_values, scale, bias, c10::nullopt);
+                     used_inputs, entry_inputs, entry_values, scale, bias, vnni, c10::nullopt);
 }
 
 // With `heads_last`, the output's memory is [B, M, H, N] (the context once its heads are merged),
@@ -502,7 +550,7 @@ std::tuple<torch::Tensor, torch::Tensor> fake_quantize_with_codes_meta(const tor
 torch::Tensor linear_meta(const torch::Tensor& codes, int64_t, const torch::Tensor&, const torch::Tensor&,
                           const torch::Tensor&, int64_t n_out, const torch::Tensor&, const torch::Tensor&,
                           const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
-                          const c10::optional<torch::Tensor>&) {
+                          const c10::optional<torch::Tensor>&, bool) {
   return torch::empty({codes.size(0), n_out}, codes.options().dtype(torch::kFloat32));
 }
 
@@ -518,7 +566,8 @@ TORCH_LIBRARY(hf_quantizable, m) {
   m.def(
       "linear(Tensor codes, int zero_point, Tensor packed, Tensor step_offsets, Tensor safe_steps, int n_out, "
       "Tensor column_sums, Tensor entry_offsets, Tensor used_inputs, Tensor entry_inputs, Tensor entry_values, "
-      "Tensor scale, Tensor? bias) -> Tensor");
+      "Tensor scale, Tensor? bias, bool vnni=False) -> Tensor");
+  m.def("vnni_available() -> bool", &cpu_vnni);
   m.def("grid_matmul(Tensor a, float a_scale, Tensor b, float b_scale, float out_scale, bool heads_last) -> Tensor");
 }
 

@@ -9,10 +9,11 @@ CPUs without VNNI, where the int8 GEMMs of oneDNN / MLAS / fbgemm add input pair
 two multiplier instructions per 32 multiply-adds; the kernel adds two pair sums in int16 before
 widening (three per 64) and stays exact: `split_for_int16_lanes` takes off the few weights that would
 let one pair saturate (added back in int32 inside the kernel), and its `pack_weight` pairs the input
-quads of each block of 16 outputs so that no int16 lane overflows. Its epilogue applies the zero
-point, rescaling and bias with the float operations of `rescale_accumulator`, so it equals the
-simulation bit for bit. With VNNI or AMX, oneDNN's GEMM is the faster one; `auto` measures which
-(`Int8Linear.gemm_route`).
+quads of each block of 16 outputs so that no int16 lane overflows. On CPUs with AVX512-VNNI
+(`vnni_available`) the same GEMM adds each quad's products straight into int32 (`vpdpbusd`): exact
+on any weight, nothing split off. Its epilogue applies the zero point, rescaling and bias with the
+float operations of `rescale_accumulator`, so it equals the simulation bit for bit. `auto` times it
+against oneDNN's GEMM on each layer shape and keeps the faster (`Int8Linear.gemm_route`).
 
 Where the ops come from (`avx2_ops`):
 - already registered in this process (by the package or an earlier load);
@@ -247,14 +248,30 @@ def split_for_int16_lanes(weight: torch.Tensor, max_code: int, padded: bool = Tr
     return dense if padded else dense[:, :k].contiguous(), rows, columns, removed[rows, columns]
 
 
-class PackedInt8Weight:
-    """An int8 weight prepared for the AVX2 kernel: packed dense part, its sums, the split-off entries."""
+def vnni_available() -> bool:
+    """Whether the kernel's GEMM can use VNNI here (AVX512-VNNI: `vpdpbusd`, no int16 saturation)."""
+    return ops_registered() and torch.ops.hf_quantizable.vnni_available()
 
-    def __init__(self, weight: torch.Tensor, max_code: int):
+
+class PackedInt8Weight:
+    """An int8 weight prepared for the AVX2 kernel: packed dense part, its sums, the split-off entries.
+
+    With `vnni` (default: where the CPU has it, `vnni_available`) the kernel's GEMM adds each input
+    quad's products straight in int32: the weight is packed whole, with nothing split off.
+    """
+
+    def __init__(self, weight: torch.Tensor, max_code: int, vnni: bool | None = None):
         self.out_features, self.in_features = weight.shape
-        dense, rows, columns, values = split_for_int16_lanes(weight, max_code)
+        self.vnni = vnni_available() if vnni is None else vnni
+        if self.vnni:
+            dense = F.pad(weight, (0, -(-self.in_features // 8) * 8 - self.in_features))
+            rows = columns = torch.zeros(0, dtype=torch.long)
+            values = torch.zeros(0, dtype=torch.int32)
+        else:
+            dense, rows, columns, values = split_for_int16_lanes(weight, max_code)
         self.padded_features = dense.shape[1]
-        self.packed, self.step_offsets, self.safe_steps = torch.ops.hf_quantizable.pack_weight(dense, 32767 // max_code)
+        limit = 32767 if self.vnni else 32767 // max_code  # with VNNI no lane can overflow: any pairing does
+        self.packed, self.step_offsets, self.safe_steps = torch.ops.hf_quantizable.pack_weight(dense, limit)
         self.column_sums = dense.sum(1, dtype=torch.int32)
         counts = torch.bincount(rows, minlength=self.out_features)
         self.entry_offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
@@ -289,4 +306,5 @@ class PackedInt8Weight:
             self.entry_values,
             scale,
             bias,
+            self.vnni,
         )
