@@ -249,8 +249,10 @@ def split_for_int16_lanes(weight: torch.Tensor, max_code: int, padded: bool = Tr
 
 
 def vnni_available() -> bool:
-    """Whether the kernel's GEMM can use VNNI here (AVX512-VNNI: `vpdpbusd`, no int16 saturation)."""
-    return ops_registered() and torch.ops.hf_quantizable.vnni_available()
+    """Whether the kernel's GEMM can use VNNI here (AVX512-VNNI: `vpdpbusd`, no int16 saturation).
+
+    False also where the registered ops predate it (an older installed package serving a checkpoint)."""
+    return hasattr(torch.ops.hf_quantizable, "vnni_available") and torch.ops.hf_quantizable.vnni_available()
 
 
 class PackedInt8Weight:
@@ -306,5 +308,5 @@ class PackedInt8Weight:
             self.entry_values,
             scale,
             bias,
-            self.vnni,
+            *((True,) if self.vnni else ()),  # ops that predate `vnni` take the int16 path without it
         )
