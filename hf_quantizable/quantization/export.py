@@ -70,7 +70,7 @@ def freeze(model: nn.Module, source_fingerprint: str | None = None) -> nn.Module
     if not hasattr(model, "w8a8_config"):
         raise ValueError(f"freeze takes a model calibrated by quantize_model; this {type(model).__name__} is not")
     quantizers = activation_quantizers(model)
-    uncalibrated = sorted(name for name, q in quantizers.items() if q.mode != "quantize" or q.learned is not None)
+    uncalibrated = sorted(name for name, quantizer in quantizers.items() if not quantizer.calibrated)
     if uncalibrated:
         raise ValueError(
             f"freeze needs every activation quantizer in mode 'quantize'; {uncalibrated[0]!r} is in mode "

@@ -116,6 +116,11 @@ class ActivationQuantizer(Int8ActivationQuantizer):
         )
 
     @property
+    def calibrated(self) -> bool:
+        """Whether it quantizes with a calibrated grid of its own (what `freeze` keeps)."""
+        return self.mode == "quantize" and self.learned is None
+
+    @property
     def per_channel(self) -> bool:
         """Whether the grid varies along the last axis (per channel, or with outlier channels)."""
         return self.estimator.per_channel or self.outlier_channels is not None
@@ -153,7 +158,7 @@ class ActivationQuantizer(Int8ActivationQuantizer):
 
     def tensor_grid(self) -> TensorGrid | None:
         """The calibrated grid of the output while quantizing with one grid per tensor, else None."""
-        if self.mode != "quantize" or self.per_channel or self.learned is not None:
+        if not self.calibrated or self.per_channel:
             return None
         return super().tensor_grid()
 
@@ -187,7 +192,7 @@ class ActivationQuantizer(Int8ActivationQuantizer):
     @torch.no_grad()
     def freeze(self) -> Int8ActivationQuantizer:
         """Become the INT8 runtime's quantizer with the calibrated grid (in place; returns `self`)."""
-        if self.mode != "quantize" or self.learned is not None:
+        if not self.calibrated:
             raise RuntimeError(f"an activation quantizer in mode {self.mode!r} is not calibrated: nothing to freeze")
         self.scale, self.zero_point = self.scale.detach().float().clone(), self.zero_point.detach().float().clone()
         _become(self, Int8ActivationQuantizer, self._calibration_state)
@@ -275,7 +280,7 @@ class QuantizedLinear(Int8Linear):
         if not self.quantize_weights:
             return F.linear(x, self.weight, self.bias)
         source = self._source[0] if self._source else None
-        if source is None or source.mode != "quantize" or source.learned is not None:
+        if source is None or not source.calibrated:
             return F.linear(x, self.dequantized_weight(), self.bias)
         channels = source.outlier_channels
         if channels is None:
@@ -298,7 +303,7 @@ class QuantizedLinear(Int8Linear):
         the bias and weight scale float32 buffers, and a calibrated input quantizer's grid (two grids
         with outlier channels) the layer's input grid. Freeze before the input quantizer."""
         source = self._source[0] if self._source else None
-        if source is not None and (source.mode != "quantize" or source.learned is not None):
+        if source is not None and not source.calibrated:
             raise RuntimeError(f"the input quantizer {self.input_quantizer!r} is not calibrated: nothing to freeze")
         codes = self.weight_codes().to(torch.int8)
         bias = None if self.bias is None else self.bias.detach().float().clone()
