@@ -1,7 +1,8 @@
 """Quantization points, the shared quantization arithmetic, and the INT8 modules of quantized checkpoints.
 
 Models mark every activation the W8A8 setting quantizes with a `QuantPoint` (an identity in
-floating point). The quantizer swaps those points and the linear layers for fake-quantizers; a
+floating point). The quantizer swaps those points and the linear layers for calibrating modules
+(`quantization.modules`: subclasses of the modules below, which they become when frozen); a
 checkpoint whose config holds `w8a8_config` is rebuilt by `convert_to_int8` with:
 
 - `Int8ActivationQuantizer`: rounds and clamps an activation to its calibrated asymmetric grid
